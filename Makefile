@@ -1,0 +1,35 @@
+# turnstile: `make demo` and `make test` are all a fresh clone needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench soak verify lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/turnstile demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n auto
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+soak: $(STAMP)
+	TURNSTILE_SOAK_S=600 $(PY) -m pytest -n 0 tests/test_soak.py -s --timeout=1200
+
+verify: $(STAMP)
+	TURNSTILE_EXPLORE=large $(PY) -m pytest -n 0 tests/test_explore.py -s --timeout=3600
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check broker clients ipc tests benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

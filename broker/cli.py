@@ -1,0 +1,319 @@
+"""The ``turnstile`` command: parses arguments, builds a config, calls into the library.
+
+Imports are deferred into each command so that ``turnstile prompt`` (run by
+shell webhook handlers) loads only what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+# `turnstile prompt` exit codes, one table (also in --help).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 3
+EXIT_CANCELLED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_AGENT_ERROR = 6
+EXIT_TIMEOUT = 7
+
+PROMPT_EXITS = f"""\b
+Exit codes:
+  {EXIT_OK}  ok
+  {EXIT_USAGE}  usage error (bad arguments or a prompt the agent would refuse)
+  {EXIT_PREEMPTED}  preempted (with --on-preempt return)
+  {EXIT_CANCELLED}  cancelled
+  {EXIT_UNAVAILABLE}  broker unavailable
+  {EXIT_AGENT_ERROR}  agent error (API error, agent restarted mid-turn)
+  {EXIT_TIMEOUT}  --timeout-s ran out
+  {EXIT_ERROR}  any other error"""
+
+SERVE_EXITS = """\b
+Exit codes:
+  0   clean stop (SIGTERM/SIGINT, turn drained)
+  1   unexpected error
+  2   usage error
+  10  another broker already serves this session
+  11  an IPC object could not be created (squatted name or system limit)
+  12  the agent executable was not found
+  130 stopped at once by a second SIGINT/SIGTERM"""
+
+session_option = click.option(
+    "--session", "-s", default="default", show_default=True, envvar="TURNSTILE_SESSION",
+    help="Session name (env TURNSTILE_SESSION).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """turnstile: share one coding-agent session among many processes.
+
+    One broker per session owns the agent (Claude Code in stream-json mode);
+    worker and webhook clients submit turns; webhooks preempt workers.
+    """
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command(epilog=SERVE_EXITS)
+@session_option
+@click.option("--agent", type=click.Choice(["claude", "sim"]), default="claude", show_default=True,
+              help="The real Claude Code CLI, or the simulated agent.")
+@click.option("--claude-bin", type=click.Path(dir_okay=False), default=None,
+              help="Path of the claude binary (default: `claude` on PATH, else the one bundled in claude-agent-sdk).")
+@click.option("--agent-arg", "agent_args", multiple=True, help="Extra argument for the agent (repeatable).")
+@click.option("--model", default=None, help="Model to start the agent with.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the agent session id persists (default: $XDG_STATE_HOME/turnstile).")
+@click.option("--drain-timeout-s", type=float, default=5.0, show_default=True,
+              help="How long an interrupted turn may take to end before the agent is killed and resumed.")
+@click.option("--model-timeout-s", type=float, default=10.0, show_default=True)
+@click.option("--lease-idle-s", type=float, default=30.0, show_default=True)
+@click.option("--idle-output-timeout-s", type=float, default=1800.0, show_default=True,
+              help="A running turn with no agent output this long restarts the agent.")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], model: str | None,
+          state_dir: Path | None, drain_timeout_s: float, model_timeout_s: float, lease_idle_s: float,
+          idle_output_timeout_s: float, log_format: str, log_level: str) -> None:
+    """Run the broker for a session in the foreground."""
+    from broker.agents.base import AgentNotFound
+    from broker.config import RET_AGENT_NOT_FOUND, RET_ALREADY_RUNNING, RET_IPC, BrokerConfig
+    from broker.server import AlreadyRunning, run
+    from ipc.errors import IPCError
+    from ipc.names import check_session
+
+    try:
+        check_session(session)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    cfg = BrokerConfig(
+        session=session, agent=agent, claude_bin=claude_bin, agent_args=list(agent_args), model=model,
+        drain_timeout_s=drain_timeout_s, model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
+        idle_output_timeout_s=idle_output_timeout_s, log_format=log_format, log_level=log_level,
+    )
+    if state_dir is not None:
+        cfg.state_dir = state_dir
+    try:
+        code = run(cfg)
+    except AlreadyRunning as exc:
+        click.echo(f"turnstile: {exc}", err=True)
+        sys.exit(RET_ALREADY_RUNNING)
+    except AgentNotFound as exc:
+        click.echo(f"turnstile: {exc}", err=True)
+        sys.exit(RET_AGENT_NOT_FOUND)
+    except IPCError as exc:
+        click.echo(f"turnstile: {exc}", err=True)
+        sys.exit(RET_IPC)
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- prompt
+
+
+@main.command(epilog=PROMPT_EXITS)
+@session_option
+@click.option("--kind", type=click.Choice(["worker", "webhook"]), default="webhook", show_default=True)
+@click.option("--model", default=None)
+@click.option("--on-preempt", type=click.Choice(["requeue", "return"]), default="requeue", show_default=True)
+@click.option("--timeout-s", type=float, default=None, help="Give up after this many seconds (exit 7).")
+@click.option("--connect-timeout-s", type=float, default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: accepted, agent, preempted, result.")
+@click.argument("text")
+def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_s: float | None,
+           connect_timeout_s: float, as_json: bool, text: str) -> None:
+    """Send TEXT (or - for stdin) as one turn and stream the answer."""
+    from clients.client import Client
+    from ipc.errors import BrokerUnavailable, ProtocolError, TurnstileError, TurnTimeout
+
+    if text == "-":
+        text = sys.stdin.read()
+    out = sys.stdout
+
+    def emit(obj: dict[str, Any]) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    try:
+        with Client(session, kind, connect_timeout_s=connect_timeout_s) as c:  # type: ignore[arg-type]
+            turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
+            if as_json:
+                emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
+            for ev in turn.events(timeout_s):
+                if ev.get("type") == "turnstile":
+                    if as_json:
+                        emit({"event": ev.get("subtype"), **{k: v for k, v in ev.items() if k not in ("type", "subtype")}})
+                    continue
+                if as_json:
+                    emit({"event": "agent", "data": ev})
+                elif ev.get("type") == "assistant":
+                    for block in (ev.get("message") or {}).get("content") or []:
+                        if isinstance(block, dict) and block.get("type") == "text":
+                            out.write(block.get("text", ""))
+                            out.flush()
+            res = turn.result(timeout_s)
+    except ProtocolError as exc:
+        click.echo(f"turnstile: refused: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except BrokerUnavailable as exc:
+        click.echo(f"turnstile: {exc}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    except TurnTimeout:
+        click.echo(f"turnstile: no result within {timeout_s} s", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    except TurnstileError as exc:
+        click.echo(f"turnstile: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    if as_json:
+        emit({"event": "result", **res.as_dict()})
+    else:
+        out.write("\n")
+        if res.status != "ok":
+            click.echo(f"turnstile: {res.status}: {res.error_code or ''} {res.error or ''}".rstrip(), err=True)
+    code = {"ok": EXIT_OK, "preempted": EXIT_PREEMPTED, "cancelled": EXIT_CANCELLED}.get(res.status)
+    if code is None:
+        code = EXIT_UNAVAILABLE if res.error_code == "broker_unavailable" else EXIT_AGENT_ERROR
+    sys.exit(code)
+
+
+# ---------------------------------------------------------------- status
+
+
+@main.command()
+@session_option
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted.")
+@click.option("--interval-s", type=float, default=0.5, show_default=True)
+def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
+    """Show the holder, the line, the model and the counters (read from shared memory, not the broker).
+
+    Exit 0 when a live broker serves the session, 5 when none does.
+    """
+    import time
+
+    from ipc import state
+    from ipc.errors import IPCError
+
+    def read() -> dict[str, Any] | None:
+        try:
+            block = state.StateBlock.open(session)
+        except (FileNotFoundError, IPCError):
+            return None
+        try:
+            snap = block.snapshot()
+        finally:
+            block.close()
+        d = snap.record.as_dict()
+        d["broker_alive"] = snap.broker_alive
+        d["heartbeat_age_s"] = round((time.time_ns() - snap.record.heartbeat_unix_ns) / 1e9, 3)
+        return d
+
+    def show(d: dict[str, Any] | None) -> None:
+        if as_json:
+            click.echo(json.dumps(d if d is not None else {"session": session, "broker_alive": False}))
+            return
+        if d is None:
+            click.echo(f"session {session}: no broker (start one with: turnstile serve --session {session})")
+            return
+        from broker.render import status_table
+
+        status_table(session, d)
+
+    if not watch:
+        d = read()
+        show(d)
+        sys.exit(0 if d and d["broker_alive"] else EXIT_UNAVAILABLE)
+    try:
+        while True:
+            if not as_json:
+                click.clear()
+            show(read())
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------- cancel
+
+
+@main.command()
+@session_option
+@click.option("--turn", "turn_id", type=int, default=None, help="Turn id to cancel (of the current broker).")
+@click.option("--holder", is_flag=True, help="Cancel whatever turn runs now.")
+def cancel(session: str, turn_id: int | None, holder: bool) -> None:
+    """Cancel one turn. A cancel names its turn: it never hits a later one."""
+    from clients.core import Connection
+    from ipc import state
+    from ipc.errors import IPCError
+
+    if (turn_id is None) == (not holder):
+        raise click.UsageError("give exactly one of --turn ID or --holder")
+    try:
+        block = state.StateBlock.open(session)
+        rec = block.read_record()
+        block.close()
+    except (FileNotFoundError, IPCError):
+        click.echo(f"turnstile: no broker for session {session}", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
+    target = rec.turn if holder else turn_id
+    if not target:
+        click.echo("turnstile: no turn is running", err=True)
+        sys.exit(EXIT_ERROR)
+    conn = Connection(session, "webhook")
+    try:
+        if not conn.try_attach():
+            click.echo(f"turnstile: no live broker for session {session}", err=True)
+            sys.exit(EXIT_UNAVAILABLE)
+        conn.cancel_turn(rec.incarnation, int(target))
+    finally:
+        conn.close()
+    click.echo(f"cancel sent for turn {target} (incarnation {rec.incarnation})")
+
+
+# ---------------------------------------------------------------- sweep
+
+
+@main.command()
+@click.option("--session", "-s", default=None, help="Only this session.")
+@click.option("--json", "as_json", is_flag=True)
+def sweep(session: str | None, as_json: bool) -> None:
+    """Remove queues, state blocks and mailboxes whose owner process is gone."""
+    from ipc import sweep as sw
+
+    removed = sw.sweep(session=session)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in removed]))
+        return
+    for r in removed:
+        click.echo(f"removed {r.kind} {r.name} ({r.reason})")
+    click.echo(f"{len(removed)} object(s) removed")
+
+
+# ---------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--agent", type=click.Choice(["sim", "claude"]), default="sim", show_default=True)
+@click.option("--webhooks", type=int, default=3, show_default=True)
+@click.option("--worker-ms", type=int, default=3000, show_default=True, help="Length of the worker's long turn.")
+@click.option("--plain", is_flag=True, help="No live view; print events as lines.")
+def demo(agent: str, webhooks: int, worker_ms: int, plain: bool) -> None:
+    """A broker on a private session, a long worker turn and webhooks preempting it, live.
+
+    Exit 0 when every request got its result in the right order.
+    """
+    from broker.demo import run_demo
+
+    sys.exit(run_demo(agent=agent, webhooks=webhooks, worker_ms=worker_ms, plain=plain))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,758 @@
+"""The scheduler: a pure state machine that grants the session turn by turn.
+
+Events in, decisions out. No I/O and no clock of its own: every event carries
+``now`` (monotonic seconds) and the caller feeds :class:`Tick` events to let
+deadlines fire. Everything racy in the threaded design becomes a sequence of
+events here, which the tests drive exhaustively.
+
+Invariants kept after every event (checked by :meth:`Scheduler.check`):
+
+* at most one turn in flight, and the agent is never sent a user message
+  while one runs;
+* webhooks run first-in first-out and always before any worker (a worker
+  lease yields to queued webhooks between turns, a running worker turn is
+  interrupted);
+* a cancel acts only on the turn it names;
+* a preempted worker request goes back to the head of the worker line (or is
+  answered ``preempted`` when it asked for that), never lost, never running
+  twice at once;
+* every accepted request ends in exactly one terminal reply to its client,
+  unless that client died.
+"""
+
+from __future__ import annotations
+
+import collections
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ipc import frames
+
+Op = Literal["prompt", "set_model", "lease"]
+Phase = Literal["switching", "running", "interrupting"]
+Reason = Literal["preempt", "cancel", "client_gone"]
+
+#: A worker request that was running when the agent died this many times is failed, not rerun.
+MAX_ATTEMPTS = 3
+RESUME_NOTE = (
+    "[turnstile: your previous answer to this request was interrupted by an urgent request "
+    "and may be incomplete. Continue, and answer the request below in full.]\n\n"
+)
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class Connected:
+    """A client said hello."""
+
+    now: float
+    client: str
+    kind: frames.Kind
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A client asked for a turn (prompt), a model switch, or a lease."""
+
+    now: float
+    client: str
+    req: str
+    kind: frames.Kind
+    op: Op = "prompt"
+    content: str | list[dict[str, Any]] = ""
+    model: str | None = None
+    on_preempt: frames.OnPreempt = "requeue"
+    resume_prompt: str | None = None
+    lease_idle_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Released:
+    """A client ended its lease."""
+
+    now: float
+    client: str
+    req: str = ""
+
+
+@dataclass(frozen=True)
+class CancelAsked:
+    """A cancel naming a turn (incarnation, turn) or one of the sender's requests."""
+
+    now: float
+    client: str
+    incarnation: str | None = None
+    turn: int | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentStarted:
+    """The agent process is up and can take input."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class TurnInit:
+    """The agent printed ``system/init`` for the running turn: it is now interruptible."""
+
+    now: float
+    turn: int
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """The agent printed the ``result`` that answers the running turn's user message."""
+
+    now: float
+    turn: int
+    is_error: bool = False
+    subtype: str = "success"
+    terminal_reason: str | None = None
+    text: str = ""
+    session_id: str | None = None
+    raw: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ModelAnswered:
+    """The agent answered a ``set_model`` control request (matched by nested request id)."""
+
+    now: float
+    ctrl_id: str
+    ok: bool
+    model: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentExited:
+    """The agent process died (or stopped producing output and was declared wedged)."""
+
+    now: float
+    reason: str = "exited"
+
+
+@dataclass(frozen=True)
+class ClientGone:
+    """A client process died or said bye."""
+
+    now: float
+    client: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed; deadlines may fire."""
+
+    now: float
+
+
+SchedEvent = (
+    Connected | Submitted | Released | CancelAsked | AgentStarted | TurnInit | TurnResult
+    | ModelAnswered | AgentExited | ClientGone | Tick
+)
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class WriteUser:
+    """Write one user message to the agent (stamped with ``uuid``)."""
+
+    turn: int
+    uuid: str
+    content: str | list[dict[str, Any]]
+    submitted_at: float
+
+
+@dataclass(frozen=True)
+class WriteInterrupt:
+    """Write an ``interrupt`` control request for the running turn."""
+
+    turn: int
+    reason: Reason
+    asked_at: float
+
+
+@dataclass(frozen=True)
+class WriteSetModel:
+    """Write a ``set_model`` control request."""
+
+    ctrl_id: str
+    model: str
+
+
+@dataclass(frozen=True)
+class RestartAgent:
+    """Kill the agent's process group (if alive) and start it again with ``--resume``."""
+
+    reason: str
+    model: str | None
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """Send a reply frame to a client's mailbox."""
+
+    client: str
+    frame: frames.ReplyFrame
+
+
+@dataclass(frozen=True)
+class DropClient:
+    """Forget a client: close and remove its mailbox."""
+
+    client: str
+
+
+Decision = WriteUser | WriteInterrupt | WriteSetModel | RestartAgent | Deliver | DropClient
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class Request:
+    """One accepted request, queued or running."""
+
+    client: str
+    req: str
+    kind: frames.Kind
+    op: Op
+    content: str | list[dict[str, Any]]
+    model: str | None
+    on_preempt: frames.OnPreempt
+    resume_prompt: str | None
+    lease_idle_s: float | None
+    submitted_at: float
+    attempts: int = 0
+    preemptions: int = 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.client, self.req)
+
+
+@dataclass
+class Turn:
+    """The one request the agent is working on."""
+
+    id: int
+    request: Request
+    uuid: str
+    phase: Phase
+    started_at: float
+    inited: bool = False
+    reason: Reason | None = None
+    interrupt_sent: bool = False
+    deadline: float | None = None
+    ctrl_id: str | None = None
+    target_model: str | None = None
+    preempt_asked_at: float | None = None
+    queued_ms: float = 0.0
+
+
+@dataclass
+class LeaseState:
+    """Who holds the session across turns."""
+
+    client: str
+    kind: frames.Kind
+    idle_s: float
+    deadline: float
+
+
+@dataclass
+class Config:
+    """Scheduler settings (all durations in seconds)."""
+
+    incarnation: str = "0" * 16
+    drain_timeout_s: float = 5.0
+    model_timeout_s: float = 10.0
+    lease_idle_s: float = 30.0
+    model: str | None = None
+    remembered_results: int = 1024
+
+
+@dataclass
+class Counters:
+    """What happened, for the state block and logs."""
+
+    values: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+
+    def inc(self, name: str, by: int = 1) -> None:
+        self.values[name] += by
+
+
+class SchedulerBug(AssertionError):
+    """An invariant was broken: a bug in the scheduler, never a user error."""
+
+
+class Scheduler:
+    """Grants the session: feed events with :meth:`handle`, carry out the decisions it returns."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.incarnation = self.config.incarnation
+        self.model: str | None = self.config.model
+        self.clients: dict[str, frames.Kind] = {}
+        self.requests: dict[tuple[str, str], Request] = {}
+        self.webhooks: collections.deque[Request] = collections.deque()
+        self.workers: collections.deque[Request] = collections.deque()
+        self.turn: Turn | None = None
+        self.lease: LeaseState | None = None
+        self.agent_up = False
+        self.agent_busy = False  # a user message was written and its result not read
+        self.restarting = False
+        self.turn_seq = 0
+        self.ctrl_seq = 0
+        self.counters = Counters()
+        self.finished: collections.OrderedDict[tuple[str, str], frames.ReplyFrame] = collections.OrderedDict()
+        self.last_preempt_signal_s: float | None = None
+        self._out: list[Decision] = []
+
+    # ------------------------------------------------------------ public
+
+    def handle(self, event: SchedEvent) -> list[Decision]:
+        """Apply one event; return what to do, in order."""
+        self._out = []
+        match event:
+            case Connected():
+                self.clients[event.client] = event.kind
+            case Submitted():
+                self._submitted(event)
+            case Released():
+                self._released(event)
+            case CancelAsked():
+                self._cancel(event)
+            case AgentStarted():
+                self.agent_up = True
+                self.restarting = False
+                self.agent_busy = False
+            case TurnInit():
+                self._turn_init(event)
+            case TurnResult():
+                self._turn_result(event)
+            case ModelAnswered():
+                self._model_answered(event)
+            case AgentExited():
+                self._agent_exited(event.now, event.reason)
+            case ClientGone():
+                self._client_gone(event)
+            case Tick():
+                self._tick(event.now)
+        self._dispatch(event.now)
+        out, self._out = self._out, []
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a :class:`Tick` could change anything."""
+        times = []
+        if self.turn is not None and self.turn.deadline is not None:
+            times.append(self.turn.deadline)
+        if self.lease is not None and (self.turn is None or self.turn.request.client != self.lease.client):
+            times.append(self.lease.deadline)
+        return min(times) if times else None
+
+    def holder(self) -> tuple[str, frames.Kind, str] | None:
+        """(client, kind, request id) of the running turn, if any."""
+        if self.turn is None:
+            return None
+        r = self.turn.request
+        return r.client, r.kind, r.req
+
+    def line(self) -> list[Request]:
+        """Queued requests in the order they would run (ignoring leases)."""
+        return [*self.webhooks, *self.workers]
+
+    def check(self) -> None:
+        """Raise :class:`SchedulerBug` if an invariant is broken (tests call this after every event)."""
+        seen: set[tuple[str, str]] = set()
+        for r in self.line():
+            if r.key in seen:
+                raise SchedulerBug(f"request {r.key} queued twice")
+            seen.add(r.key)
+            if self.requests.get(r.key) is not r:
+                raise SchedulerBug(f"queued request {r.key} not in the request table")
+        if self.turn is not None:
+            if self.turn.request.key in seen:
+                raise SchedulerBug(f"request {self.turn.request.key} queued and running at once")
+            if self.requests.get(self.turn.request.key) is not self.turn.request:
+                raise SchedulerBug("running request not in the request table")
+            seen.add(self.turn.request.key)
+        for key in self.requests:
+            if key not in seen:
+                raise SchedulerBug(f"request {key} is neither queued nor running")
+        if any(r.kind != "webhook" for r in self.webhooks) or any(r.kind != "worker" for r in self.workers):
+            raise SchedulerBug("a request is in the wrong line")
+        if self.agent_busy and (self.turn is None or self.turn.phase == "switching"):
+            raise SchedulerBug("agent busy with no turn")
+
+    # ------------------------------------------------------------ helpers
+
+    def _emit(self, d: Decision) -> None:
+        if isinstance(d, WriteUser):
+            if self.agent_busy:
+                raise SchedulerBug("user message while a turn runs")
+            if not self.agent_up:
+                raise SchedulerBug("user message while the agent is down")
+            self.agent_busy = True
+        self._out.append(d)
+
+    def _reply(self, r: Request, frame: frames.ReplyFrame, *, terminal: bool) -> None:
+        if r.client in self.clients:
+            self._emit(Deliver(r.client, frame))
+        if terminal:
+            self.requests.pop(r.key, None)
+            self.finished[r.key] = frame
+            while len(self.finished) > self.config.remembered_results:
+                self.finished.popitem(last=False)
+
+    def _result(self, r: Request, status: frames.Status, **kw: Any) -> None:
+        self.counters.inc(f"results_{'error' if status == 'error' else status}")
+        self._reply(r, frames.Result(client=r.client, req=r.req, status=status, model=self.model, **kw), terminal=True)
+
+    def _error(self, r: Request, code: str, message: str) -> None:
+        self.counters.inc("results_error")
+        self._reply(r, frames.Result(
+            client=r.client, req=r.req, status="error", error_code=code, error=message, model=self.model,
+        ), terminal=True)
+
+    def _uuid(self, turn: int) -> str:
+        # Deterministic (no hidden randomness): the incarnation makes it unique across brokers.
+        return str(uuidlib.UUID(hex=f"{self.incarnation[:16]:0>16}{turn:016x}"))
+
+    def _remove_queued(self, r: Request) -> None:
+        line = self.webhooks if r.kind == "webhook" else self.workers
+        line.remove(r)
+
+    # ------------------------------------------------------------ event handlers
+
+    def _submitted(self, e: Submitted) -> None:
+        key = (e.client, e.req)
+        if e.client not in self.clients:
+            self.clients[e.client] = e.kind
+        if key in self.requests:
+            # A resubmission (client saw a broker change, or a duplicate): answer, don't rerun.
+            self._emit(Deliver(e.client, frames.Accepted(client=e.client, req=e.req, incarnation=self.incarnation)))
+            return
+        if key in self.finished:
+            self._emit(Deliver(e.client, self.finished[key]))
+            return
+        self.counters.inc("requests")
+        r = Request(
+            client=e.client, req=e.req, kind=e.kind, op=e.op, content=e.content, model=e.model,
+            on_preempt=e.on_preempt, resume_prompt=e.resume_prompt, lease_idle_s=e.lease_idle_s,
+            submitted_at=e.now,
+        )
+        if e.op == "lease" and self.lease is not None and self.lease.client == e.client:
+            self.lease.deadline = e.now + self.lease.idle_s
+            self._emit(Deliver(e.client, frames.LeaseGranted(client=e.client, req=e.req, incarnation=self.incarnation)))
+            return
+        self.requests[key] = r
+        line = self.webhooks if e.kind == "webhook" else self.workers
+        line.append(r)
+        self._emit(Deliver(e.client, frames.Accepted(
+            client=e.client, req=e.req, incarnation=self.incarnation, position=len(line) - 1,
+        )))
+
+    def _released(self, e: Released) -> None:
+        for r in [r for r in self.line() if r.client == e.client and r.op == "lease"]:
+            self._remove_queued(r)
+            self._reply(r, frames.LeaseEnded(client=r.client, req=r.req, reason="released"), terminal=True)
+        if self.lease is not None and self.lease.client == e.client:
+            self.lease = None
+            self._emit(Deliver(e.client, frames.LeaseEnded(client=e.client, req=e.req, reason="released")))
+
+    def _cancel(self, e: CancelAsked) -> None:
+        t = self.turn
+        if e.target is not None:
+            r = self.requests.get((e.client, e.target))
+            if r is None:
+                self.counters.inc("stale_cancels")
+                return
+            self.counters.inc("cancels")
+            if t is not None and t.request is r:
+                self._interrupt(t, "cancel", e.now)
+            else:
+                self._remove_queued(r)
+                self._result(r, "cancelled")
+            return
+        if t is None or e.incarnation != self.incarnation or e.turn != t.id:
+            # A cancel for another incarnation or a finished turn: never let it touch a later turn.
+            self.counters.inc("stale_cancels")
+            return
+        self.counters.inc("cancels")
+        self._interrupt(t, "cancel", e.now)
+
+    def _interrupt(self, t: Turn, reason: Reason, now: float) -> None:
+        """Ask the agent to stop the running turn; stronger reasons override weaker ones."""
+        rank = {None: 0, "preempt": 1, "cancel": 2, "client_gone": 3}
+        if rank[reason] <= rank[t.reason]:
+            return
+        t.reason = reason
+        if t.phase == "switching":
+            return  # nothing written yet: handled when the model answer comes
+        if t.deadline is None:
+            t.deadline = now + self.config.drain_timeout_s
+        if t.inited and not t.interrupt_sent:
+            self._send_interrupt(t, now)
+
+    def _send_interrupt(self, t: Turn, now: float) -> None:
+        t.interrupt_sent = True
+        t.phase = "interrupting"
+        if t.reason == "preempt":
+            self.counters.inc("preempts")
+        self._emit(WriteInterrupt(turn=t.id, reason=t.reason or "cancel", asked_at=now))
+
+    def _turn_init(self, e: TurnInit) -> None:
+        t = self.turn
+        if t is None or t.id != e.turn or t.inited:
+            return
+        t.inited = True
+        # An interrupt asked before the turn started is sent now (an interrupt
+        # written before system/init can be a silent no-op).
+        if t.reason is not None and not t.interrupt_sent:
+            self._send_interrupt(t, e.now)
+
+    def _turn_result(self, e: TurnResult) -> None:
+        t = self.turn
+        if t is None or t.id != e.turn or t.phase == "switching":
+            return
+        self.turn = None
+        self.agent_busy = False
+        r = t.request
+        interrupted = e.subtype == "error_during_execution" or (e.terminal_reason or "").startswith("aborted")
+        timing = {"turn": t.id, "queued_ms": t.queued_ms, "turn_ms": round((e.now - t.started_at) * 1000, 3)}
+        if self.lease is not None and self.lease.client == r.client:
+            self.lease.deadline = e.now + self.lease.idle_s
+        if t.reason == "client_gone" or r.client not in self.clients:
+            self.requests.pop(r.key, None)
+            return
+        if interrupted and t.reason == "preempt":
+            self._preempted(t, e.now)
+            return
+        if interrupted and t.reason == "cancel":
+            self._result(r, "cancelled", text=e.text, session_id=e.session_id, raw=e.raw, **timing)
+            return
+        if e.is_error:
+            self._result(
+                r, "error", text=e.text, session_id=e.session_id, raw=e.raw,
+                error_code=e.terminal_reason or e.subtype, error=e.text or e.subtype, **timing,
+            )
+            return
+        self._result(r, "ok", text=e.text, session_id=e.session_id, raw=e.raw, **timing)
+
+    def _preempted(self, t: Turn, now: float) -> None:
+        r = t.request
+        if r.on_preempt == "return":
+            self._result(r, "preempted", turn=t.id, turn_ms=round((now - t.started_at) * 1000, 3))
+            return
+        r.preemptions += 1
+        self.counters.inc("requeues")
+        self.workers.appendleft(r)
+        self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True), terminal=False)
+
+    def _model_answered(self, e: ModelAnswered) -> None:
+        t = self.turn
+        if t is None or t.phase != "switching" or t.ctrl_id != e.ctrl_id:
+            return  # a late or foreign answer: matched by id, never by order
+        if not e.ok:
+            self._model_failed(t, e.now, e.error or "set_model refused")
+            return
+        self.model = e.model or t.target_model
+        self.counters.inc("model_switches")
+        self._after_switch(t, e.now)
+
+    def _model_failed(self, t: Turn, now: float, why: str) -> None:
+        # Restart with --model: the conversation survives (--resume) on the new model.
+        r = t.request
+        self.turn = None
+        self.model = t.target_model
+        if t.reason == "client_gone" or r.client not in self.clients:
+            self.requests.pop(r.key, None)
+        elif t.reason == "cancel":
+            self._result(r, "cancelled")
+        else:
+            self._requeue_front(r)
+        self._restart(now, f"model switch failed: {why}")
+
+    def _after_switch(self, t: Turn, now: float) -> None:
+        r = t.request
+        if r.op == "set_model":
+            self.turn = None
+            self._result(r, "ok", turn=t.id)
+            return
+        if t.reason == "client_gone" or r.client not in self.clients:
+            self.turn = None
+            self.requests.pop(r.key, None)
+            return
+        if t.reason == "cancel":
+            self.turn = None
+            self._result(r, "cancelled")
+            return
+        if t.reason == "preempt" or (r.kind == "worker" and self.webhooks):
+            # Nothing was written yet: step back in line without counting a preemption.
+            self.turn = None
+            self._requeue_front(r)
+            return
+        self._write_user(t, now)
+
+    def _requeue_front(self, r: Request) -> None:
+        (self.webhooks if r.kind == "webhook" else self.workers).appendleft(r)
+
+    def _agent_exited(self, now: float, reason: str) -> None:
+        if not self.agent_up and self.restarting:
+            return
+        t = self.turn
+        self.turn = None
+        self.agent_busy = False
+        if t is not None:
+            self._turn_lost(t, now, reason)
+        self._restart(now, reason)
+
+    def _turn_lost(self, t: Turn, now: float, reason: str) -> None:
+        """The agent died or was killed under a turn: end or requeue it."""
+        r = t.request
+        if t.reason == "client_gone" or r.client not in self.clients:
+            self.requests.pop(r.key, None)
+        elif t.phase == "switching":
+            self._requeue_front(r)
+        elif t.reason == "cancel":
+            self._result(r, "cancelled", turn=t.id)
+        elif t.reason == "preempt":
+            self._preempted(t, now)
+        elif r.kind == "worker" and r.op == "prompt" and r.attempts < MAX_ATTEMPTS:
+            self.counters.inc("requeues")
+            self.workers.appendleft(r)
+            self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True), terminal=False)
+        else:
+            self._error(r, "agent_restarted", f"the agent stopped during this turn ({reason}) and was restarted")
+
+    def _restart(self, now: float, reason: str) -> None:
+        self.agent_up = False
+        self.restarting = True
+        self.agent_busy = False
+        self.counters.inc("agent_restarts")
+        self._emit(RestartAgent(reason=reason, model=self.model))
+
+    def _client_gone(self, e: ClientGone) -> None:
+        c = e.client
+        for r in [r for r in self.line() if r.client == c]:
+            self._remove_queued(r)
+            self.requests.pop(r.key, None)
+        if self.lease is not None and self.lease.client == c:
+            self.lease = None
+        if c in self.clients:
+            self.counters.inc("client_deaths")
+            del self.clients[c]
+        t = self.turn
+        if t is not None and t.request.client == c:
+            if t.phase == "switching":
+                t.reason = "client_gone"
+            else:
+                self._interrupt(t, "client_gone", e.now)
+        self._emit(DropClient(c))
+
+    def _tick(self, now: float) -> None:
+        t = self.turn
+        if t is not None and t.deadline is not None and now >= t.deadline:
+            if t.phase == "switching":
+                self._model_failed(t, now, "no answer in time")
+            else:
+                # The agent did not finish the interrupted turn in time: kill it, resume, go on.
+                self.counters.inc("drain_timeouts")
+                self._agent_exited(now, "drain_timeout")
+        if self.lease is not None and now >= self.lease.deadline and (
+            self.turn is None or self.turn.request.client != self.lease.client
+        ):
+            lease, self.lease = self.lease, None
+            if lease.client in self.clients:
+                self._emit(Deliver(lease.client, frames.LeaseEnded(client=lease.client, reason="idle")))
+
+    # ------------------------------------------------------------ granting
+
+    def _next(self) -> Request | None:
+        lease = self.lease
+        if lease is not None:
+            if lease.kind == "worker" and self.webhooks:
+                return self.webhooks[0]  # a worker lease yields to webhooks between turns
+            for r in (self.webhooks if lease.kind == "webhook" else self.workers):
+                if r.client == lease.client:
+                    return r
+            if lease.kind == "webhook" or not self.webhooks:
+                return None  # the holder keeps the session while it thinks
+        if self.webhooks:
+            return self.webhooks[0]
+        if self.workers:
+            return self.workers[0]
+        return None
+
+    def _dispatch(self, now: float) -> None:
+        t = self.turn
+        lease = self.lease
+        if lease is not None and t is not None and t.request.client != lease.client:
+            # A worker lease suspended for webhooks does not age while they run.
+            lease.deadline = max(lease.deadline, now + lease.idle_s)
+        if t is not None:
+            if t.request.kind == "worker" and self.webhooks and t.reason is None:
+                self.last_preempt_signal_s = now
+                t.preempt_asked_at = now
+                self._interrupt(t, "preempt", now)
+            return
+        if not self.agent_up:
+            return
+        while self.turn is None:
+            r = self._next()
+            if r is None:
+                return
+            self._remove_queued(r)
+            self._start(r, now)
+
+    def _start(self, r: Request, now: float) -> None:
+        if r.op == "lease":
+            idle = r.lease_idle_s or self.config.lease_idle_s
+            self.lease = LeaseState(client=r.client, kind=r.kind, idle_s=idle, deadline=now + idle)
+            self._reply(r, frames.LeaseGranted(client=r.client, req=r.req, incarnation=self.incarnation), terminal=True)
+            return
+        self.turn_seq += 1
+        t = Turn(id=self.turn_seq, request=r, uuid=self._uuid(self.turn_seq), phase="running", started_at=now)
+        self.turn = t
+        if r.model is not None and r.model != self.model:
+            self.ctrl_seq += 1
+            t.phase = "switching"
+            t.ctrl_id = f"ts-{self.incarnation}-{self.ctrl_seq}"
+            t.target_model = r.model
+            t.deadline = now + self.config.model_timeout_s
+            self._emit(WriteSetModel(ctrl_id=t.ctrl_id, model=r.model))
+            return
+        self._after_switch(t, now)
+
+    def _write_user(self, t: Turn, now: float) -> None:
+        r = t.request
+        t.phase = "running"
+        t.deadline = None
+        t.started_at = now
+        r.attempts += 1
+        content = r.content
+        if r.preemptions:
+            content = r.resume_prompt or _with_note(content)
+        self.counters.inc("turns")
+        queued_ms = t.queued_ms = round((now - r.submitted_at) * 1000, 3)
+        self._emit(WriteUser(turn=t.id, uuid=t.uuid, content=content, submitted_at=r.submitted_at))
+        self._reply(r, frames.Started(
+            client=r.client, req=r.req, incarnation=self.incarnation, turn=t.id, model=self.model,
+            queued_ms=queued_ms,
+        ), terminal=False)
+
+
+def _with_note(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return RESUME_NOTE + content
+    return [{"type": "text", "text": RESUME_NOTE}, *content]

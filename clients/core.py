@@ -1,0 +1,366 @@
+"""What the blocking and the asyncio client share: the connection and the request table.
+
+Sans waiting: this module sends frames and digests reply frames; the two
+front ends only differ in how they wait for the doorbell and the broker's
+pidfd. A client resubmits every request that has no result yet, with the same
+request id, when it sees a new broker incarnation; the broker de-duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipc import frames, mailbox, names, rqueue, state
+from ipc.errors import BrokerUnavailable, IPCError, ProtocolError, TurnstileError
+
+PermissionHandler = Callable[[dict[str, Any]], dict[str, Any]]
+HookHandler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class TurnResult:
+    """How a request ended."""
+
+    status: frames.Status
+    text: str = ""
+    session_id: str | None = None
+    model: str | None = None
+    turn: int = 0
+    queued_ms: float = 0.0
+    turn_ms: float = 0.0
+    error_code: str | None = None
+    error: str | None = None
+    raw: dict[str, Any] | None = None
+    request_id: str = ""
+    preemptions: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the turn completed normally."""
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the CLI's ``result`` event)."""
+        return {
+            "status": self.status, "turn": self.turn, "text": self.text, "session_id": self.session_id,
+            "model": self.model, "queued_ms": self.queued_ms, "turn_ms": self.turn_ms,
+            "error_code": self.error_code, "error": self.error, "request_id": self.request_id,
+            "preemptions": self.preemptions,
+        }
+
+
+@dataclass
+class RequestState:
+    """One request the client sent and has no result for yet (or just got one)."""
+
+    req: str
+    frame: frames.RequestFrame
+    events: deque[dict[str, Any]] = field(default_factory=deque)
+    accepted: bool = False
+    incarnation: str = ""
+    turn: int = 0
+    preemptions: int = 0
+    result: TurnResult | None = None
+    granted: bool = False  # lease requests
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
+_req_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique to this client."""
+    return f"{next(_req_counter)}-{secrets.token_hex(4)}"
+
+
+def start_command(session: str) -> str:
+    """What to run to start a broker for ``session`` (for error messages)."""
+    return f"turnstile serve --session {session}" if session != "default" else "turnstile serve"
+
+
+class Connection:
+    """One client's mailbox, request-queue handle, state-block view and request table."""
+
+    def __init__(
+        self,
+        session: str,
+        kind: frames.Kind,
+        *,
+        on_permission: PermissionHandler | None = None,
+        on_hook: HookHandler | None = None,
+        send_timeout_s: float = 5.0,
+        mailbox_capacity: int = mailbox.DEFAULT_CAPACITY,
+    ) -> None:
+        if kind not in frames.KINDS:
+            raise ValueError(f"kind must be 'webhook' or 'worker', not {kind!r}")
+        names.check_session(session)
+        self.session = session
+        self.kind: frames.Kind = kind
+        self.client_id = names.new_client_id()
+        self.on_permission = on_permission
+        self.on_hook = on_hook
+        self.send_timeout_s = send_timeout_s
+        self.pid, self.start_time = names.self_identity()
+        self.mailbox = mailbox.MailboxReader(session, self.client_id, capacity=mailbox_capacity)
+        self.rq: rqueue.RequestQueue | None = None
+        self.block: state.StateBlock | None = None
+        self.incarnation = ""
+        self.broker_pid = 0
+        self.broker_pidfd: int | None = None
+        self.requests: dict[str, RequestState] = {}
+        self.lease_state: str = "none"  # none | waiting | held
+        self.closed = False
+
+    # ------------------------------------------------------------ broker discovery
+
+    def try_attach(self) -> bool:
+        """Attach to the session's live broker if there is one; True when attached (or already)."""
+        try:
+            block = state.StateBlock.open(self.session)
+        except (FileNotFoundError, IPCError):
+            return False
+        try:
+            snap = block.snapshot()
+        except IPCError:
+            block.close()
+            return False
+        if not snap.broker_alive:
+            block.close()
+            return False
+        try:
+            rq = rqueue.RequestQueue.open(self.session)
+        except IPCError:
+            block.close()
+            return False
+        try:
+            pidfd = os.pidfd_open(snap.record.broker_pid)
+        except OSError:
+            block.close()
+            rq.close()
+            return False
+        if names.proc_start_time(snap.record.broker_pid) != snap.record.broker_start:
+            os.close(pidfd)
+            block.close()
+            rq.close()
+            return False
+        self._detach()
+        self.block, self.rq, self.broker_pidfd = block, rq, pidfd
+        self.broker_pid = snap.record.broker_pid
+        changed = snap.record.incarnation != self.incarnation
+        self.incarnation = snap.record.incarnation
+        self._send(frames.Hello(
+            client=self.client_id, kind=self.kind, pid=self.pid, start_time=self.start_time,
+            handles=self._handles(),
+        ))
+        if changed:
+            self._resubmit()
+        return True
+
+    def _handles(self) -> list[str]:
+        out = []
+        if self.on_permission is not None:
+            out.append("can_use_tool")
+        if self.on_hook is not None:
+            out.append("hook_callback")
+        return out
+
+    def _detach(self) -> None:
+        if self.broker_pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.broker_pidfd)
+            self.broker_pidfd = None
+        if self.rq is not None:
+            self.rq.close()
+            self.rq = None
+        if self.block is not None:
+            self.block.close()
+            self.block = None
+
+    def broker_dead(self) -> None:
+        """The broker's pidfd fired: forget it until a new one is attached."""
+        self._detach()
+
+    def _resubmit(self) -> None:
+        # A new broker knows nothing of what the old one accepted: send again every
+        # request without a result, same ids (the broker de-duplicates).
+        if self.lease_state == "held":
+            self.lease_state = "none"
+        for st in list(self.requests.values()):
+            if st.result is None:
+                st.accepted = False
+                self._send(st.frame)
+
+    def unavailable(self, waited_s: float) -> BrokerUnavailable:
+        """The error for 'no broker came'."""
+        return BrokerUnavailable(
+            f"no broker serves session {self.session!r} (waited {waited_s:g} s). "
+            f"Start one with: {start_command(self.session)}",
+            session=self.session,
+            waited_s=waited_s,
+        )
+
+    # ------------------------------------------------------------ sending
+
+    def _send(self, frame: frames.RequestFrame) -> None:
+        if self.rq is None:
+            return  # not attached: sent (again) on attach
+        try:
+            self.rq.send_frame(frame, timeout_s=self.send_timeout_s)
+        except IPCError as exc:
+            if "vanished" in str(exc):
+                self._detach()
+                return
+            raise
+
+    def submit(self, frame: frames.RequestFrame) -> RequestState:
+        """Record and send a request frame."""
+        st = RequestState(req=frame.req, frame=frame)
+        self.requests[frame.req] = st
+        self._send(frame)
+        return st
+
+    def prompt_frame(
+        self, content: str | list[dict[str, Any]], *, model: str | None, on_preempt: frames.OnPreempt | None,
+        resume_prompt: str | None, request_id: str | None,
+    ) -> frames.Prompt:
+        """Build (and validate) a prompt frame."""
+        if on_preempt is None:
+            on_preempt = "requeue"
+        frame = frames.Prompt(
+            client=self.client_id, req=request_id or new_request_id(), kind=self.kind, content=content,
+            model=model, on_preempt=on_preempt, resume_prompt=resume_prompt, lease=self.lease_state == "held",
+        )
+        # Validate here too, so bad input fails in the caller, not in the broker.
+        frames.decode_request(frames.encode(frame))
+        return frame
+
+    def cancel(self, st: RequestState) -> None:
+        """Cancel one of our requests (queued or running)."""
+        self._send(frames.Cancel(client=self.client_id, req=new_request_id(), target=st.req))
+
+    def cancel_turn(self, incarnation: str, turn: int) -> None:
+        """Cancel the turn (incarnation, turn), whoever holds it; honoured only if it is running."""
+        if self.block is not None:
+            self.block.write_cancel(incarnation, turn)
+        self._send(frames.Cancel(client=self.client_id, req=new_request_id(), incarnation=incarnation, turn=turn))
+
+    # ------------------------------------------------------------ receiving
+
+    def drain_mailbox(self) -> int:
+        """Read every frame waiting in the mailbox and apply it; returns how many."""
+        n = 0
+        for data in self.mailbox.read_frames():
+            n += 1
+            try:
+                frame = frames.decode_reply(data)
+            except ProtocolError:
+                continue
+            self.apply(frame)
+        return n
+
+    def apply(self, frame: frames.ReplyFrame) -> None:
+        """Digest one reply frame."""
+        if isinstance(frame, frames.LeaseEnded):
+            self.lease_state = "none"
+        st = self.requests.get(frame.req)
+        match frame:
+            case frames.Accepted():
+                if st is not None:
+                    st.accepted = True
+                    st.incarnation = frame.incarnation
+            case frames.Started():
+                if st is not None:
+                    st.turn = frame.turn
+                    st.incarnation = frame.incarnation
+            case frames.Event():
+                if st is not None:
+                    try:
+                        st.events.append(json.loads(frame.data))
+                    except ValueError:
+                        pass
+            case frames.PreemptedNotice():
+                if st is not None:
+                    st.preemptions += 1
+                    st.events.append({"type": "turnstile", "subtype": "preempted", "turn": frame.turn,
+                                      "requeued": frame.requeued})
+            case frames.Result():
+                if st is not None:
+                    st.result = TurnResult(
+                        status=frame.status, text=frame.text, session_id=frame.session_id, model=frame.model,
+                        turn=frame.turn or st.turn, queued_ms=frame.queued_ms, turn_ms=frame.turn_ms,
+                        error_code=frame.error_code, error=frame.error,
+                        raw=_json_or_none(frame.raw), request_id=frame.req, preemptions=st.preemptions,
+                    )
+            case frames.Error():
+                if st is not None:
+                    st.result = TurnResult(status="error", error_code=frame.code, error=frame.message,
+                                           request_id=frame.req)
+            case frames.LeaseGranted():
+                self.lease_state = "held"
+                if st is not None:
+                    st.granted = True
+                    st.result = TurnResult(status="ok", request_id=frame.req)
+            case frames.LeaseEnded():
+                if st is not None and st.result is None:
+                    st.result = TurnResult(status="cancelled", error_code=frame.reason, request_id=frame.req)
+            case frames.AgentRequest():
+                self._answer(frame)
+
+    def _answer(self, frame: frames.AgentRequest) -> None:
+        handler = self.on_permission if frame.subtype == "can_use_tool" else (
+            self.on_hook if frame.subtype == "hook_callback" else None)
+        response: dict[str, Any] | None = None
+        error: str | None = None
+        if handler is None:
+            error = f"no handler for {frame.subtype}"
+        else:
+            try:
+                response = handler(json.loads(frame.data))
+            except Exception as exc:  # noqa: BLE001 - a failing user handler must still answer the agent
+                error = f"handler raised {type(exc).__name__}: {exc}"
+        self._send(frames.ControlAnswer(
+            client=self.client_id, req=frame.req, request_id=frame.request_id, response=response, error=error,
+        ))
+
+    def forget(self, req: str) -> None:
+        """Drop a finished request from the table."""
+        self.requests.pop(req, None)
+
+    # ------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Say bye and remove the mailbox."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(TurnstileError, OSError):
+            self._send(frames.Bye(client=self.client_id))
+        self._detach()
+        self.mailbox.close()
+
+
+def _json_or_none(data: bytes | None) -> dict[str, Any] | None:
+    if not data:
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def monotonic() -> float:
+    """The clock clients use for deadlines."""
+    return time.monotonic()

@@ -1,0 +1,303 @@
+"""Client mailboxes: a shared-memory byte ring plus a one-slot doorbell queue.
+
+One mailbox per client; the broker is its only writer and the client its only
+reader. It costs ~100 bytes of the per-user POSIX queue budget (the doorbell:
+one message of one byte), so 200 clients fit on default limits where 200
+full-size queues would not.
+
+Ring protocol (single producer, single consumer). The header holds two
+monotonically increasing 64-bit counters, each written by one side only:
+``written`` (broker) and ``read`` (client), each on its own cache line. The
+broker copies length-prefixed frames into ``data[written % capacity ...]``,
+then publishes ``written``, then rings the doorbell. The client reads up to
+``written``, then publishes ``read``. The doorbell's system call is the memory
+barrier. A frame larger than the free space is streamed through in pieces as
+the client frees room; the reader reassembles it from the byte stream.
+
+The doorbell holds at most one message, so ringing a rung bell is a no-op:
+no lost wake-up is possible because the reader always reads the ring *after*
+taking the doorbell message.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from typing import Final
+
+import posix_ipc
+
+from ipc import frames, names, shm
+from ipc.errors import ClientTooSlow, IPCError, ProtocolError
+from ipc.limits import limit_error
+
+MAGIC: Final = 0x54534D42  # "TSMB"
+LAYOUT: Final = 1
+DATA_OFFSET: Final = 4096
+OFF_WRITTEN: Final = 64
+OFF_READ: Final = 128
+OFF_FLAGS: Final = 192
+FLAG_FAILED: Final = 1  # the broker gave up on this client (client_too_slow)
+FLAG_CLOSED: Final = 2  # the broker will write no more
+
+DEFAULT_CAPACITY: Final = 1 << 20
+#: How many bytes the broker holds for a client whose ring is full before failing it.
+DEFAULT_MAX_PENDING: Final = frames.MAX_FRAME_BYTES + (1 << 20)
+
+_HEADER = struct.Struct("<IIQQQ")  # magic, layout, capacity, owner pid, owner start time
+_U64 = struct.Struct("<Q")
+_LEN = struct.Struct("<I")
+
+
+class MailboxReader:
+    """Client side: creates the mailbox, waits on the doorbell, reads frames."""
+
+    def __init__(self, session: str, client: str, *, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.session = session
+        self.client = client
+        self.ring_name = names.mailbox(session, client)
+        self.bell_name = names.doorbell(session, client)
+        self.capacity = capacity
+        pid, start = names.self_identity()
+        self._mm = shm.create(self.ring_name, DATA_OFFSET + capacity)
+        _HEADER.pack_into(self._mm, 0, MAGIC, LAYOUT, capacity, pid, start)
+        try:
+            self._bell = posix_ipc.MessageQueue(
+                self.bell_name, posix_ipc.O_CREX, mode=0o600, max_messages=1, max_message_size=1
+            )
+        except posix_ipc.ExistentialError as exc:
+            self._drop_ring()
+            raise IPCError(f"doorbell {self.bell_name} already exists", name=self.bell_name) from exc
+        except (OSError, ValueError) as exc:
+            self._drop_ring()
+            raise limit_error(f"mailbox doorbell {self.bell_name}", exc) from exc
+        self._read = 0
+        self._buf = bytearray()
+        self.closed = False
+
+    def _drop_ring(self) -> None:
+        self._mm.close()
+        shm.unlink(self.ring_name)
+
+    def fileno(self) -> int:
+        """The doorbell descriptor: readable when the broker has rung."""
+        return int(self._bell.mqd)
+
+    def wait(self, timeout_s: float | None) -> bool:
+        """Block until the doorbell rings or ``timeout_s`` passes; True if it rang."""
+        try:
+            self._bell.receive(timeout=timeout_s)
+        except posix_ipc.BusyError:
+            return False
+        return True
+
+    def clear_bell(self) -> None:
+        """Take a pending doorbell message without waiting (before reading the ring)."""
+        try:
+            self._bell.receive(timeout=0)
+        except posix_ipc.BusyError:
+            pass
+
+    @property
+    def failed(self) -> bool:
+        """True once the broker has given up on this client."""
+        flags: int = _U64.unpack_from(self._mm, OFF_FLAGS)[0]
+        return bool(flags & FLAG_FAILED)
+
+    def read_frames(self) -> list[bytes]:
+        """Every complete frame the ring holds now (possibly none). Never blocks."""
+        # Flags before the counter: the broker sets FLAG_FAILED after its last
+        # publish, so a counter read after seeing the flag is final.
+        failed = self.failed
+        written: int = _U64.unpack_from(self._mm, OFF_WRITTEN)[0]
+        r = self._read
+        if written != r:
+            if written - r > self.capacity or written < r:
+                raise ProtocolError("ring", f"ring counters inconsistent: written={written} read={r}")
+            pos = r % self.capacity
+            n = written - r
+            first = min(n, self.capacity - pos)
+            base = DATA_OFFSET
+            self._buf += self._mm[base + pos : base + pos + first]
+            if n > first:
+                self._buf += self._mm[base : base + n - first]
+            self._read = written
+            _U64.pack_into(self._mm, OFF_READ, written)
+        out = []
+        buf = self._buf
+        off = 0
+        while len(buf) - off >= 4:
+            (size,) = _LEN.unpack_from(buf, off)
+            if size > frames.MAX_FRAME_BYTES:
+                raise ProtocolError("oversize", f"mailbox frame of {size} bytes")
+            if len(buf) - off - 4 < size:
+                break
+            out.append(bytes(buf[off + 4 : off + 4 + size]))
+            off += 4 + size
+        if off:
+            del buf[:off]
+        if failed:
+            if not out:
+                # Nothing more will come; what is left in buf is the head of a
+                # frame the broker dropped, which can never complete.
+                raise ClientTooSlow("the broker failed this client: it read its mailbox too slowly")
+            # The broker's last ring may already be consumed: ring again so the
+            # caller comes back and learns of the failure instead of waiting forever.
+            self._ring_self()
+        return out
+
+    def _ring_self(self) -> None:
+        try:
+            self._bell.send(b"\x01", timeout=0)
+        except posix_ipc.BusyError:
+            pass
+
+    def close(self) -> None:
+        """Remove the mailbox (ring and doorbell)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self._bell.close()
+        finally:
+            try:
+                posix_ipc.unlink_message_queue(self.bell_name)
+            except posix_ipc.ExistentialError:
+                pass
+            self._mm.close()
+            shm.unlink(self.ring_name)
+
+
+class MailboxWriter:
+    """Broker side: streams length-prefixed frames into a client's ring.
+
+    Never blocks: what does not fit waits in a bounded per-client buffer that
+    :meth:`pump` moves into the ring as the client frees room. Overflowing the
+    bound raises :class:`ClientTooSlow` and marks the ring failed.
+    """
+
+    def __init__(self, session: str, client: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        self.ring_name = names.mailbox(session, client)
+        self.bell_name = names.doorbell(session, client)
+        self._mm = shm.open_existing(self.ring_name, min_size=DATA_OFFSET + 1)
+        magic, layout, capacity, pid, start = _HEADER.unpack_from(self._mm, 0)
+        if magic != MAGIC or layout != LAYOUT or DATA_OFFSET + capacity > len(self._mm):
+            self._mm.close()
+            raise IPCError(f"{self.ring_name} is not a turnstile mailbox", name=self.ring_name)
+        self.capacity: int = capacity
+        self.owner_pid: int = pid
+        self.owner_start: int = start
+        try:
+            self._bell = posix_ipc.MessageQueue(self.bell_name)
+            names.check_owner(self._bell.mqd, self.bell_name)
+        except posix_ipc.ExistentialError as exc:
+            self._mm.close()
+            raise IPCError(f"no doorbell {self.bell_name}", name=self.bell_name) from exc
+        except BaseException:
+            self._mm.close()
+            raise
+        self._written: int = _U64.unpack_from(self._mm, OFF_WRITTEN)[0]
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self.pending_bytes = 0
+        self.max_pending = max_pending
+        self.failed = False
+
+    def send(self, frame: bytes) -> None:
+        """Queue one frame for the client and move what fits into the ring now."""
+        if self.failed:
+            return
+        self._pending.append(memoryview(_LEN.pack(len(frame)) + frame))
+        self.pending_bytes += 4 + len(frame)
+        self.pump()
+        if self.pending_bytes > self.max_pending:
+            pending = self.pending_bytes  # fail() zeroes it
+            self.fail()
+            raise ClientTooSlow(
+                f"client mailbox {self.ring_name} full and {pending} bytes buffered "
+                f"(bound {self.max_pending})",
+                pending_bytes=pending,
+            )
+
+    def pump(self) -> int:
+        """Copy buffered bytes into free ring space, publish, ring. Returns bytes still buffered."""
+        if not self._pending:
+            return 0
+        read: int = _U64.unpack_from(self._mm, OFF_READ)[0]
+        free = self.capacity - (self._written - read)
+        if free <= 0:
+            return self.pending_bytes
+        w = self._written
+        cap = self.capacity
+        mm = self._mm
+        while self._pending and free > 0:
+            chunk = self._pending[0]
+            n = min(len(chunk), free)
+            pos = w % cap
+            first = min(n, cap - pos)
+            mm[DATA_OFFSET + pos : DATA_OFFSET + pos + first] = chunk[:first]
+            if n > first:
+                mm[DATA_OFFSET : DATA_OFFSET + n - first] = chunk[first:n]
+            w += n
+            free -= n
+            self.pending_bytes -= n
+            if n == len(chunk):
+                self._pending.popleft()
+            else:
+                self._pending[0] = chunk[n:]
+        self._written = w
+        _U64.pack_into(mm, OFF_WRITTEN, w)
+        self.ring()
+        return self.pending_bytes
+
+    def ring(self) -> None:
+        """Wake the client (a no-op if the bell is already rung)."""
+        try:
+            self._bell.send(b"\x01", timeout=0)
+        except posix_ipc.BusyError:
+            pass
+        except posix_ipc.ExistentialError:
+            pass
+
+    def fail(self) -> None:
+        """Give up on this client: drop what is buffered and tell it so through the flags."""
+        self.failed = True
+        self._pending.clear()
+        self.pending_bytes = 0
+        flags: int = _U64.unpack_from(self._mm, OFF_FLAGS)[0]
+        _U64.pack_into(self._mm, OFF_FLAGS, flags | FLAG_FAILED)
+        self.ring()
+
+    def close(self) -> None:
+        """Close this side's handles (the client owns the names)."""
+        try:
+            self._bell.close()
+        except posix_ipc.ExistentialError:
+            pass
+        self._mm.close()
+
+
+def unlink(session: str, client: str) -> bool:
+    """Remove a client's mailbox by name (the broker does this for a dead client)."""
+    removed = shm.unlink(names.mailbox(session, client))
+    try:
+        posix_ipc.unlink_message_queue(names.doorbell(session, client))
+        removed = True
+    except posix_ipc.ExistentialError:
+        pass
+    return removed
+
+
+def read_owner(session: str, client: str) -> tuple[int, int] | None:
+    """(pid, start time) recorded in a mailbox header, or None if unreadable."""
+    try:
+        mm = shm.open_existing(names.mailbox(session, client), writable=False, min_size=_HEADER.size)
+    except (FileNotFoundError, IPCError):
+        return None
+    try:
+        magic, _layout, _cap, pid, start = _HEADER.unpack_from(mm, 0)
+        return (pid, start) if magic == MAGIC else None
+    finally:
+        mm.close()
+
+
+__all__ = ["DEFAULT_CAPACITY", "MailboxReader", "MailboxWriter", "read_owner", "unlink"]

@@ -1,0 +1,111 @@
+"""IPC object names, ownership checks and process identity.
+
+Every name derives from the session name, so two sessions (and two parallel
+test runs, which use unique session names) never collide. ``/dev/shm`` and
+the mqueue namespace are flat, so names are ``/turnstile.<session>.<what>``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from typing import Final
+
+from ipc.errors import IPCError, NameSquatted
+
+PREFIX: Final = "turnstile"
+SESSION_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_session(session: str) -> str:
+    """Return ``session`` if it is a valid session name, else raise ``ValueError``."""
+    if not SESSION_RE.fullmatch(session):
+        raise ValueError(f"session name {session!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    return session
+
+
+def request_queue(session: str) -> str:
+    """Name of the session's request queue."""
+    return f"/{PREFIX}.{check_session(session)}.rq"
+
+
+def state_block(session: str) -> str:
+    """Name of the session's shared-memory state block."""
+    return f"/{PREFIX}.{check_session(session)}.st"
+
+
+def mailbox(session: str, client: str) -> str:
+    """Name of a client's mailbox ring (shared memory)."""
+    return f"/{PREFIX}.{check_session(session)}.mb.{client}"
+
+
+def doorbell(session: str, client: str) -> str:
+    """Name of a client's mailbox doorbell (a one-slot queue)."""
+    return f"/{PREFIX}.{check_session(session)}.db.{client}"
+
+
+def new_client_id() -> str:
+    """A fresh random client id (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+def new_incarnation() -> str:
+    """A fresh random broker incarnation id (16 hex digits)."""
+    return secrets.token_hex(8)
+
+
+def check_owner(fd: int, name: str) -> None:
+    """Refuse an IPC object not owned by us or open to group/other.
+
+    A name pre-created by another local user would let them read our replies
+    or inject frames, so it is an error, never silently used.
+    """
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        raise NameSquatted(
+            f"{name} is owned by uid {st.st_uid}, not by us (uid {os.geteuid()}); "
+            "another user created it: remove it (as that user or root) or pick another session name",
+            name=name,
+            owner_uid=st.st_uid,
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise NameSquatted(
+            f"{name} has mode {stat.S_IMODE(st.st_mode):04o}; turnstile objects must be 0600. "
+            "Another process may be reading or writing it: remove it and start again",
+            name=name,
+            mode=stat.S_IMODE(st.st_mode),
+        )
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The start time (clock ticks after boot) of process ``pid``, or None if it is gone.
+
+    A pid alone is not an identity: pids are reused. (pid, start time) is.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    except OSError as exc:
+        raise IPCError(f"cannot read /proc/{pid}/stat: {exc}") from exc
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2 :].split()
+    if rest[0] == b"Z":
+        return None
+    return int(rest[19])
+
+
+def is_alive(pid: int, start_time: int) -> bool:
+    """True when process ``pid`` exists and is the one that started at ``start_time``."""
+    return pid > 0 and proc_start_time(pid) == start_time
+
+
+def self_identity() -> tuple[int, int]:
+    """(pid, start time) of this process."""
+    pid = os.getpid()
+    start = proc_start_time(pid)
+    assert start is not None
+    return pid, start

@@ -1,0 +1,117 @@
+"""Removing what dead brokers and clients left behind.
+
+Owners are identified by (pid, start time) recorded in each object, never by
+pid alone. Only turnstile's own names are touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import posix_ipc
+
+from ipc import mailbox, names, rqueue, shm, state
+from ipc.errors import IPCError
+
+SHM_DIR = "/dev/shm"
+MQUEUE_DIR = "/dev/mqueue"  # listed only when the mqueue filesystem is mounted
+
+
+@dataclass(frozen=True)
+class Removed:
+    """One object sweep removed, and why."""
+
+    kind: str  # "state", "request_queue", "mailbox", "doorbell"
+    name: str
+    reason: str
+
+
+def _listing(directory: str) -> list[str]:
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
+
+
+def _parse(entry: str) -> tuple[str, str, str] | None:
+    """('session', 'what', 'client') from 'turnstile.<session>.<what>[.<client>]'."""
+    parts = entry.split(".")
+    if len(parts) < 3 or parts[0] != names.PREFIX or not names.SESSION_RE.fullmatch(parts[1]):
+        return None
+    return parts[1], parts[2], parts[3] if len(parts) > 3 else ""
+
+
+def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
+    """Remove leftovers whose owner process is gone.
+
+    ``session`` limits the sweep to one session; ``force`` removes that
+    session's objects whatever their owners' state (test teardown).
+    """
+    if force and session is None:
+        raise ValueError("force needs a session")
+    removed: list[Removed] = []
+    sessions_dead: set[str] = set()
+    for entry in _listing(SHM_DIR):
+        parsed = _parse(entry)
+        if parsed is None:
+            continue
+        sess, what, client = parsed
+        if session is not None and sess != session:
+            continue
+        if what == "st":
+            dead, why = force, "forced"
+            if not force:
+                try:
+                    block = state.StateBlock.open(sess)
+                    try:
+                        rec = block.read_record(timeout_s=0.2)
+                    finally:
+                        block.close()
+                    dead = rec.closed or not names.is_alive(rec.broker_pid, rec.broker_start)
+                    why = f"broker pid {rec.broker_pid} is gone" if dead else ""
+                except (OSError, IPCError) as exc:
+                    dead, why = True, f"unreadable: {exc}"
+            if dead:
+                sessions_dead.add(sess)
+                if state.unlink(sess):
+                    removed.append(Removed("state", names.state_block(sess), why))
+                if rqueue.unlink(sess):
+                    removed.append(Removed("request_queue", names.request_queue(sess), why))
+        elif what == "mb" and client:
+            owner = mailbox.read_owner(sess, client)
+            if force or owner is None or not names.is_alive(*owner):
+                why = "forced" if force else (f"client pid {owner[0]} is gone" if owner else "unreadable")
+                if shm.unlink(names.mailbox(sess, client)):
+                    removed.append(Removed("mailbox", names.mailbox(sess, client), why))
+                try:
+                    posix_ipc.unlink_message_queue(names.doorbell(sess, client))
+                    removed.append(Removed("doorbell", names.doorbell(sess, client), why))
+                except posix_ipc.ExistentialError:
+                    pass
+    # Queues are visible only where the mqueue filesystem is mounted; without it,
+    # a doorbell whose ring is gone is found only through its session (force).
+    for entry in _listing(MQUEUE_DIR):
+        parsed = _parse(entry)
+        if parsed is None:
+            continue
+        sess, what, client = parsed
+        if session is not None and sess != session:
+            continue
+        if what == "db" and not os.path.exists(os.path.join(SHM_DIR, f"{names.PREFIX}.{sess}.mb.{client}")):
+            try:
+                posix_ipc.unlink_message_queue(names.doorbell(sess, client))
+                removed.append(Removed("doorbell", names.doorbell(sess, client), "its mailbox ring is gone"))
+            except posix_ipc.ExistentialError:
+                pass
+        elif what == "rq" and (force or sess in sessions_dead or not os.path.exists(
+            os.path.join(SHM_DIR, f"{names.PREFIX}.{sess}.st")
+        )):
+            if rqueue.unlink(sess):
+                removed.append(Removed("request_queue", names.request_queue(sess), "no live broker"))
+    if force and session is not None:
+        if state.unlink(session):
+            removed.append(Removed("state", names.state_block(session), "forced"))
+        if rqueue.unlink(session):
+            removed.append(Removed("request_queue", names.request_queue(session), "forced"))
+    return removed
