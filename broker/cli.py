@@ -44,6 +44,18 @@ Exit codes:
   12  the agent executable was not found
   130 stopped at once by a second SIGINT/SIGTERM"""
 
+CANCEL_EXITS = f"""\b
+Exit codes:
+  {EXIT_OK}  cancel sent (honoured only if that turn still runs)
+  {EXIT_ERROR}  no turn is running (--holder)
+  {EXIT_USAGE}  usage error
+  {EXIT_UNAVAILABLE}  no live broker for the session"""
+
+DEMO_EXITS = """\b
+Exit codes:
+  0  every request got its result, in the right order
+  1  a request failed or finished out of order"""
+
 session_option = click.option(
     "--session", "-s", default="default", show_default=True, envvar="TURNSTILE_SESSION",
     help="Session name (env TURNSTILE_SESSION).",
@@ -244,7 +256,7 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
 # ---------------------------------------------------------------- cancel
 
 
-@main.command()
+@main.command(epilog=CANCEL_EXITS)
 @session_option
 @click.option("--turn", "turn_id", type=int, default=None, help="Turn id to cancel (of the current broker).")
 @click.option("--holder", is_flag=True, help="Cancel whatever turn runs now.")
@@ -300,16 +312,13 @@ def sweep(session: str | None, as_json: bool) -> None:
 # ---------------------------------------------------------------- demo
 
 
-@main.command()
+@main.command(epilog=DEMO_EXITS)
 @click.option("--agent", type=click.Choice(["sim", "claude"]), default="sim", show_default=True)
 @click.option("--webhooks", type=int, default=3, show_default=True)
 @click.option("--worker-ms", type=int, default=3000, show_default=True, help="Length of the worker's long turn.")
 @click.option("--plain", is_flag=True, help="No live view; print events as lines.")
 def demo(agent: str, webhooks: int, worker_ms: int, plain: bool) -> None:
-    """A broker on a private session, a long worker turn and webhooks preempting it, live.
-
-    Exit 0 when every request got its result in the right order.
-    """
+    """A broker on a private session, a long worker turn and webhooks preempting it, live."""
     from broker.demo import run_demo
 
     sys.exit(run_demo(agent=agent, webhooks=webhooks, worker_ms=worker_ms, plain=plain))

@@ -307,6 +307,7 @@ class Scheduler:
         self.workers: collections.deque[Request] = collections.deque()
         self.turn: Turn | None = None
         self.lease: LeaseState | None = None
+        self.suspended_lease: LeaseState | None = None  # a worker lease waiting out a webhook lease
         self.agent_up = False
         self.agent_busy = False  # a user message was written and its result not read
         self.restarting = False
@@ -322,6 +323,7 @@ class Scheduler:
     def handle(self, event: SchedEvent) -> list[Decision]:
         """Apply one event; return what to do, in order."""
         self._out = []
+        busy = self.turn is not None
         match event:
             case Connected():
                 self.clients[event.client] = event.kind
@@ -347,6 +349,10 @@ class Scheduler:
                 self._client_gone(event)
             case Tick():
                 self._tick(event.now)
+        if busy and self.turn is None and self.lease is not None:
+            # A lease does not age while a turn runs (its holder's, or one it yields to):
+            # its idle clock starts when the session falls idle, however the turn ended.
+            self.lease.deadline = max(self.lease.deadline, event.now + self.lease.idle_s)
         self._dispatch(event.now)
         out, self._out = self._out, []
         return out
@@ -356,7 +362,7 @@ class Scheduler:
         times = []
         if self.turn is not None and self.turn.deadline is not None:
             times.append(self.turn.deadline)
-        if self.lease is not None and (self.turn is None or self.turn.request.client != self.lease.client):
+        if self.lease is not None and self.turn is None:
             times.append(self.lease.deadline)
         return min(times) if times else None
 
@@ -393,6 +399,10 @@ class Scheduler:
             raise SchedulerBug("a request is in the wrong line")
         if self.agent_busy and (self.turn is None or self.turn.phase == "switching"):
             raise SchedulerBug("agent busy with no turn")
+        if self.suspended_lease is not None and (
+            self.suspended_lease.kind != "worker" or self.lease is None or self.lease.kind != "webhook"
+        ):
+            raise SchedulerBug("a lease is suspended by something other than a webhook lease")
 
     # ------------------------------------------------------------ helpers
 
@@ -466,8 +476,11 @@ class Scheduler:
         for r in [r for r in self.line() if r.client == e.client and r.op == "lease"]:
             self._remove_queued(r)
             self._reply(r, frames.LeaseEnded(client=r.client, req=r.req, reason="released"), terminal=True)
+        if self.suspended_lease is not None and self.suspended_lease.client == e.client:
+            self.suspended_lease = None
+            self._emit(Deliver(e.client, frames.LeaseEnded(client=e.client, req=e.req, reason="released")))
         if self.lease is not None and self.lease.client == e.client:
-            self.lease = None
+            self._end_lease(e.now)
             self._emit(Deliver(e.client, frames.LeaseEnded(client=e.client, req=e.req, reason="released")))
 
     def _cancel(self, e: CancelAsked) -> None:
@@ -622,13 +635,14 @@ class Scheduler:
         r = t.request
         if t.reason == "client_gone" or r.client not in self.clients:
             self.requests.pop(r.key, None)
-        elif t.phase == "switching":
-            self._requeue_front(r)
         elif t.reason == "cancel":
             self._result(r, "cancelled", turn=t.id)
+        elif t.phase == "switching":
+            self._requeue_front(r)
         elif t.reason == "preempt":
             self._preempted(t, now)
-        elif r.kind == "worker" and r.op == "prompt" and r.attempts < MAX_ATTEMPTS:
+        elif r.kind == "worker" and r.op == "prompt" and r.attempts - r.preemptions < MAX_ATTEMPTS:
+            # attempts counts every run; runs that ended preempted are not deaths of the agent.
             self.counters.inc("requeues")
             self.workers.appendleft(r)
             self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True), terminal=False)
@@ -647,8 +661,10 @@ class Scheduler:
         for r in [r for r in self.line() if r.client == c]:
             self._remove_queued(r)
             self.requests.pop(r.key, None)
+        if self.suspended_lease is not None and self.suspended_lease.client == c:
+            self.suspended_lease = None
         if self.lease is not None and self.lease.client == c:
-            self.lease = None
+            self._end_lease(e.now)
         if c in self.clients:
             self.counters.inc("client_deaths")
             del self.clients[c]
@@ -669,12 +685,17 @@ class Scheduler:
                 # The agent did not finish the interrupted turn in time: kill it, resume, go on.
                 self.counters.inc("drain_timeouts")
                 self._agent_exited(now, "drain_timeout")
-        if self.lease is not None and now >= self.lease.deadline and (
-            self.turn is None or self.turn.request.client != self.lease.client
-        ):
-            lease, self.lease = self.lease, None
+        if self.lease is not None and now >= self.lease.deadline and t is None:
+            lease = self.lease
+            self._end_lease(now)
             if lease.client in self.clients:
                 self._emit(Deliver(lease.client, frames.LeaseEnded(client=lease.client, reason="idle")))
+
+    def _end_lease(self, now: float) -> None:
+        """The lease ends; a worker lease it had suspended resumes with a fresh idle clock."""
+        self.lease, self.suspended_lease = self.suspended_lease, None
+        if self.lease is not None:
+            self.lease.deadline = max(self.lease.deadline, now + self.lease.idle_s)
 
     # ------------------------------------------------------------ granting
 
@@ -718,6 +739,9 @@ class Scheduler:
     def _start(self, r: Request, now: float) -> None:
         if r.op == "lease":
             idle = r.lease_idle_s or self.config.lease_idle_s
+            if self.lease is not None and self.lease.client != r.client:
+                # Only a worker lease lets another client's (webhook) lease in: it resumes after it.
+                self.suspended_lease = self.lease
             self.lease = LeaseState(client=r.client, kind=r.kind, idle_s=idle, deadline=now + idle)
             self._reply(r, frames.LeaseGranted(client=r.client, req=r.req, incarnation=self.incarnation), terminal=True)
             return

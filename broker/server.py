@@ -26,7 +26,8 @@ from typing import Any
 from broker import log as blog
 from broker import protocol
 from broker.agentproc import AgentProcess, reap_group
-from broker.agents import AgentAdapter, make_agent
+from broker.agents import make_agent
+from broker.agents.base import AgentAdapter
 from broker.config import RET_ALREADY_RUNNING, RET_OK, RET_SIGNAL, BrokerConfig
 from broker.scheduler import (
     AgentExited,
@@ -57,6 +58,10 @@ from ipc.errors import ClientTooSlow, IPCError, ProtocolError, TurnstileError
 #: Frames handled per wake-up before yielding to the loop (agent output must not starve).
 BATCH = 64
 HEARTBEAT_S = 0.5
+#: While a client's mailbox is full, how often the broker moves its buffered frames in as it frees room.
+PUMP_S = 0.001
+#: An agent that exits sooner than this after its start, before any turn, counts towards the restart back-off.
+QUICK_EXIT_S = 5.0
 
 
 class AlreadyRunning(TurnstileError):
@@ -117,6 +122,8 @@ class Broker:
         self.pending_ctrl: dict[str, str] = {}
         self.ctrl_seq = 0
         self.last_output_s = time.monotonic()
+        self.agent_started_s = 0.0
+        self.agent_served = False  # the running agent began a turn (printed system/init)
         self.restart_failures = 0
         self.stopping = False
         self.signals = 0
@@ -130,6 +137,8 @@ class Broker:
         self._stop_event = asyncio.Event()
         self._lock_fd: int | None = None
         self._slow_clients: set[str] = set()
+        self._pump_handle: asyncio.TimerHandle | None = None
+        self._broker_start = names.self_identity()[1]  # constant: not re-read from /proc at every publish
         self._rq_received_ns = 0
         self._result_read_ns = 0
         self._dirty = False
@@ -228,7 +237,9 @@ class Broker:
         try:
             saved = json.loads(path.read_text())
             self.agent_session_id = str(uuidlib.UUID(saved["session_id"]))
-            self.resume = True
+            # The agent writes its transcript at its first turn: an id that never ran
+            # one cannot be resumed (--resume fails) and must be started afresh.
+            self.resume = bool(saved.get("resumable", True))
             if self.cfg.model is None and saved.get("model"):
                 self.sched.model = str(saved["model"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -238,7 +249,8 @@ class Broker:
     def _save_session(self) -> None:
         path = self.cfg.session_dir / "session.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"session_id": self.agent_session_id, "model": self.sched.model}))
+        tmp.write_text(json.dumps({"session_id": self.agent_session_id, "model": self.sched.model,
+                                   "resumable": self.resume}))
         os.replace(tmp, path)
 
     async def _drain(self) -> None:
@@ -316,11 +328,11 @@ class Broker:
         )
         await agent.start()
         self.agent = agent
-        self.last_output_s = time.monotonic()
+        self.last_output_s = self.agent_started_s = time.monotonic()
+        self.agent_served = False
         (self.cfg.session_dir / "agent.json").write_text(
             json.dumps({"pid": agent.pid, "pgid": agent.pid, "start_time": agent.start_time})
         )
-        self.resume = True  # every later start continues the same conversation
         self._save_session()
         self.log.info("agent.started", pid=agent.pid, session_id=self.agent_session_id, model=self.sched.model)
         self._feed(AgentStarted(time.monotonic()))
@@ -329,6 +341,13 @@ class Broker:
         if agent is not self.agent or self.stopping:
             return
         self.log.warning("agent.exited", pid=agent.pid, returncode=rc)
+        # An agent that keeps dying right after start, before it began any turn (a
+        # bad binary, a bad flag, a session it cannot resume), must not be respawned
+        # in a tight loop. One that died in a turn is restarted at once.
+        if not self.agent_served and time.monotonic() - self.agent_started_s < QUICK_EXIT_S:
+            self.restart_failures += 1
+        else:
+            self.restart_failures = 0
         agent.kill_group()  # a tool child may still hold the pipes
         self._feed(AgentExited(time.monotonic(), reason=f"exited rc={rc}"))
 
@@ -350,12 +369,12 @@ class Broker:
         t0 = time.monotonic()
         if old is not None:
             await old.kill(timeout_s=self.cfg.stop_step_s)
-        # Back off when the agent keeps dying right away (a bad binary, a bad flag).
-        if self.restart_failures:
-            await asyncio.sleep(min(10.0, 0.2 * 2 ** min(self.restart_failures, 6)))
+        # Back off when the agent keeps dying right after start (the first time is
+        # retried at once).
+        if self.restart_failures > 1:
+            await asyncio.sleep(min(10.0, 0.1 * 2 ** min(self.restart_failures, 7)))
         try:
             await self._spawn_agent()
-            self.restart_failures = 0 if time.monotonic() - t0 < 60 else self.restart_failures
         except OSError as exc:
             self.restart_failures += 1
             self.log.error("agent.spawn_failed", error=str(exc))
@@ -394,8 +413,10 @@ class Broker:
                 for u in uuids:
                     if isinstance(u, str) and u in self.uuid_turn:
                         turn_id = self.uuid_turn.pop(u)
-            elif delivering and t is not None:
-                turn_id = t.id  # a CLI that does not list uuids: the one turn in flight
+            elif delivering and t is not None and t.inited:
+                # A CLI that does not list uuids: the one turn in flight, once it began
+                # (a result before system/init is a start-up failure, no turn's answer).
+                turn_id = t.id
             if turn_id is None or t is None or turn_id != t.id:
                 self.counters["unrouted_lines"] += 1
                 self.log.warning("agent.result_unrouted", uuids=uuids, turn=t.id if t else None)
@@ -427,11 +448,23 @@ class Broker:
             sid = obj.get("session_id")
             if isinstance(sid, str) and sid and sid != self.agent_session_id:
                 self._session_changed(sid)
+            if sub == "init":
+                self.agent_served = True
+            if sub == "init" and not self.resume:
+                # The conversation now exists: every later start continues it (--resume).
+                self.resume = True
+                self._save_session()
             if sub == "init" and delivering and t is not None and not t.inited:
                 self._deliver_event(t.request.client, t.request.req, t.id, line)
                 self._feed(TurnInit(now, t.id))
                 return
-        if delivering and t is not None and not obj.get("isReplay"):
+        # Between a turn's user message and its system/init the agent may still be
+        # printing the previous turn's tail (command_lifecycle "completed" follows
+        # every result): that belongs to no turn. So does a lifecycle line naming
+        # another message than the running turn's.
+        if typ == "command_lifecycle" and t is not None and obj.get("command_uuid") != t.uuid:
+            delivering = False
+        if delivering and t is not None and t.inited and not obj.get("isReplay"):
             self._deliver_event(t.request.client, t.request.req, t.id, line)
         else:
             self.counters["unrouted_lines"] += 1
@@ -599,6 +632,12 @@ class Broker:
             if conn is not None:
                 self._client_gone(conn.id, "bye")
             return
+        if isinstance(frame, frames.Cancel) and frame.target is None:
+            # A cancel by turn names its target fully and touches no request of the
+            # sender: it needs no connected sender (`turnstile cancel` may be gone,
+            # mailbox and all, before its frame is read).
+            self._cancel_turn(frame, now)
+            return
         kind = getattr(frame, "kind", None)
         if conn is None:
             conn = self._adopt(frame.client, kind if kind in frames.KINDS else None)
@@ -622,14 +661,17 @@ class Broker:
             case frames.Release():
                 self._feed(Released(now, frame.client, frame.req))
             case frames.Cancel():
-                inc, turn = frame.incarnation, frame.turn
-                if frame.target is None and (inc is None or turn is None) and self.block is not None:
-                    inc, turn = self.block.read_cancel()  # a bare ring: the slot names the turn
-                self._feed(CancelAsked(now, frame.client, incarnation=inc, turn=turn, target=frame.target))
-                if self.block is not None:
-                    self.block.clear_cancel()
+                self._feed(CancelAsked(now, frame.client, target=frame.target))
             case frames.ControlAnswer():
                 self._on_answer(conn, frame)
+
+    def _cancel_turn(self, frame: frames.Cancel, now: float) -> None:
+        inc, turn = frame.incarnation, frame.turn
+        if (inc is None or turn is None) and self.block is not None:
+            inc, turn = self.block.read_cancel()  # a bare ring: the slot names the turn
+        self._feed(CancelAsked(now, frame.client, incarnation=inc, turn=turn))
+        if self.block is not None:
+            self.block.clear_cancel()
 
     def _on_answer(self, conn: ClientConn, frame: frames.ControlAnswer) -> None:
         relay = self.relays.get(frame.request_id)
@@ -683,6 +725,22 @@ class Broker:
             return
         if conn.writer.pending_bytes:
             self._slow_clients.add(client)
+            self._arm_pump()
+
+    def _arm_pump(self) -> None:
+        # The client frees ring room without telling us: poll while it lags, rather
+        # than leave its frames buffered until the next heartbeat.
+        if self._pump_handle is None:
+            self._pump_handle = asyncio.get_running_loop().call_later(PUMP_S, self._pump_slow)
+
+    def _pump_slow(self) -> None:
+        self._pump_handle = None
+        for client in list(self._slow_clients):
+            conn = self.clients.get(client)
+            if conn is None or conn.writer.pump() == 0:
+                self._slow_clients.discard(client)
+        if self._slow_clients:
+            self._arm_pump()
 
     def _deliver_event(self, client: str, req: str, turn: int, line: bytes) -> None:
         self._send(client, frames.Event(client=client, req=req, turn=turn, data=line))
@@ -699,7 +757,13 @@ class Broker:
         try:
             while self._events:
                 ev = self._events.popleft()
-                for d in self.sched.handle(ev):
+                decisions = self.sched.handle(ev)
+                # Agent writes first (a preempt's interrupt, a handoff's next prompt): they
+                # are the latency that matters, and a client delivery before them rings a
+                # doorbell whose wake-up can take the CPU from us first. Agent and client
+                # channels are independent; order within each is kept (stable sort).
+                decisions.sort(key=_client_side)
+                for d in decisions:
                     self._do(d, ev)
         finally:
             self._feeding = False
@@ -824,7 +888,7 @@ class Broker:
         agent = self.agent
         return state.StateRecord(
             broker_pid=os.getpid(),
-            broker_start=names.self_identity()[1],
+            broker_start=self._broker_start,
             incarnation=self.incarnation,
             started_unix_ns=self.started_unix_ns,
             heartbeat_unix_ns=time.time_ns(),
@@ -849,6 +913,11 @@ class Broker:
         if self.block is not None:
             self.block.write(self._record())
             self._dirty = False
+
+
+def _client_side(d: Decision) -> bool:
+    """Sort key: False for decisions that write to the agent, True for the rest."""
+    return not isinstance(d, (WriteInterrupt, WriteUser, WriteSetModel))
 
 
 def run(cfg: BrokerConfig) -> int:

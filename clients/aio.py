@@ -167,7 +167,7 @@ class AsyncClient:
                     lost_at = None
                     continue
                 if now - lost_at >= self.reconnect_timeout_s:
-                    raise conn.unavailable(self.reconnect_timeout_s)
+                    raise conn.lost(self.reconnect_timeout_s)
                 await asyncio.sleep(0.02)
                 continue
             wake = asyncio.Event()
@@ -190,5 +190,4 @@ class AsyncClient:
                 loop.remove_reader(pidfd)
             conn.mailbox.clear_bell()
             if died:
-                conn.drain_mailbox()
-                conn.broker_dead()
+                conn.broker_dead()  # reads what the broker wrote before it died

@@ -195,12 +195,7 @@ class Client:
                     lost_at = None
                     continue
                 if now - lost_at >= self.reconnect_timeout_s:
-                    err = conn.unavailable(self.reconnect_timeout_s)
-                    for st in conn.requests.values():
-                        if st.result is None:
-                            st.result = TurnResult(status="error", error_code="broker_unavailable",
-                                                   error=str(err), request_id=st.req)
-                    raise err
+                    raise conn.lost(self.reconnect_timeout_s)
                 select.select([], [], [], 0.02)
                 continue
             wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
@@ -209,5 +204,4 @@ class Client:
             if conn.mailbox.fileno() in readable:
                 conn.mailbox.clear_bell()
             if conn.broker_pidfd in readable:
-                conn.drain_mailbox()  # what the broker wrote before it died
-                conn.broker_dead()
+                conn.broker_dead()  # reads what the broker wrote before it died

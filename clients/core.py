@@ -189,7 +189,13 @@ class Connection:
             self.block = None
 
     def broker_dead(self) -> None:
-        """The broker's pidfd fired: forget it until a new one is attached."""
+        """The broker's pidfd fired: read what it left, forget it until a new one is attached."""
+        self.drain_mailbox()
+        # A broker that died while streaming a large frame into our ring published
+        # only its head; the next broker writes its frames right after those bytes,
+        # so the head would swallow them. The dead broker's complete frames were
+        # read just now: what is left can never complete.
+        self.mailbox.discard_partial()
         self._detach()
 
     def _resubmit(self) -> None:
@@ -201,6 +207,19 @@ class Connection:
             if st.result is None:
                 st.accepted = False
                 self._send(st.frame)
+
+    def lost(self, waited_s: float) -> BrokerUnavailable:
+        """No broker came back in ``waited_s``: end every request without a result; return the error.
+
+        The requests end with an ``error``/``broker_unavailable`` result, so a
+        later ``result()`` returns it at once instead of waiting all over again.
+        """
+        err = self.unavailable(waited_s)
+        for st in self.requests.values():
+            if st.result is None:
+                st.result = TurnResult(status="error", error_code="broker_unavailable", error=str(err),
+                                       request_id=st.req, preemptions=st.preemptions)
+        return err
 
     def unavailable(self, waited_s: float) -> BrokerUnavailable:
         """The error for 'no broker came'."""

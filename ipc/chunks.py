@@ -102,6 +102,10 @@ class Reassembler:
         if chunk.total > self.max_frame_bytes:
             self._drop(key)
             raise ProtocolError("oversize", f"chunked frame of {chunk.total} bytes exceeds {self.max_frame_bytes}")
+        if not chunk.data:
+            # Empty pieces would let a set hold millions of entries at zero counted bytes.
+            self._drop(key)
+            raise ProtocolError("chunk_sequence", f"chunk {chunk.seq} carries no data")
         if chunk.seq >= chunk.n:
             self._drop(key)
             raise ProtocolError("chunk_sequence", f"chunk {chunk.seq} of {chunk.n}")

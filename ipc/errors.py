@@ -40,7 +40,8 @@ class ProtocolError(TurnstileError):
 
     ``code`` names what was wrong (``malformed``, ``invalid``, ``unknown_type``,
     ``unsupported_version``, ``oversize``, ``chunk_sequence``, ``chunk_timeout``,
-    ``unknown_client``, ``kind_mismatch``, ``bad_content``).
+    ``unknown_client``, ``kind_mismatch``, ``bad_content``, ``ring`` for an
+    inconsistent mailbox ring).
     """
 
     code = "protocol_error"

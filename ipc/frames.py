@@ -238,8 +238,8 @@ REPLY_TAGS: Final = frozenset(
 )
 
 _encoder = msgspec.msgpack.Encoder()
-_request_decoder = msgspec.msgpack.Decoder(RequestFrame)  # type: ignore[arg-type]
-_reply_decoder = msgspec.msgpack.Decoder(ReplyFrame)  # type: ignore[arg-type]
+_request_decoder = msgspec.msgpack.Decoder(RequestFrame)
+_reply_decoder = msgspec.msgpack.Decoder(ReplyFrame)
 
 
 class _Envelope(msgspec.Struct):
@@ -269,7 +269,8 @@ def peek_sender(data: bytes) -> tuple[str | None, str | None]:
 
     try:
         env = _envelope_decoder.decode(data)
-    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
+    # ValidationError is a DecodeError; invalid UTF-8 in a str raises UnicodeDecodeError.
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None, None
     client = env.client if isinstance(env.client, str) and re.fullmatch(r"[0-9a-f]{16}", env.client) else None
     req = env.req if isinstance(env.req, str) and re.fullmatch(r"[A-Za-z0-9_.:-]{0,64}", env.req) else None
@@ -285,7 +286,7 @@ def _decode(data: bytes, decoder: msgspec.msgpack.Decoder[Any], tags: frozenset[
     except msgspec.ValidationError as exc:
         try:
             env = _envelope_decoder.decode(data)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             raise ProtocolError("invalid", f"not a frame map ({exc})") from None
         if env.v is not None and env.v != PROTOCOL_VERSION:
             raise ProtocolError(
@@ -296,8 +297,9 @@ def _decode(data: bytes, decoder: msgspec.msgpack.Decoder[Any], tags: frozenset[
         if not isinstance(env.t, str) or env.t not in tags:
             raise ProtocolError("unknown_type", f"frame type {env.t!r} is not one of {sorted(tags)}") from None
         raise ProtocolError("invalid", f"{env.t} frame: {exc}") from None
-    except (msgspec.DecodeError, RecursionError) as exc:
-        # RecursionError: msgpack nested deeper than the decoder's recursion limit.
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
+        # RecursionError: nested deeper than the decoder's recursion limit;
+        # UnicodeDecodeError: a msgpack str that is not UTF-8.
         raise ProtocolError("malformed", f"not a msgpack frame ({exc})") from None
     if frame.v != PROTOCOL_VERSION:
         raise ProtocolError(

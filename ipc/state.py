@@ -118,8 +118,20 @@ _FMT = "<" + "".join(code for _, code in StateRecord._LAYOUT) + "Q" * (len(COUNT
 _RECORD = struct.Struct(_FMT)
 assert OFF_RECORD + _RECORD.size < OFF_CANCEL
 _HEAD = struct.Struct("<II")
-_U64 = struct.Struct("<Q")
-_CANCEL = struct.Struct("<Q16sQQ")  # seq, incarnation, turn, requested unix ns
+_CANCEL_BODY = struct.Struct("<16sQQ")  # after the slot's sequence word: incarnation, turn, requested unix ns
+_SEQ: Final = OFF_SEQ // 8
+_CANCEL_SEQ: Final = OFF_CANCEL // 8
+
+
+def _words(mm: mmap.mmap) -> memoryview:
+    """The block as aligned native 64-bit words: each load or store is one machine access.
+
+    The sequence words are read by other processes while they change, so they
+    must never be written with ``struct.pack_into``: it zero-fills its target
+    and then writes byte by byte, and a reader could see 0 (even: "stable") or
+    a mix of old and new bytes in the middle of a write.
+    """
+    return memoryview(mm)[:SIZE].cast("Q")
 
 
 def _pack(rec: StateRecord) -> tuple[Any, ...]:
@@ -160,6 +172,7 @@ class StateBlock:
 
     def __init__(self, mm: mmap.mmap, name: str, writer: bool) -> None:
         self._mm = mm
+        self._words = _words(mm)
         self.name = name
         self.writer = writer
 
@@ -175,7 +188,6 @@ class StateBlock:
             if magic not in (0, MAGIC) or layout not in (0, LAYOUT):
                 mm.close()
                 raise IPCError(f"{name} is not a turnstile state block (layout {layout})", name=name) from None
-            seq: int = _U64.unpack_from(mm, OFF_SEQ)[0]
             rec = _unpack(_RECORD.unpack_from(mm, OFF_RECORD))
             if not rec.closed and names.is_alive(rec.broker_pid, rec.broker_start) and rec.broker_pid != os.getpid():
                 mm.close()
@@ -184,10 +196,11 @@ class StateBlock:
                     name=name,
                     pid=rec.broker_pid,
                 )
-            # A dead writer may have left the sequence odd: make it even again.
-            _U64.pack_into(mm, OFF_SEQ, seq + (seq & 1))
         _HEAD.pack_into(mm, 0, MAGIC, LAYOUT)
         block = cls(mm, name, writer=True)
+        # A dead writer may have left the sequence odd: make it even again.
+        seq: int = block._words[_SEQ]
+        block._words[_SEQ] = seq + (seq & 1)
         block.clear_cancel()
         return block
 
@@ -204,22 +217,24 @@ class StateBlock:
 
     def write(self, rec: StateRecord) -> None:
         """Publish a record (broker only). Odd sequence while writing."""
-        mm = self._mm
-        seq: int = _U64.unpack_from(mm, OFF_SEQ)[0]
-        _U64.pack_into(mm, OFF_SEQ, seq + 1)
-        _RECORD.pack_into(mm, OFF_RECORD, *_pack(rec))
-        _U64.pack_into(mm, OFF_SEQ, seq + 2)
+        values = _pack(rec)  # outside the odd window, which readers spin on
+        words = self._words
+        seq: int = words[_SEQ]
+        words[_SEQ] = seq + 1
+        _RECORD.pack_into(self._mm, OFF_RECORD, *values)
+        words[_SEQ] = seq + 2
 
     def read_record(self, *, timeout_s: float = 1.0) -> StateRecord:
         """A consistent record; retries while a write is in progress."""
         mm = self._mm
+        words = self._words
         deadline = time.monotonic() + timeout_s
         spins = 0
         while True:
-            s1: int = _U64.unpack_from(mm, OFF_SEQ)[0]
+            s1: int = words[_SEQ]
             if not s1 & 1:
                 raw = mm[OFF_RECORD : OFF_RECORD + _RECORD.size]
-                s2: int = _U64.unpack_from(mm, OFF_SEQ)[0]
+                s2: int = words[_SEQ]
                 if s1 == s2:
                     return _unpack(_RECORD.unpack(raw))
             spins += 1
@@ -240,29 +255,31 @@ class StateBlock:
 
     def write_cancel(self, incarnation: str, turn: int) -> None:
         """Client side: ask for the turn (incarnation, turn) to be cancelled."""
-        seq: int = _U64.unpack_from(self._mm, OFF_CANCEL)[0]
-        _U64.pack_into(self._mm, OFF_CANCEL, seq | 1)
-        _CANCEL.pack_into(self._mm, OFF_CANCEL, (seq | 1), incarnation.encode()[:16], turn, time.time_ns())
-        _U64.pack_into(self._mm, OFF_CANCEL, (seq | 1) + 1)
+        seq: int = self._words[_CANCEL_SEQ] | 1
+        self._words[_CANCEL_SEQ] = seq
+        _CANCEL_BODY.pack_into(self._mm, OFF_CANCEL + 8, incarnation.encode()[:16], turn, time.time_ns())
+        self._words[_CANCEL_SEQ] = seq + 1
 
     def read_cancel(self) -> tuple[str, int]:
         """(incarnation, turn) in the cancel slot; ("", 0) when clear."""
         for _ in range(1000):
-            seq, inc, turn, _t = _CANCEL.unpack_from(self._mm, OFF_CANCEL)
+            seq: int = self._words[_CANCEL_SEQ]
             if not seq & 1:
-                seq2: int = _U64.unpack_from(self._mm, OFF_CANCEL)[0]
-                if seq == seq2:
+                inc, turn, _t = _CANCEL_BODY.unpack_from(self._mm, OFF_CANCEL + 8)
+                if self._words[_CANCEL_SEQ] == seq:
                     return inc.rstrip(b"\0").decode(errors="replace"), turn
         return "", 0
 
     def clear_cancel(self) -> None:
         """Broker side: empty the slot (on start, and once a cancel is handled)."""
-        seq: int = _U64.unpack_from(self._mm, OFF_CANCEL)[0]
-        seq += 2 - (seq & 1)
-        _CANCEL.pack_into(self._mm, OFF_CANCEL, seq, b"", 0, 0)
+        seq: int = self._words[_CANCEL_SEQ] | 1
+        self._words[_CANCEL_SEQ] = seq
+        _CANCEL_BODY.pack_into(self._mm, OFF_CANCEL + 8, b"", 0, 0)
+        self._words[_CANCEL_SEQ] = seq + 1
 
     def close(self) -> None:
         """Unmap."""
+        self._words.release()
         self._mm.close()
 
 

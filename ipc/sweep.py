@@ -34,6 +34,14 @@ def _listing(directory: str) -> list[str]:
         return []
 
 
+def _ours(directory: str, entry: str) -> bool:
+    """True when the object is owned by us: another user's objects are never ours to sweep."""
+    try:
+        return os.stat(os.path.join(directory, entry)).st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
 def _parse(entry: str) -> tuple[str, str, str] | None:
     """('session', 'what', 'client') from 'turnstile.<session>.<what>[.<client>]'."""
     parts = entry.split(".")
@@ -58,6 +66,8 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
             continue
         sess, what, client = parsed
         if session is not None and sess != session:
+            continue
+        if not force and not _ours(SHM_DIR, entry):
             continue
         if what == "st":
             dead, why = force, "forced"
@@ -97,6 +107,8 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
             continue
         sess, what, client = parsed
         if session is not None and sess != session:
+            continue
+        if not force and not _ours(MQUEUE_DIR, entry):
             continue
         if what == "db" and not os.path.exists(os.path.join(SHM_DIR, f"{names.PREFIX}.{sess}.mb.{client}")):
             try:

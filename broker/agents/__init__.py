@@ -1,12 +1,27 @@
-"""Agent adapters: how to launch the real Claude Code CLI or the simulated agent."""
+"""Agent adapters: how to launch the real Claude Code CLI or the simulated agent.
+
+Kept free of imports at module level: ``python -m broker.agents.sim`` imports
+this package first, and the sim's start-up time counts in every restart.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+TYPE_CHECKING = False  # not from typing: importing typing costs the sim ~5 ms per start
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
-from broker.agents.base import AgentAdapter, AgentLaunch, AgentNotFound
+    from broker.agents.base import AgentAdapter
 
 __all__ = ["AgentAdapter", "AgentLaunch", "AgentNotFound", "make_agent"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AgentAdapter", "AgentLaunch", "AgentNotFound"):
+        from broker.agents import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
 
 
 def make_agent(

@@ -1,0 +1,50 @@
+"""Terminal rendering for `turnstile status` (rich on a TTY, plain text otherwise)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def status_lines(session: str, d: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) rows describing one state snapshot."""
+    holder = f"{d['holder_client']} ({d['holder_kind']}, req {d['holder_req']})" if d["holder_client"] else "-"
+    c = d["counters"]
+    lat = d["latencies"]
+    return [
+        ("session", session),
+        ("broker", f"pid {d['broker_pid']} {'alive' if d['broker_alive'] else 'DEAD'}, incarnation {d['incarnation']}, "
+                   f"heartbeat {d['heartbeat_age_s']} s ago"),
+        ("agent", f"pid {d['agent_pid']} {d['agent_state']}, session {d['session_id'] or '-'}"),
+        ("model", d["model"] or "(agent default)"),
+        ("turn", f"{d['turn']} {d['turn_state']}" if d["turn"] else "idle"),
+        ("holder", holder),
+        ("lease", d["lease_client"] or "-"),
+        ("line", f"{d['webhooks_queued']} webhook(s), {d['workers_queued']} worker(s); {d['clients']} client(s)"),
+        ("requests", f"{c['requests']} accepted, {c['turns']} turns, ok {c['results_ok']}, "
+                     f"error {c['results_error']}, cancelled {c['results_cancelled']}, "
+                     f"preempted {c['results_preempted']}"),
+        ("preemption", f"{c['preempts']} preempts, {c['requeues']} requeues; last signal "
+                       f"{lat['last_preempt_signal_us']} µs, last handoff {lat['last_handoff_us']} µs"),
+        ("faults", f"restarts {c['agent_restarts']}, drain timeouts {c['drain_timeouts']}, rejected frames "
+                   f"{c['rejected_frames']}, stale cancels {c['stale_cancels']}, client deaths "
+                   f"{c['client_deaths']}, slow clients {c['clients_failed_slow']}"),
+    ]
+
+
+def status_table(session: str, d: dict[str, Any]) -> None:
+    """Print the snapshot: a rich table on a TTY, aligned text otherwise."""
+    rows = status_lines(session, d)
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_header=False, box=None)
+        table.add_column(style="bold cyan")
+        table.add_column()
+        for k, v in rows:
+            table.add_row(k, v)
+        Console().print(table)
+        return
+    for k, v in rows:
+        print(f"{k:<11} {v}")

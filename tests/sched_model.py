@@ -1,0 +1,1086 @@
+"""A model of the world around the scheduler, shared by its property test and its explorer.
+
+:class:`World` holds a :class:`~broker.scheduler.Scheduler`, a clock and a
+:class:`Tracker`. :meth:`World.step` feeds one event, runs
+:meth:`Scheduler.check`, and hands the event and the decisions to the tracker,
+which checks the contract from the outside: it rebuilds what it needs (the turn
+in flight, the line, who holds the lease, which request got which reply) from
+the events it fed and the decisions it saw, never from the scheduler's
+internals. The one exception is attributing a ``WriteSetModel`` to a request,
+which no decision names; it uses the public :meth:`Scheduler.holder`.
+
+:meth:`World.enabled` lists the events that can happen next over a bounded
+alphabet (:class:`Alphabet`): the clients' scripted actions, what a plausible
+agent would print, a few implausible agent lines (late results, duplicate
+inits, foreign control answers) that must be ignored, and a ``Tick`` to the
+next deadline. The explorer walks every interleaving of it; the property test
+draws events at random and uses the same tracker.
+
+Every broken rule raises :class:`InvariantBroken` naming the rule.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker import scheduler as s
+from ipc import frames
+
+Key = tuple[str, str]
+
+INCARNATION = "00000000000000aa"
+OTHER_INCARNATION = "00000000000000bb"
+#: Short durations with ``lease idle < drain < model``: a lease can expire while
+#: a turn drains, which is exactly where lease bugs hide.
+CONFIG = dict(incarnation=INCARNATION, drain_timeout_s=5.0, model_timeout_s=7.0, lease_idle_s=3.0, model="m1")
+REASON_RANK = {None: 0, "preempt": 1, "cancel": 2, "client_gone": 3}
+BOGUS_CTRL = "ts-foreign-answer"
+#: A turn id no broker hands out in these tests.
+FUTURE_TURN = 10**6
+
+
+def make_config(**over: Any) -> s.Config:
+    """The scheduler settings the model assumes (overridable per test)."""
+    return s.Config(**{**CONFIG, **over})
+
+
+# The counters hold a defaultdict with a lambda factory, which pickle refuses;
+# states are copied by pickling (several times faster than copy.deepcopy).
+def _counters(values: dict[str, int]) -> s.Counters:
+    c = s.Counters()
+    c.values.update(values)
+    return c
+
+
+copyreg.pickle(s.Counters, lambda c: (_counters, (dict(c.values),)))
+
+
+class InvariantBroken(AssertionError):
+    """The scheduler broke a rule of its contract (the message names the rule)."""
+
+
+def need(cond: object, rule: str) -> None:
+    """Raise :class:`InvariantBroken` with ``rule`` unless ``cond`` holds."""
+    if not cond:
+        raise InvariantBroken(rule)
+
+
+# ---------------------------------------------------------------- the tracker
+
+
+@dataclass
+class Req:
+    """What the tracker knows of one accepted request."""
+
+    client: str
+    req: str
+    kind: str
+    op: str
+    on_preempt: str
+    model: str | None
+    lease_idle_s: float | None
+    seq: int
+    #: waiting (in line) | picked (model switch under way) | running | done | dropped (client died)
+    state: str = "waiting"
+    promoted: int | None = None  # requeued at the head of its line (larger = more recently)
+    terminals: int = 0
+    cancel_asked: bool = False
+    deaths: int = 0  # times the agent died under it (not counting preempt or cancel drains)
+    last_frame: Any = None
+
+    @property
+    def key(self) -> Key:
+        return (self.client, self.req)
+
+    def rank(self) -> tuple[int, int]:
+        """Where the request belongs in its line: requeued ones first, newest requeue first, then FIFO."""
+        return (0, -self.promoted) if self.promoted is not None else (1, self.seq)
+
+
+@dataclass
+class Flight:
+    """The turn whose user message was written and whose result has not been read."""
+
+    turn: int
+    key: Key | None = None
+    inited: bool = False
+    wanted: str | None = None  # strongest interrupt reason the tracker knows was asked
+    sent: bool = False
+
+
+@dataclass
+class LeaseView:
+    client: str
+    kind: str
+    idle_s: float
+    since: float  # granted or resumed at
+
+
+class Tracker:
+    """Checks the contract from the events fed and the decisions seen."""
+
+    def __init__(self, config: s.Config) -> None:
+        self.config = config
+        self.now = 0.0
+        self.alive: dict[str, str] = {}
+        self.dead: set[str] = set()
+        self.reqs: dict[Key, Req] = {}
+        self.seq = 0
+        self.promote_seq = 0
+        self.flight: Flight | None = None
+        self.pending_ctrl: str | None = None
+        self.old_ctrl: str | None = None  # an answered or abandoned control id (late duplicates use it)
+        self.switch_key: Key | None = None
+        self.agent = "down"  # down (never started) | up | restarting
+        self.last_ended: int | None = None
+        self.max_turn = 0
+        self.lease: LeaseView | None = None
+        self.suspended: LeaseView | None = None  # a worker lease waiting out a webhook lease
+        self.last_busy = float("-inf")
+        self.regrants: set[Key] = set()
+        self.max_idle = max(config.lease_idle_s, 10.0)
+        # per step
+        self._step_frames: dict[Key, list[Any]] = {}
+        self._ended: Flight | None = None
+        self._ended_by: str = ""
+        self._restart_in_out = False
+        self._expect_started: int | None = None
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def busy(self) -> bool:
+        return self.flight is not None or self.pending_ctrl is not None
+
+    def waiting(self, kind: str | None = None) -> list[Req]:
+        return [
+            r
+            for r in self.reqs.values()
+            if r.state == "waiting" and r.client in self.alive and (kind is None or r.kind == kind)
+        ]
+
+    def open_reqs(self, client: str) -> list[Req]:
+        return [r for r in self.reqs.values() if r.client == client and r.state in ("waiting", "picked", "running")]
+
+    def flight_req(self) -> Req | None:
+        if self.flight is None or self.flight.key is None:
+            return None
+        return self.reqs[self.flight.key]
+
+    def classify(self, ev: s.SchedEvent) -> str:
+        """What the event should do: normal, ignored, stale_cancel, dup_open, dup_done."""
+        f = self.flight
+        match ev:
+            case s.TurnInit():
+                return "normal" if f is not None and ev.turn == f.turn and not f.inited else "ignored"
+            case s.TurnResult():
+                return "normal" if f is not None and ev.turn == f.turn else "ignored"
+            case s.ModelAnswered():
+                return "normal" if self.pending_ctrl is not None and ev.ctrl_id == self.pending_ctrl else "ignored"
+            case s.AgentExited():
+                return "ignored" if self.agent == "restarting" else "normal"
+            case s.CancelAsked():
+                if ev.target is not None:
+                    r = self.reqs.get((ev.client, ev.target))
+                    return "normal" if r is not None and r.state in ("waiting", "picked", "running") else "stale_cancel"
+                if ev.incarnation == self.config.incarnation and f is not None and ev.turn == f.turn:
+                    return "normal"
+                return "stale_cancel"
+            case s.Submitted():
+                r = self.reqs.get((ev.client, ev.req))
+                if r is None:
+                    return "normal"
+                return "dup_done" if r.state == "done" else "dup_open"
+            case s.Released():
+                held = {lv.client for lv in (self.lease, self.suspended) if lv is not None}
+                queued = [r for r in self.open_reqs(ev.client) if r.op == "lease"]
+                return "normal" if ev.client in held or queued else "ignored"
+        return "normal"
+
+    # ------------------------------------------------------------ observing one step
+
+    def observe(self, ev: s.SchedEvent, out: list[s.Decision], sched: s.Scheduler) -> None:
+        """Check one step: ``ev`` was fed and ``out`` came back."""
+        need(ev.now >= self.now, "time went backwards (test bug)")
+        self.now = ev.now
+        busy_before = self.busy
+        self._step_frames = {}
+        self._ended = None
+        self._ended_by = ""
+        self._restart_in_out = any(isinstance(d, s.RestartAgent) for d in out)
+        self._expect_started = None
+        self._cancelled_queued: Key | None = None
+        self._released: str | None = None
+        self._release_acked = False
+        self._sched: s.Scheduler | None = sched
+        self._busy_before = busy_before
+        crash = False
+
+        match ev:
+            case s.Connected():
+                if ev.client not in self.dead:
+                    self.alive[ev.client] = ev.kind
+            case s.Submitted():
+                if ev.client not in self.alive and ev.client not in self.dead:
+                    self.alive[ev.client] = ev.kind
+            case s.ClientGone():
+                self._client_gone(ev.client)
+            case s.CancelAsked():
+                self._cancel_asked(ev)
+            case s.TurnInit():
+                f = self.flight
+                if f is not None and ev.turn == f.turn and not f.inited:
+                    f.inited = True
+            case s.TurnResult():
+                f = self.flight
+                if f is not None and ev.turn == f.turn:
+                    self._end_flight("result")
+            case s.ModelAnswered():
+                if self.pending_ctrl is not None and ev.ctrl_id == self.pending_ctrl:
+                    self.old_ctrl, self.pending_ctrl = self.pending_ctrl, None
+            case s.AgentStarted():
+                need(self.agent != "up", "test bug: AgentStarted while the agent is up")
+                self.agent = "up"
+            case s.AgentExited():
+                crash = self.agent != "restarting"
+            case s.Released():
+                self._released = ev.client
+
+        for i, d in enumerate(out):
+            self._decision(ev, d, out[i + 1 :])
+
+        need(self._expect_started is None, "a user message was written but its client was not told Started")
+        self._after_step(ev, out, busy_before, crash)
+        self._sched = None
+
+    # ------------------------------------------------------------ event effects
+
+    def _client_gone(self, c: str) -> None:
+        if c in self.alive:
+            del self.alive[c]
+        self.dead.add(c)
+        for r in self.reqs.values():
+            if r.client == c and r.state in ("waiting", "picked", "running"):
+                r.state = "dropped" if r.state == "waiting" else r.state
+        f = self.flight
+        if f is not None and f.key is not None and f.key[0] == c:
+            self._want("client_gone")
+        self._lease_gone(c)
+
+    def _cancel_asked(self, ev: s.CancelAsked) -> None:
+        f = self.flight
+        if ev.target is not None:
+            r = self.reqs.get((ev.client, ev.target))
+            if r is None or r.state not in ("waiting", "picked", "running"):
+                return
+            r.cancel_asked = True
+            if r.state == "waiting":
+                self._cancelled_queued = r.key
+            elif r.state == "running":
+                need(f is not None and f.key == r.key, "tracker bug: running request is not the flight")
+                self._want("cancel")
+            return
+        if ev.incarnation == self.config.incarnation and f is not None and ev.turn == f.turn:
+            assert f.key is not None
+            self.reqs[f.key].cancel_asked = True
+            self._want("cancel")
+
+    def _want(self, reason: str) -> None:
+        f = self.flight
+        assert f is not None
+        if REASON_RANK[reason] > REASON_RANK[f.wanted]:
+            f.wanted = reason
+
+    def _end_flight(self, by: str) -> None:
+        f = self.flight
+        assert f is not None
+        self.flight = None
+        self._ended = f
+        self._ended_by = by
+        self.last_ended = f.turn
+        if f.key is not None:
+            r = self.reqs[f.key]
+            if r.state == "running":
+                r.state = "ended"  # until its frames of this step say what became of it
+
+    def _lease_gone(self, c: str) -> None:
+        if self.lease is not None and self.lease.client == c:
+            self.lease, self.suspended = self.suspended, None
+            if self.lease is not None:
+                self.lease.since = self.now
+        if self.suspended is not None and self.suspended.client == c:
+            self.suspended = None
+
+    # ------------------------------------------------------------ decisions
+
+    def _decision(self, ev: s.SchedEvent, d: s.Decision, rest: list[s.Decision]) -> None:
+        match d:
+            case s.WriteUser():
+                need(self.agent == "up", "user message written while the agent is down")
+                need(
+                    self.flight is None,
+                    f"user message for turn {d.turn} while turn {self.flight and self.flight.turn} has no result",
+                )
+                need(self.pending_ctrl is None, "user message while a set_model control request is unanswered")
+                need(d.turn > self.max_turn, f"turn id {d.turn} reused")
+                self.max_turn = d.turn
+                self.flight = Flight(turn=d.turn)
+                self._expect_started = d.turn
+            case s.WriteInterrupt():
+                self._interrupt(ev, d)
+            case s.WriteSetModel():
+                need(self.agent == "up", "set_model written while the agent is down")
+                need(self.flight is None, "set_model written while a turn runs")
+                need(self.pending_ctrl is None, "two set_model requests outstanding")
+                assert self._sched is not None
+                h = self._sched.holder()
+                need(h is not None, "set_model written for no request")
+                assert h is not None
+                r = self.reqs.get((h[0], h[2]))
+                need(r is not None and r.state == "waiting", f"set_model for a request not waiting in line: {h}")
+                assert r is not None
+                need(d.model == r.model, "set_model names another model than the request")
+                self._pick(r, "a model switch")
+                r.state = "picked"
+                self.switch_key = r.key
+                self.pending_ctrl = d.ctrl_id
+            case s.RestartAgent():
+                need(self.agent != "restarting", "agent restarted twice without starting")
+                if self.flight is not None:
+                    self._end_flight("restart")
+                if self.pending_ctrl is not None:
+                    self.old_ctrl, self.pending_ctrl = self.pending_ctrl, None
+                self.agent = "restarting"
+            case s.DropClient():
+                need(isinstance(ev, s.ClientGone) and ev.client == d.client, "a live client's mailbox dropped")
+            case s.Deliver():
+                self._frame(ev, d.client, d.frame)
+
+    def _interrupt(self, ev: s.SchedEvent, d: s.WriteInterrupt) -> None:
+        f = self.flight
+        need(
+            f is not None and d.turn == f.turn,
+            f"interrupt for turn {d.turn}, which is not the turn in flight ({f and f.turn})",
+        )
+        assert f is not None
+        need(not f.sent, f"interrupt sent twice for turn {d.turn}")
+        need(f.inited, f"interrupt for turn {d.turn} written before its system/init")
+        need(f.wanted is not None, f"interrupt for turn {d.turn} that nobody asked for (cause {type(ev).__name__})")
+        need(d.reason == f.wanted, f"interrupt reason {d.reason}, expected {f.wanted}")
+        # Only these events can make an interrupt due now.
+        need(
+            isinstance(ev, s.Submitted | s.CancelAsked | s.ClientGone | s.TurnInit),
+            f"interrupt caused by {type(ev).__name__}",
+        )
+        f.sent = True
+
+    def _frame(self, ev: s.SchedEvent, client: str, fr: Any) -> None:
+        need(client in self.alive, f"{type(fr).__name__} delivered to dead or unknown client {client}")
+        need(fr.client == client, "frame addressed to another client than its mailbox")
+        key = (client, fr.req)
+        self._step_frames.setdefault(key, []).append(fr)
+        r = self.reqs.get(key)
+        match fr:
+            case frames.Accepted():
+                need(isinstance(ev, s.Submitted) and (ev.client, ev.req) == key, "Accepted without a submission")
+                assert isinstance(ev, s.Submitted)
+                if r is None:
+                    self.seq += 1
+                    r = Req(
+                        client=client,
+                        req=fr.req,
+                        kind=ev.kind,
+                        op=ev.op,
+                        on_preempt=ev.on_preempt,
+                        model=ev.model,
+                        lease_idle_s=ev.lease_idle_s,
+                        seq=self.seq,
+                    )
+                    self.reqs[key] = r
+                    f = self.flight_req()
+                    if r.kind == "webhook" and f is not None and f.kind == "worker":
+                        self._want("preempt")
+                else:
+                    need(r.state not in ("done", "dropped"), f"Accepted again for finished request {key}")
+            case frames.Started():
+                need(
+                    self._expect_started == fr.turn and self.flight is not None,
+                    "Started without the user message written just before",
+                )
+                assert self.flight is not None
+                self._expect_started = None
+                need(r is not None, f"Started for unknown request {key}")
+                assert r is not None
+                need(r.state != "running", f"request {key} running twice at once")
+                need(r.state in ("waiting", "picked"), f"Started for request {key} in state {r.state}")
+                need(not r.cancel_asked, f"request {key} started again after its cancel was accepted")
+                need(fr.incarnation == self.config.incarnation, "Started names another incarnation")
+                self._pick(r, "its turn")
+                if self.switch_key == key:
+                    self.switch_key = None
+                r.state = "running"
+                self.flight.key = key
+            case frames.PreemptedNotice():
+                need(r is not None, f"PreemptedNotice for unknown request {key}")
+                assert r is not None
+                self._lost_if_running(r)
+                need(
+                    self._ended is not None and self._ended.key == key,
+                    f"PreemptedNotice for {key}, whose turn did not just end",
+                )
+                # (on_preempt is checked against the cause in _check_ended: a crash requeues either way)
+                need(
+                    fr.requeued and r.kind == "worker" and r.op == "prompt",
+                    f"PreemptedNotice(requeued={fr.requeued}) for {r.kind} {r.op}",
+                )
+                need(not r.cancel_asked, f"cancelled request {key} requeued")
+                need(r.state == "ended", f"PreemptedNotice for request {key} in state {r.state}")
+                self.promote_seq += 1
+                r.state, r.promoted = "waiting", self.promote_seq
+            case frames.Result():
+                need(r is not None, f"Result for unknown request {key}")
+                assert r is not None
+                self._terminal(ev, r, fr)
+                if fr.status == "preempted":
+                    need(r.on_preempt == "return", f"status preempted for {key}, which asked to be requeued")
+            case frames.LeaseGranted():
+                need(fr.incarnation == self.config.incarnation, "LeaseGranted names another incarnation")
+                if r is None:
+                    # A lease request from the holder: granted at once, never queued.
+                    need(
+                        isinstance(ev, s.Submitted)
+                        and ev.op == "lease"
+                        and (ev.client, ev.req) == key
+                        and self.lease is not None
+                        and self.lease.client == client,
+                        f"LeaseGranted for unknown request {key}",
+                    )
+                    assert isinstance(ev, s.Submitted) and self.lease is not None
+                    self.seq += 1
+                    r = self.reqs[key] = Req(
+                        client=client,
+                        req=fr.req,
+                        kind=ev.kind,
+                        op="lease",
+                        on_preempt=ev.on_preempt,
+                        model=None,
+                        lease_idle_s=ev.lease_idle_s,
+                        seq=self.seq,
+                    )
+                    self.regrants.add(key)
+                    self.lease.since = self.now
+                    r.state = "regrant"
+                else:
+                    need(r.op == "lease", f"LeaseGranted for a {r.op} request")
+                    if r.state == "waiting":
+                        self._pick(r, "its lease")
+                        self._grant(r)
+                self._terminal(ev, r, fr)
+            case frames.LeaseEnded():
+                if r is not None and r.op == "lease" and r.state == "waiting":
+                    need(
+                        isinstance(ev, s.Released) and ev.client == client and fr.reason == "released",
+                        f"queued lease request {key} ended by {type(ev).__name__}",
+                    )
+                    self._terminal(ev, r, fr)
+                else:
+                    self._lease_ended(ev, client, fr.reason)
+            case _:
+                need(False, f"unexpected frame {type(fr).__name__}")
+
+    def _terminal(self, ev: s.SchedEvent, r: Req, fr: Any) -> None:
+        need(
+            r.terminals == 0 and r.state not in ("done", "dropped"),
+            f"second terminal frame {type(fr).__name__} for request {r.key} (state {r.state})",
+        )
+        prev = r.state
+        if prev == "waiting":
+            status = getattr(fr, "status", None)
+            if isinstance(fr, frames.Result) and status == "cancelled":
+                need(self._cancelled_queued == r.key, f"queued request {r.key} cancelled without a cancel")
+            elif isinstance(fr, frames.Result):
+                need(
+                    r.op == "set_model" and status == "ok",
+                    f"queued {r.op} request {r.key} answered {status} without running",
+                )
+                self._pick(r, "its model switch")
+        elif prev == "running":
+            self._lost_if_running(r)
+        elif prev == "picked":
+            need(r.key == self.switch_key, f"terminal frame for {r.key} in a switch it is not in")
+            status = getattr(fr, "status", None)
+            need(
+                (status == "cancelled" and r.cancel_asked) or (status == "ok" and r.op == "set_model"),
+                f"{r.op} request {r.key} answered {status} during its model switch",
+            )
+            self.switch_key = None
+        r.terminals += 1
+        r.state = "done"
+        r.last_frame = fr
+
+    def _lost_if_running(self, r: Req) -> None:
+        """A reply that ends the running request's turn: only a restart in this same step may cause it."""
+        if r.state == "running":
+            need(
+                self._restart_in_out, f"reply for running request {r.key} without a result from the agent or a restart"
+            )
+            assert self.flight is not None and self.flight.key == r.key
+            self._end_flight("restart")
+
+    def _pick(self, r: Req, what: str) -> None:
+        """``r`` leaves the line now: check that it was its turn."""
+        lease = self.lease
+        if lease is not None and lease.client != r.client:
+            need(
+                r.kind == "webhook" and lease.kind == "worker",
+                f"{r.kind} request {r.key} got {what} while {lease.client} holds a {lease.kind} lease",
+            )
+        if r.kind == "worker":
+            hooks = self.waiting("webhook")
+            need(not hooks, f"worker request {r.key} got {what} while webhook {hooks and hooks[0].key} waits")
+        if lease is not None and lease.client == r.client:
+            return  # the holder's requests skip the line
+        if r.state == "picked":
+            return  # order was checked when the switch began
+        for q in self.waiting(r.kind):
+            need(
+                q is r or r.rank() < q.rank(),
+                f"{r.kind} request {r.key} got {what} before {q.key}, which is ahead of it in line",
+            )
+
+    def _grant(self, r: Req) -> None:
+        lv = LeaseView(client=r.client, kind=r.kind, idle_s=r.lease_idle_s or self.config.lease_idle_s, since=self.now)
+        cur = self.lease
+        if cur is None or cur.client == r.client:
+            self.lease = lv
+            return
+        need(
+            cur.kind == "worker" and r.kind == "webhook" and self.suspended is None,
+            f"lease granted to {r.client} while {cur.client} holds a {cur.kind} lease",
+        )
+        self.suspended, self.lease = cur, lv
+
+    def _lease_ended(self, ev: s.SchedEvent, client: str, reason: str) -> None:
+        if reason == "released":
+            need(
+                isinstance(ev, s.Released) and ev.client == client,
+                f"LeaseEnded(released) for {client} without a release",
+            )
+            held = {lv.client for lv in (self.lease, self.suspended) if lv is not None}
+            need(client in held, f"LeaseEnded(released) for {client}, which holds no lease")
+            need(not self._release_acked, "lease end told twice")
+            self._release_acked = True
+            self._lease_gone(client)
+        elif reason == "idle":
+            lv = self.lease
+            need(isinstance(ev, s.Tick), "LeaseEnded(idle) without a Tick")
+            need(lv is not None and lv.client == client, f"LeaseEnded(idle) for {client}, which holds no lease")
+            assert lv is not None
+            need(not self._busy_before, "lease ended idle while a turn runs (it must not age while one does)")
+            idle_from = max(lv.since, self.last_busy)
+            need(
+                self.now >= idle_from + lv.idle_s - 1e-9,
+                f"lease ended idle at {self.now}, idle only since {idle_from} (idle_s {lv.idle_s})",
+            )
+            self._lease_gone(client)
+        else:
+            need(False, f"LeaseEnded with reason {reason}")
+
+    # ------------------------------------------------------------ after the decisions
+
+    def _after_step(self, ev: s.SchedEvent, out: list[s.Decision], busy_before: bool, crash: bool) -> None:
+        if crash:
+            need(self._restart_in_out, "the agent died and was not restarted")
+        ended = self._ended
+        if ended is not None and ended.key is not None:
+            self._check_ended(ev, ended)
+        elif ended is not None:
+            need(False, "tracker bug: a turn ended that never started")
+        # A model switch that ended without the request starting or finishing: back at the head.
+        if self.switch_key is not None and self.pending_ctrl is None:
+            r = self.reqs[self.switch_key]
+            self.switch_key = None
+            if r.state == "picked":
+                if r.client in self.alive:
+                    need(not r.cancel_asked, f"request {r.key} requeued although its cancel was accepted")
+                    self.promote_seq += 1
+                    r.state, r.promoted = "waiting", self.promote_seq
+                else:
+                    r.state = "dropped"
+        if self._cancelled_queued is not None:
+            r = self.reqs[self._cancelled_queued]
+            need(
+                r.state == "done" and isinstance(r.last_frame, frames.Result) and r.last_frame.status == "cancelled",
+                f"queued request {r.key} not cancelled",
+            )
+        if self._released is not None:
+            c = self._released
+            for r in self.reqs.values():
+                need(
+                    not (r.client == c and r.op == "lease" and r.state == "waiting"),
+                    f"queued lease request {r.key} survived its release",
+                )
+            held = {lv.client for lv in (self.lease, self.suspended) if lv is not None}
+            if c in held:
+                need(False, f"{c} released its lease and was not told it ended")
+        f = self.flight
+        if f is not None:
+            fr = self.flight_req()
+            if fr is not None and fr.kind == "worker" and self.waiting("webhook"):
+                self._want("preempt")
+            if f.inited and f.wanted is not None:
+                need(f.sent, f"turn {f.turn} must be interrupted ({f.wanted}) and no interrupt was written")
+        if busy_before or self.busy:
+            self.last_busy = self.now
+        for r in self.reqs.values():
+            need(r.state != "ended", f"request {r.key}: its turn ended and it got no reply")
+
+    def _check_ended(self, ev: s.SchedEvent, f: Flight) -> None:
+        assert f.key is not None
+        r = self.reqs[f.key]
+        got = self._step_frames.get(f.key, [])
+        if r.client not in self.alive:
+            need(not got, f"frames for dead client's request {f.key}")
+            if r.state == "ended":
+                r.state = "dropped"
+            return
+        need(bool(got), f"turn {f.turn} of {f.key} ended ({self._ended_by}) with no reply")
+        first = got[0]
+        if self._ended_by == "result":
+            assert isinstance(ev, s.TurnResult)
+            interrupted = ev.subtype == "error_during_execution" or (ev.terminal_reason or "").startswith("aborted")
+            if interrupted and f.wanted == "preempt":
+                want = ("requeue",) if r.on_preempt == "requeue" else ("preempted",)
+            elif interrupted and f.wanted == "cancel":
+                want = ("cancelled",)
+            elif ev.is_error:
+                want = ("error",)
+            else:
+                want = ("ok",)
+        else:
+            if f.wanted == "cancel":
+                want = ("cancelled",)
+            elif f.wanted == "preempt":
+                want = ("requeue",) if r.on_preempt == "requeue" else ("preempted",)
+            else:
+                r.deaths += 1
+                if r.kind == "worker" and r.op == "prompt" and r.deaths < s.MAX_ATTEMPTS:
+                    want = ("requeue",)
+                else:
+                    want = ("agent_restarted",)
+        if isinstance(first, frames.PreemptedNotice):
+            outcome = "requeue"
+        elif isinstance(first, frames.Result):
+            outcome = "agent_restarted" if first.error_code == "agent_restarted" else first.status
+        else:
+            outcome = type(first).__name__
+        need(
+            outcome in want,
+            f"turn {f.turn} of {f.key} ended ({self._ended_by}, wanted {f.wanted}): got {outcome}, expected {want[0]}",
+        )
+
+    # ------------------------------------------------------------ quiescence
+
+    def check_settled(self) -> None:
+        """Nothing is pending: every live client's accepted request has had exactly one terminal reply."""
+        need(not self.busy, "settled with a turn in flight")
+        need(self.lease is None and self.suspended is None, "settled with a lease nobody can end")
+        for r in self.reqs.values():
+            if r.client in self.alive:
+                need(
+                    r.state == "done" and r.terminals == 1,
+                    f"request {r.key} ({r.kind} {r.op}) never got its terminal reply (state {r.state})",
+                )
+            else:
+                need(r.terminals <= 1, f"request {r.key} got {r.terminals} terminal replies")
+
+    def summary(self) -> tuple[Any, ...]:
+        """A canonical digest for de-duplicating explored states (ids and times made relative)."""
+        order = sorted(self.reqs.values(), key=lambda r: r.seq)
+        seq_rank = {r.key: i for i, r in enumerate(order)}
+        promoted = sorted((r for r in self.reqs.values() if r.promoted is not None), key=lambda r: -(r.promoted or 0))
+        prom_rank = {r.key: i for i, r in enumerate(promoted)}
+        reqs = tuple(
+            sorted(
+                (
+                    k,
+                    r.state,
+                    r.terminals,
+                    r.cancel_asked,
+                    r.deaths,
+                    seq_rank[k],
+                    prom_rank.get(k),
+                    type(r.last_frame).__name__,
+                    getattr(r.last_frame, "status", None),
+                )
+                for k, r in self.reqs.items()
+            )
+        )
+        f = self.flight
+        flight = None if f is None else (f.turn - self.max_turn, f.key, f.inited, f.wanted, f.sent)
+
+        def lease(lv: LeaseView | None) -> Any:
+            return None if lv is None else (lv.client, lv.kind, lv.idle_s, max(lv.since - self.now, -self.max_idle))
+
+        busy = max(self.last_busy - self.now, -self.max_idle)
+        return (
+            reqs,
+            flight,
+            self.pending_ctrl is not None,
+            self.old_ctrl is not None,
+            self.switch_key,
+            self.agent,
+            self.last_ended is not None,
+            lease(self.lease),
+            lease(self.suspended),
+            busy,
+            tuple(sorted(self.alive)),
+            tuple(sorted(self.dead)),
+            tuple(sorted(self.regrants)),
+        )
+
+
+def sched_summary(sc: s.Scheduler, now: float) -> tuple[Any, ...]:
+    """A canonical digest of the scheduler's state: timing fields dropped, ids and deadlines made relative."""
+
+    def rt(x: float | None) -> float | None:
+        return None if x is None else round(x - now, 6)
+
+    def ctrl(cid: str | None) -> int | None:
+        return None if cid is None else int(cid.rsplit("-", 1)[1]) - sc.ctrl_seq
+
+    reqs = tuple(
+        sorted(
+            (
+                k,
+                r.kind,
+                r.op,
+                str(r.content),
+                r.model,
+                r.on_preempt,
+                r.resume_prompt,
+                r.lease_idle_s,
+                r.attempts,
+                r.preemptions,
+            )
+            for k, r in sc.requests.items()
+        )
+    )
+    t = sc.turn
+    turn = (
+        None
+        if t is None
+        else (
+            t.id - sc.turn_seq,
+            t.request.key,
+            t.phase,
+            t.inited,
+            t.reason,
+            t.interrupt_sent,
+            rt(t.deadline),
+            ctrl(t.ctrl_id),
+            t.target_model,
+        )
+    )
+
+    def lease(lv: s.LeaseState | None) -> Any:
+        return None if lv is None else (lv.client, lv.kind, lv.idle_s, rt(lv.deadline))
+
+    finished = tuple(sorted((k, type(fr).__name__, getattr(fr, "status", None)) for k, fr in sc.finished.items()))
+    return (
+        sc.incarnation,
+        sc.model,
+        tuple(sorted(sc.clients.items())),
+        reqs,
+        tuple(r.key for r in sc.webhooks),
+        tuple(r.key for r in sc.workers),
+        turn,
+        lease(sc.lease),
+        lease(getattr(sc, "suspended_lease", None)),
+        sc.agent_up,
+        sc.agent_busy,
+        sc.restarting,
+        finished,
+    )
+
+
+# ---------------------------------------------------------------- the world
+
+
+class World:
+    """A scheduler, the tracker watching it and the clock; :meth:`step` feeds one event and checks everything."""
+
+    def __init__(self, config: s.Config | None = None) -> None:
+        self.config = config or make_config()
+        self.sched = s.Scheduler(self.config)
+        self.tracker = Tracker(self.config)
+        self.now = 0.0
+        self.used: frozenset[str] = frozenset()
+        self.steps = 0
+
+    def clone(self) -> World:
+        w: World = pickle.loads(pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL))
+        return w
+
+    def step(self, ev: s.SchedEvent) -> list[s.Decision]:
+        """Feed ``ev``; check :meth:`Scheduler.check` and every rule of the contract."""
+        t = self.tracker
+        kind = t.classify(ev)
+        before = sched_summary(self.sched, ev.now) if kind != "normal" else None
+        stale_before = self.sched.counters.values["stale_cancels"]
+        out = self.sched.handle(ev)
+        self.sched.check()
+        self.now = ev.now
+        self.steps += 1
+        if kind == "dup_done":
+            r = t.reqs[(ev.client, ev.req)]  # type: ignore[union-attr]
+            need(
+                out == [s.Deliver(r.client, r.last_frame)],
+                f"duplicate of finished request {r.key} answered {out}, expected its stored reply again",
+            )
+        elif kind == "dup_open":
+            need(
+                len(out) == 1 and isinstance(out[0], s.Deliver) and isinstance(out[0].frame, frames.Accepted),
+                f"duplicate of queued/running request answered {out}, expected Accepted only",
+            )
+        else:
+            t.observe(ev, out, self.sched)
+        if kind in ("ignored", "stale_cancel"):
+            need(out == [], f"{type(ev).__name__} that must be ignored produced {out}")
+        if before is not None:
+            need(sched_summary(self.sched, ev.now) == before, f"{kind} {type(ev).__name__} changed the scheduler")
+        if kind == "stale_cancel":
+            need(self.sched.counters.values["stale_cancels"] == stale_before + 1, "stale cancel not counted")
+        return out
+
+    def key(self) -> tuple[Any, ...]:
+        """Identity of the state for de-duplication."""
+        return (sched_summary(self.sched, self.now), self.tracker.summary(), self.used)
+
+    # ------------------------------------------------------------ what a plausible agent does next
+
+    def agent_events(self) -> list[tuple[str, s.SchedEvent]]:
+        """The events a well-behaved agent (and the clock) could produce now."""
+        t, now = self.tracker, self.now
+        evs: list[tuple[str, s.SchedEvent]] = []
+        if t.agent != "up":
+            evs.append(("agent started", s.AgentStarted(now)))
+        if t.flight is not None:
+            f = t.flight
+            if not f.inited:
+                evs.append((f"init {f.turn}", s.TurnInit(now, f.turn)))
+            evs.append((f"result {f.turn} ok", ok_result(now, f.turn)))
+            if f.sent:
+                evs.append((f"result {f.turn} interrupted", interrupted_result(now, f.turn)))
+        if t.pending_ctrl is not None:
+            evs.append(("model answered", s.ModelAnswered(now, t.pending_ctrl, ok=True, model=None)))
+        dl = self.sched.next_deadline()
+        if dl is not None:
+            evs.append((f"tick {dl:g}", s.Tick(max(dl, now))))
+        return evs
+
+    def settled(self) -> bool:
+        """Nothing is pending on the agent's side or the clock's."""
+        return not self.agent_events()
+
+    def enabled(self, alphabet: Alphabet) -> list[tuple[str, s.SchedEvent, str | None]]:
+        """Every event the alphabet allows now: (label, event, budget to spend or None)."""
+        evs: list[tuple[str, s.SchedEvent, str | None]] = [(lb, ev, None) for lb, ev in self.agent_events()]
+        evs += [(lb, ev, lb) for lb, ev in alphabet.events(self)]
+        return evs
+
+    def fire(self, label: str, ev: s.SchedEvent, budget: str | None = None) -> list[s.Decision]:
+        if budget is not None:
+            self.used = self.used | {budget}
+        try:
+            return self.step(ev)
+        except InvariantBroken as exc:
+            raise InvariantBroken(f"{exc}\n  at step {self.steps + 1}: {label}: {ev!r}") from None
+
+    def settle(self, limit: int = 500) -> None:
+        """Let the agent finish everything (no new submissions), then check the terminal-reply rule."""
+        for _ in range(limit):
+            evs = self.agent_events()
+            if not evs:
+                self.tracker.check_settled()
+                return
+            prefer = [e for e in evs if e[0].startswith(("agent started", "init", "model answered"))]
+            interrupted = [e for e in evs if "interrupted" in e[0]]
+            results = [e for e in evs if e[0].startswith("result")]
+            label, ev = (prefer or interrupted or results or evs)[0]
+            self.fire(label, ev)
+        raise InvariantBroken(f"no quiescence after {limit} agent events")
+
+
+def ok_result(now: float, turn: int) -> s.TurnResult:
+    return s.TurnResult(now, turn, is_error=False, subtype="success", terminal_reason="completed", text=f"t{turn}")
+
+
+def interrupted_result(now: float, turn: int) -> s.TurnResult:
+    return s.TurnResult(now, turn, is_error=True, subtype="error_during_execution", terminal_reason="aborted_streaming")
+
+
+def api_error_result(now: float, turn: int) -> s.TurnResult:
+    return s.TurnResult(now, turn, is_error=True, subtype="success", terminal_reason="api_error", text="API 500")
+
+
+# ---------------------------------------------------------------- the bounded alphabet
+
+# Client ids (16 hex digits, as on the wire).
+K = "aaaaaaaaaaaaaaa1"  # worker
+K2 = "aaaaaaaaaaaaaaa2"  # second worker
+W1 = "bbbbbbbbbbbbbbb1"  # webhooks
+W2 = "bbbbbbbbbbbbbbb2"
+W3 = "bbbbbbbbbbbbbbb3"
+NAMES = {K: "K", K2: "K2", W1: "W1", W2: "W2", W3: "W3"}
+KINDS = {K: "worker", K2: "worker", W1: "webhook", W2: "webhook", W3: "webhook"}
+
+EventMaker = Callable[[World], s.SchedEvent | None]
+
+
+@dataclass(frozen=True)
+class Action:
+    """A once-per-path event of the alphabet, enabled once its ``after`` actions happened."""
+
+    label: str
+    make: EventMaker
+    after: tuple[str, ...] = ()
+    client: str | None = None
+
+
+def submit(client: str, req: str, **kw: Any) -> EventMaker:
+    return lambda w: s.Submitted(w.now, client, req, KINDS[client], content=f"do {req}", **kw)
+
+
+def cancel_target(client: str, req: str) -> EventMaker:
+    return lambda w: s.CancelAsked(w.now, client, target=req)
+
+
+def cancel_running(client: str) -> EventMaker:
+    """Another client's cancel naming the turn in flight by (incarnation, turn)."""
+    return lambda w: (
+        None
+        if w.tracker.flight is None
+        else s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=w.tracker.flight.turn)
+    )
+
+
+def cancel_finished(client: str) -> EventMaker:
+    return lambda w: (
+        None
+        if w.tracker.last_ended is None
+        else s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=w.tracker.last_ended)
+    )
+
+
+def cancel_other_incarnation(client: str) -> EventMaker:
+    return lambda w: s.CancelAsked(
+        w.now, client, incarnation=OTHER_INCARNATION, turn=w.tracker.flight.turn if w.tracker.flight else 1
+    )
+
+
+def cancel_future(client: str) -> EventMaker:
+    return lambda w: s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=FUTURE_TURN)
+
+
+def late_result(w: World) -> s.SchedEvent | None:
+    return None if w.tracker.last_ended is None else ok_result(w.now, w.tracker.last_ended)
+
+
+def dup_init(w: World) -> s.SchedEvent | None:
+    f = w.tracker.flight
+    return s.TurnInit(w.now, f.turn) if f is not None and f.inited else None
+
+
+def wrong_answer(w: World) -> s.SchedEvent | None:
+    if w.tracker.pending_ctrl is None and w.tracker.old_ctrl is None:
+        return None
+    return s.ModelAnswered(w.now, w.tracker.old_ctrl or BOGUS_CTRL, ok=True, model="m-wrong")
+
+
+def model_refused(w: World) -> s.SchedEvent | None:
+    t = w.tracker
+    return None if t.pending_ctrl is None else s.ModelAnswered(w.now, t.pending_ctrl, ok=False, error="no such model")
+
+
+def api_error(w: World) -> s.SchedEvent | None:
+    f = w.tracker.flight
+    return None if f is None else api_error_result(w.now, f.turn)
+
+
+def crash(w: World) -> s.SchedEvent | None:
+    return s.AgentExited(w.now, "exited") if w.tracker.agent == "up" else None
+
+
+def late_exit(w: World) -> s.SchedEvent | None:
+    return s.AgentExited(w.now, "exited") if w.tracker.agent == "restarting" else None
+
+
+@dataclass
+class Alphabet:
+    """The bounded set of once-per-path events the explorer interleaves in every order."""
+
+    name: str
+    clients: tuple[str, ...]
+    actions: tuple[Action, ...]
+    max_depth: int
+
+    def events(self, w: World) -> list[tuple[str, s.SchedEvent]]:
+        out: list[tuple[str, s.SchedEvent]] = []
+        for a in self.actions:
+            if a.label in w.used or any(x not in w.used for x in a.after):
+                continue
+            if a.client is not None and a.client not in w.tracker.alive:
+                continue
+            ev = a.make(w)
+            if ev is not None:
+                out.append((a.label, ev))
+        return out
+
+    def world(self, config: s.Config | None = None) -> World:
+        w = World(config)
+        for c in self.clients:
+            w.fire(f"connect {NAMES[c]}", s.Connected(0.0, c, KINDS[c]))  # type: ignore[arg-type]
+        return w
+
+
+def _act(label: str, make: EventMaker, after: tuple[str, ...] = (), client: str | None = None) -> Action:
+    return Action(label, make, after, client)
+
+
+def small_alphabet() -> Alphabet:
+    """The default bound: a worker with a lease and a model switch, two webhooks, every fault once."""
+    acts = (
+        _act("K sub k1", submit(K, "k1"), client=K),
+        _act("K cancel k1", cancel_target(K, "k1"), ("K sub k1",), K),
+        _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1",), K),
+        _act("K sub k2 (model m2, return)", submit(K, "k2", model="m2", on_preempt="return"), ("K sub kL (lease)",), K),
+        _act("K release", lambda w: s.Released(w.now, K), ("K sub kL (lease)",), K),
+        _act("W1 sub w1", submit(W1, "w1"), client=W1),
+        _act("W1 cancel finished turn", cancel_finished(W1), ("W1 sub w1",), W1),
+        _act("W2 sub w2", submit(W2, "w2"), client=W2),
+        _act("W2 dies", lambda w: s.ClientGone(w.now, W2), ("W2 sub w2",), W2),
+        _act("agent crashes", crash),
+    )
+    return Alphabet("default", (K, W1, W2), acts, max_depth=60)
+
+
+def large_alphabet() -> Alphabet:
+    """``TURNSTILE_EXPLORE=large``: a third webhook with a model, more cancels, implausible agent lines."""
+    base = small_alphabet().actions
+    acts = (
+        *base,
+        _act("K cancel k2", cancel_target(K, "k2"), ("K sub k2 (model m2, return)",), K),
+        _act("W1 resubmit w1", submit(W1, "w1"), ("W1 sub w1",), W1),
+        _act("W1 cancel running turn", cancel_running(W1), client=W1),
+        _act("W3 sub w3 (model m2)", submit(W3, "w3", model="m2"), client=W3),
+        _act("late result", late_result),
+        _act("duplicate init", dup_init),
+        _act("foreign model answer", wrong_answer),
+        _act("model refused", model_refused),
+    )
+    return Alphabet("large", (K, W1, W2, W3), acts, max_depth=80)

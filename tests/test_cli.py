@@ -1,0 +1,292 @@
+"""The ``turnstile`` command, run as subprocesses against a real broker with the sim agent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.launcher import BrokerProcess
+from ipc import names, state
+
+_BIN = Path(sys.executable).with_name("turnstile")
+TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli"]
+LONG = "[sim:turn_ms=3000]"
+
+RESULT_FIELDS = {"status", "turn", "text", "session_id", "model", "queued_ms", "turn_ms", "error_code", "error",
+                 "request_id", "preemptions"}
+
+
+def ts(*args: str, timeout_s: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TURNSTILE, *args], capture_output=True, text=True, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL, **kw)
+
+
+def ts_bg(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*TURNSTILE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def bg() -> Any:
+    """Start background `turnstile` commands; each is reaped (killed if need be) at teardown."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        p = ts_bg(*args)
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.005)
+
+
+def turn_running(b: BrokerProcess, kind: str | None = None) -> Callable[[], bool]:
+    def cond() -> bool:
+        snap = b.snapshot()
+        return bool(snap and snap.record.turn_state == "running" and (kind is None or snap.record.holder_kind == kind))
+
+    return cond
+
+
+def rec(b: BrokerProcess) -> state.StateRecord:
+    snap = b.snapshot()
+    assert snap is not None
+    return snap.record
+
+
+def json_lines(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def finish(p: subprocess.Popen[str], timeout_s: float = 20) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout_s)
+    return p.returncode, out, err
+
+
+# ---------------------------------------------------------------- prompt
+
+
+def test_prompt_plain_text_streams_answer(broker_factory, session_name):
+    broker_factory()
+    cp = ts("prompt", "--session", session_name, "[sim:chunks=3] plain please")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == "sim: [sim:chunks=3] plain please\n"
+
+
+def test_prompt_reads_stdin_and_session_from_env(broker_factory, session_name):
+    broker_factory()
+    cp = subprocess.run([*TURNSTILE, "prompt", "-"], input="from stdin", capture_output=True, text=True,
+                        timeout=30, env={**os.environ, "TURNSTILE_SESSION": session_name})
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == "sim: from stdin\n"
+
+
+def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
+    b = broker_factory()
+    w = bg("prompt", "--session", session_name, "--kind", "worker", "--json", f"{LONG} json-worker")
+    wait_until(turn_running(b, "worker"), what="worker running")
+    hook = ts("prompt", "--session", session_name, "--json", "json-hook")
+    assert hook.returncode == 0, hook.stderr
+    rc, out, err = finish(w)
+    assert rc == 0, err
+    lines = json_lines(out)
+    kinds = [o["event"] for o in lines]
+    assert kinds[0] == "accepted" and kinds[-1] == "result"
+    assert set(kinds) == {"accepted", "agent", "preempted", "result"}
+    accepted = lines[0]
+    assert set(accepted) == {"event", "request_id", "session", "kind"}
+    assert accepted["session"] == session_name and accepted["kind"] == "worker"
+    pre = next(o for o in lines if o["event"] == "preempted")
+    assert set(pre) == {"event", "turn", "requeued"} and pre["requeued"] is True
+    agent = [o for o in lines if o["event"] == "agent"]
+    assert set(agent[0]) == {"event", "data"} and agent[0]["data"]["subtype"] == "init"
+    i = kinds.index("preempted")
+    assert kinds[i + 1] == "agent" and lines[i + 1]["data"]["subtype"] == "init"  # the rerun
+    res = lines[-1]
+    assert set(res) == RESULT_FIELDS | {"event"}
+    assert res["status"] == "ok" and res["preemptions"] == 1 and res["request_id"] == accepted["request_id"]
+    assert res["turn"] > pre["turn"] and res["error_code"] is None and res["error"] is None
+    assert isinstance(res["queued_ms"], float) and isinstance(res["turn_ms"], float)
+    assert res["session_id"] == agent[0]["data"]["session_id"]
+    hres = json_lines(hook.stdout)[-1]
+    assert hres["status"] == "ok" and hres["text"] == "sim: json-hook"
+
+
+def test_exit_3_preempted_with_on_preempt_return(broker_factory, session_name, bg):
+    b = broker_factory()
+    w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", f"{LONG} w")
+    wait_until(turn_running(b, "worker"), what="worker running")
+    assert ts("prompt", "--session", session_name, "hook").returncode == 0
+    rc, _out, err = finish(w)
+    assert rc == 3, err
+    assert "preempted" in err
+
+
+def test_exit_4_cancelled_by_cli_cancel(broker_factory, session_name, bg):
+    b = broker_factory()
+    w = bg("prompt", "--session", session_name, "--kind", "worker", f"{LONG} cancel-me")
+    wait_until(turn_running(b), what="turn running")
+    turn = rec(b).turn
+    cp = ts("cancel", "--session", session_name, "--holder")
+    assert cp.returncode == 0, cp.stderr
+    rc, _out, err = finish(w)
+    assert rc == 4, err
+    assert rec(b).counters["cancels"] == 1
+    # A cancel naming that (finished) turn again is stale: counted, harmless.
+    cp = ts("cancel", "--session", session_name, "--turn", str(turn))
+    assert cp.returncode == 0
+    wait_until(lambda: rec(b).counters["stale_cancels"] == 1, what="stale cancel counted")
+
+
+def test_cancel_exit_codes(broker_factory, session_name):
+    assert ts("cancel", "--session", session_name, "--holder").returncode == 5  # no broker
+    broker_factory()
+    assert ts("cancel", "--session", session_name, "--holder").returncode == 1  # nothing runs
+    assert ts("cancel", "--session", session_name).returncode == 2  # neither --turn nor --holder
+    assert ts("cancel", "--session", session_name, "--turn", "1", "--holder").returncode == 2
+
+
+def test_exit_5_no_broker(session_name):
+    t0 = time.monotonic()
+    cp = ts("prompt", "--session", session_name, "--connect-timeout-s", "0.3", "hello")
+    assert cp.returncode == 5
+    assert f"turnstile serve --session {session_name}" in cp.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_exit_6_agent_error(broker_factory, session_name):
+    broker_factory()
+    cp = ts("prompt", "--session", session_name, "--json", "[sim:error=api] boom")
+    assert cp.returncode == 6, cp.stderr
+    res = json_lines(cp.stdout)[-1]
+    assert res["status"] == "error" and res["error_code"] == "api_error"
+    cp = ts("prompt", "--session", session_name, "[sim:error=api] boom")
+    assert cp.returncode == 6 and "api_error" in cp.stderr
+
+
+def test_exit_7_timeout(broker_factory, session_name):
+    b = broker_factory()
+    cp = ts("prompt", "--session", session_name, "--timeout-s", "0.5", f"{LONG} too slow")
+    assert cp.returncode == 7, cp.stderr
+    # The client left: its turn is interrupted and the session is free again.
+    wait_until(lambda: rec(b).turn == 0, timeout_s=10, what="turn ended")
+    assert ts("prompt", "--session", session_name, "next").returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    ("prompt", "--kind", "admin", "x"),
+    ("prompt",),
+    ("prompt", "--on-preempt", "never", "x"),
+    ("status", "--bogus"),
+    ("serve", "--session", "bad name!"),
+    ("nosuchcommand",),
+])
+def test_exit_2_usage(args, session_name):
+    cp = ts(*args)
+    assert cp.returncode == 2, (cp.stdout, cp.stderr)
+
+
+def test_exit_2_empty_prompt_refused(broker_factory, session_name):
+    broker_factory()
+    cp = ts("prompt", "--session", session_name, "")
+    assert cp.returncode == 2 and "empty prompt" in cp.stderr
+
+
+# ---------------------------------------------------------------- status, sweep, help
+
+
+def test_status_json_works_while_broker_stopped(broker_factory, session_name):
+    b = broker_factory()
+    assert ts("prompt", "--session", session_name, "one").returncode == 0
+    os.kill(b.pid, signal.SIGSTOP)
+    try:
+        cp = ts("status", "--session", session_name, "--json", timeout_s=10)
+        plain = ts("status", "--session", session_name, timeout_s=10)
+    finally:
+        os.kill(b.pid, signal.SIGCONT)
+    assert cp.returncode == 0, cp.stderr
+    d = json.loads(cp.stdout)
+    assert d["broker_alive"] is True and d["broker_pid"] == b.pid
+    assert d["agent_state"] == "up" and d["counters"]["results_ok"] == 1 and d["turn_state"] == "idle"
+    assert "heartbeat_age_s" in d
+    assert plain.returncode == 0 and "alive" in plain.stdout and session_name in plain.stdout
+
+
+def test_status_without_broker(session_name):
+    cp = ts("status", "--session", session_name, "--json")
+    assert cp.returncode == 5
+    assert json.loads(cp.stdout) == {"session": session_name, "broker_alive": False}
+    cp = ts("status", "--session", session_name)
+    assert cp.returncode == 5 and f"turnstile serve --session {session_name}" in cp.stdout
+
+
+DEAD_CLIENT = r"""
+import os, sys
+from ipc import mailbox, names
+cid = names.new_client_id()
+mailbox.MailboxReader(sys.argv[1], cid)
+print(cid, os.getpid(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sweep_removes_dead_clients_mailbox(session_name):
+    p = subprocess.Popen([sys.executable, "-c", DEAD_CLIENT, session_name], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdin is not None
+    cid, pid = p.stdout.readline().split()
+    ring = names.mailbox(session_name, cid)
+    assert os.path.exists("/dev/shm" + ring)
+    live = ts("sweep", "--session", session_name)
+    assert live.returncode == 0 and "0 object(s) removed" in live.stdout  # its owner is alive
+    p.kill()
+    p.wait()
+    p.stdin.close()
+    p.stdout.close()
+    cp = ts("sweep", "--session", session_name)
+    assert cp.returncode == 0
+    assert f"removed mailbox {ring} (client pid {pid} is gone)" in cp.stdout
+    assert not os.path.exists("/dev/shm" + ring)
+    assert json.loads(ts("sweep", "--session", session_name, "--json").stdout) == []
+
+
+@pytest.mark.parametrize("cmd", ["serve", "prompt", "status", "cancel", "demo"])
+def test_help_lists_exit_codes(cmd):
+    cp = ts(cmd, "--help")
+    assert cp.returncode == 0
+    text = cp.stdout.lower()
+    assert "exit" in text, cp.stdout
+    codes = {"serve": ["0", "10", "11", "12", "130"], "prompt": ["0", "2", "3", "4", "5", "6", "7"],
+             "status": ["0", "5"], "cancel": ["0", "1", "2", "5"], "demo": ["0", "1"]}[cmd]
+    section = text[text.index("exit"):]
+    for code in codes:
+        assert f" {code} " in section.replace("\n", " ").replace(",", " "), (cmd, code, cp.stdout)
+
+
+def test_help_of_group_and_sweep():
+    for args in [("--help",), ("sweep", "--help"), ("-h",)]:
+        cp = ts(*args)
+        assert cp.returncode == 0 and "Usage:" in cp.stdout

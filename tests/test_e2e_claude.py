@@ -1,0 +1,612 @@
+"""End to end with the real Claude Code CLI: a real broker (``--agent claude``),
+real clients, and the offline Messages API as the model.
+
+Every assertion is about what reached the fake API (its recorded requests),
+what the clients got back, and the broker's state block. The CLI runs offline
+(see :mod:`tests.realcli`): ``ANTHROPIC_BASE_URL`` points at an in-process
+:class:`OfflineAPI`, HOME (also the agent's cwd) is a per-test temporary
+directory, and inherited ``CLAUDE*``/``ANTHROPIC*`` variables are removed.
+
+Nothing here sleeps to synchronise: tests wait on the API's records
+(``wait_for`` / ``wait_for_sent``), on client results, or poll the state block
+with a deadline. Latencies are printed, never asserted (run with ``-rP`` or
+``-s`` to see them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.launcher import BrokerProcess
+from broker.offline_api import CLIENT_GONE, OfflineAPI, RecordedRequest, big_text
+from broker.scheduler import RESUME_NOTE
+from clients import Client
+from ipc import state
+from tests.realcli import needs_claude, offline_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60), needs_claude]
+
+#: Longest wait for anything one CLI turn does (its first turn takes ~2 s on a busy machine).
+T = 30.0
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+def processes_under(root: Path) -> list[int]:
+    """Pids of live processes whose cwd is ``root`` or below it (the CLI and its tools run in HOME)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue  # gone, or a zombie
+        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(session_name: str, tmp_path: Path) -> Iterator[None]:
+    """After the brokers stopped (and before the session sweep): no CLI, no tool child, no IPC name left.
+
+    Set up before ``broker_factory`` and ``spawn_client``, so torn down after them; it
+    depends on ``session_name``, so it checks before that fixture's forced sweep.
+    """
+    yield
+    home = tmp_path / "home"
+    deadline = time.monotonic() + 5
+    while (left := processes_under(home)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling for exits, with a deadline
+    for pid in left:  # started by this test (the broker's agent or its tools): end them
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    names_left = [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session_name}.")]
+    assert not left, f"processes left behind in the agent's HOME: {left}"
+    assert not names_left, f"shared-memory objects left behind: {names_left}"
+
+
+@pytest.fixture
+def api() -> Iterator[OfflineAPI]:
+    """The fake Messages API, in this process, for one test."""
+    with OfflineAPI() as server:
+        yield server
+
+
+@pytest.fixture
+def claude_broker(
+    api: OfflineAPI, broker_factory: Callable[..., BrokerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., BrokerProcess]:
+    """Start a broker with ``--agent claude`` pointed at ``api`` (HOME = the fixture's temp home).
+
+    ``api`` is set up before ``broker_factory``, so brokers stop (draining
+    their turn against a live API) before the API does.
+    """
+    # The broker inherits this process's environment, and the CLI the broker's:
+    # settings of an enclosing Claude Code session must not leak into the test.
+    for key in list(os.environ):
+        if key.startswith(("CLAUDE", "ANTHROPIC")):
+            monkeypatch.delenv(key)
+    home = tmp_path / "home"  # made by broker_factory, used as HOME and cwd
+    (home / "tmp").mkdir(exist_ok=True)
+
+    def start(agent_args: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()) -> BrokerProcess:
+        return broker_factory(
+            agent="claude", agent_args=agent_args, extra_args=extra_args,
+            env=offline_env(api.url, str(home)), timeout_s=T,
+        )
+
+    return start
+
+
+def record(b: BrokerProcess) -> state.StateRecord:
+    snap = b.snapshot()
+    assert snap is not None, "no state block"
+    return snap.record
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float = T, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)  # a polling interval, not a synchronisation
+
+
+def turn_request(api: OfflineAPI, text: str, timeout_s: float = T, after: int = -1) -> RecordedRequest:
+    """The streaming request (the turn itself, not a probe) whose newest prompt piece is ``text``."""
+    return api.wait_for(lambda r: r.stream and r.seq > after and r.latest == text, timeout_s)
+
+
+def streaming(api: OfflineAPI, text: str, deltas: int = 3, timeout_s: float = T) -> RecordedRequest:
+    """Return once the API is streaming the answer to ``text`` (a few deltas sent)."""
+    rec = turn_request(api, text, timeout_s)
+    api.wait_for_sent(rec, "content_block_delta", timeout_s, count=deltas)
+    return rec
+
+
+def history(rec: RecordedRequest) -> str:
+    """Every message of a request, as one JSON string (to look for earlier turns in it)."""
+    return json.dumps(rec.messages)
+
+
+def tool_results(rec: RecordedRequest) -> list[dict[str, Any]]:
+    """The tool_result blocks of a request's messages."""
+    out = []
+    for m in rec.messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            out += [b for b in content if isinstance(b, dict) and b.get("type") == "tool_result"]
+    return out
+
+
+def tool_result_text(block: dict[str, Any]) -> str:
+    content = block.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    return ""
+
+
+def run_client(spawn_client: Callable[..., subprocess.Popen[str]], spec: dict[str, Any]) -> subprocess.Popen[str]:
+    """A client in its own process: submits one prompt, prints its events and result as JSON lines."""
+    return spawn_client(CLIENT, json.dumps(spec))
+
+
+CLIENT = r"""
+import json, sys
+from clients import Client
+spec = json.loads(sys.argv[1])
+with Client(spec["session"], spec["kind"], connect_timeout_s=10) as c:
+    turn = c.prompt(spec["text"], resume_prompt=spec.get("resume_prompt"))
+    print(json.dumps({"submitted": turn.request_id}), flush=True)
+    for e in turn.events(timeout_s=50):
+        print(json.dumps({"event": e}), flush=True)
+    print(json.dumps({"result": turn.result(timeout_s=5).as_dict()}), flush=True)
+"""
+
+
+def client_output(p: subprocess.Popen[str], timeout_s: float = T) -> list[dict[str, Any]]:
+    out, err = p.communicate(timeout=timeout_s)
+    assert p.returncode == 0, f"client failed (rc {p.returncode}): {err[-3000:]}"
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def report(**figures: Any) -> None:
+    print("E2E-FIGURES " + json.dumps(figures))
+
+
+# ---------------------------------------------------------------- 1. preemption
+
+
+def test_webhook_preempts_worker_turn_which_reruns(claude_broker, api, session_name):
+    """A webhook interrupts a streaming worker turn; the worker is requeued, rerun and completes."""
+    b = claude_broker()
+    worker_text = "[api:slow=4000] worker: refactor the billing module"
+    hook_text = "webhook: a review comment arrived on PR 12"
+    with Client(session_name, "worker") as w, Client(session_name, "webhook") as h:
+        wt = w.prompt(worker_text)
+        wrec = streaming(api, worker_text)
+        t_submit = time.perf_counter_ns()
+        ht = h.prompt(hook_text)
+        hrec = turn_request(api, hook_text)
+        arrive_ms = (hrec.t_ns - t_submit) / 1e6
+        hres = ht.result(timeout_s=T)
+        events = list(wt.events(timeout_s=T))
+        wres = wt.result(timeout_s=T)
+        lat = record(b).latencies
+
+    # The interrupt happened: the worker's stream was cut, and the worker was told.
+    assert api.sent_events(wrec)[-1] == CLIENT_GONE
+    assert "message_stop" not in api.sent_events(wrec)
+    preempted = [e for e in events if e.get("type") == "turnstile" and e.get("subtype") == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["requeued"] is True
+    # The webhook's prompt reached the model after the worker's, and its turn succeeded.
+    assert hrec.seq > wrec.seq
+    assert hres.ok and hres.text == f"echo: {hook_text}", hres
+    # The worker's request ran again after the webhook (with the resume note) and completed.
+    rerun = api.wait_for(lambda r: r.stream and r.seq > hrec.seq and worker_text in r.latest, 5)
+    assert rerun.latest == RESUME_NOTE + worker_text
+    assert "message_stop" in api.sent_events(rerun)
+    assert wres.ok, wres
+    assert wres.preemptions == 1
+    assert wres.text == f"echo: {RESUME_NOTE}{worker_text}"
+    assert wres.turn > hres.turn > preempted[0]["turn"]
+    assert wres.raw is not None and wres.raw.get("subtype") == "success"
+    report(test="preempt", webhook_submit_to_api_ms=round(arrive_ms, 2),
+           broker_frame_read_to_interrupt_us=lat["last_preempt_signal_us"],
+           broker_result_read_to_webhook_written_us=lat["last_handoff_us"],
+           since_submit_ms=milestones(b, t_submit, preempted[0]["turn"], hres.turn))
+
+
+def milestones(b: BrokerProcess, t_submit_ns: int, worker_turn: int, hook_turn: int) -> dict[str, float]:
+    """Where the time from a webhook's submit went, from the broker's log (wall clock, µs resolution)."""
+    offset_ns = time.time_ns() - time.perf_counter_ns()  # perf_counter → wall clock, for printing only
+    t0 = (t_submit_ns + offset_ns) / 1e6
+    out: dict[str, float] = {}
+    for line in b.log_text().splitlines():
+        try:
+            ev = json.loads(line)
+            t = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp() * 1000
+        except (ValueError, KeyError):
+            continue
+        if ev.get("event") == "turn.interrupt" and ev.get("turn") == worker_turn:
+            out["interrupt_written"] = round(t - t0, 2)
+        elif ev.get("event") == "turn.preempted" and ev.get("turn") == worker_turn:
+            out["worker_result_read"] = round(t - t0, 2)
+        elif ev.get("event") == "turn.start" and ev.get("turn") == hook_turn:
+            out["webhook_prompt_written"] = round(t - t0, 2)
+    return out
+
+
+# ---------------------------------------------------------------- 2. FIFO
+
+
+def test_three_webhooks_fifo_ahead_of_worker(claude_broker, api, session_name, spawn_client):
+    """Three webhooks submitted in a row while a worker streams run first-in first-out; the worker ends last."""
+    b = claude_broker()
+    worker_text = "[api:slow=3000] worker: write the release notes"
+    # The rerun need not stream slowly again: the client gives a resume prompt.
+    resume_text = "worker: continue the release notes"
+    wproc = run_client(spawn_client, {"session": session_name, "kind": "worker", "text": worker_text,
+                                      "resume_prompt": resume_text})
+    wrec = streaming(api, worker_text)
+    hook_texts = [f"webhook {i}: CI failed on build {i}" for i in (1, 2, 3)]
+    with Client(session_name, "webhook") as h1, Client(session_name, "webhook") as h2, \
+            Client(session_name, "webhook") as h3:
+        t_submit = time.perf_counter_ns()
+        turns = [c.prompt(text) for c, text in zip((h1, h2, h3), hook_texts, strict=True)]
+        results = [t.result(timeout_s=T) for t in turns]
+    lines = client_output(wproc)
+    wres = lines[-1]["result"]
+
+    hook_recs = [turn_request(api, text, 5) for text in hook_texts]
+    rerun = turn_request(api, resume_text, 5)
+    # Every webhook ok, with its own answer, in submission order, all after the worker started.
+    for text, res in zip(hook_texts, results, strict=True):
+        assert res.ok and res.text == f"echo: {text}", res
+    assert [r.turn for r in results] == sorted(r.turn for r in results)
+    assert wrec.seq < hook_recs[0].seq < hook_recs[1].seq < hook_recs[2].seq < rerun.seq
+    # Only the first webhook preempted; the worker ran last and completed.
+    preempts = [ln["event"] for ln in lines if ln.get("event", {}).get("type") == "turnstile"]
+    assert [e["subtype"] for e in preempts] == ["preempted"]
+    assert wres["status"] == "ok" and wres["text"] == f"echo: {resume_text}", wres
+    assert wres["turn"] > results[-1].turn
+    assert record(b).counters["preempts"] == 1
+    report(test="fifo", webhook_submit_to_api_ms=round((hook_recs[0].t_ns - t_submit) / 1e6, 2),
+           broker_frame_read_to_interrupt_us=record(b).latencies["last_preempt_signal_us"])
+
+
+# ---------------------------------------------------------------- 3. cancel
+
+
+def test_cancel_then_clean_next_turn(claude_broker, api, session_name):
+    """A cancelled turn ends 'cancelled'; the next turn is a clean success with its own text."""
+    b = claude_broker()
+    slow_text = "[api:slow=5000] a long answer nobody wants any more"
+    with Client(session_name, "worker") as c:
+        t1 = c.prompt(slow_text)
+        rec1 = streaming(api, slow_text)
+        t1.cancel()
+        res1 = t1.result(timeout_s=T)
+        assert res1.status == "cancelled", res1
+        assert api.sent_events(rec1)[-1] == CLIENT_GONE
+        inc, cancelled_turn = c.incarnation, res1.turn
+        # A second cancel naming the finished turn is stale: it must not touch the next one.
+        c.cancel_turn(inc, cancelled_turn)
+        t2 = c.prompt("after the cancel: say something")
+        res2 = t2.result(timeout_s=T)
+    assert res2.ok, res2
+    assert res2.text == "echo: after the cancel: say something"
+    assert res2.raw is not None
+    assert res2.raw["subtype"] == "success" and res2.raw["is_error"] is False
+    assert res2.turn > cancelled_turn
+    rec2 = turn_request(api, "after the cancel: say something", 5)
+    assert "message_stop" in api.sent_events(rec2)
+    counters = wait_until(lambda: (r := record(b)).counters["stale_cancels"] >= 1 and r.counters,
+                          what="the stale cancel to be counted")
+    assert counters["results_cancelled"] == 1 and counters["results_ok"] == 1
+
+
+# ---------------------------------------------------------------- 4. model switch
+
+
+def test_model_switch_mid_session(claude_broker, api, session_name):
+    """A prompt naming another model switches the session: the API sees the new model from then on."""
+    b = claude_broker()
+    with Client(session_name, "webhook") as c:
+        res1 = c.prompt("before the switch").result(timeout_s=T)
+        res2 = c.prompt("after the switch", model="claude-haiku-4-5").result(timeout_s=T)
+        res3 = c.prompt("still switched").result(timeout_s=T)
+    assert res1.ok and res2.ok and res3.ok, (res1, res2, res3)
+    before = turn_request(api, "before the switch", 5)
+    after = turn_request(api, "after the switch", 5)
+    still = turn_request(api, "still switched", 5)
+    assert before.model != "claude-haiku-4-5"
+    assert after.model == "claude-haiku-4-5"
+    assert still.model == "claude-haiku-4-5"
+    assert res2.model == res3.model == "claude-haiku-4-5"
+    assert res2.text == "echo: after the switch"
+    assert "before the switch" in history(after)  # same conversation, new model
+    r = record(b)
+    assert r.model == "claude-haiku-4-5" and r.counters["model_switches"] == 1
+
+
+# ---------------------------------------------------------------- 5. permissions
+
+
+def test_permission_request_routed_to_holder_allow_and_deny(claude_broker, api, session_name, tmp_path):
+    """``can_use_tool`` goes to the turn's holder; its allow runs the tool, its deny does not.
+
+    The commands write a file: a read-only one (``echo hi``) is approved by the
+    CLI itself and never asks.
+    """
+    claude_broker(agent_args=("--permission-prompt-tool=stdio",))
+    home = tmp_path / "home"  # the agent's cwd
+    asked: list[dict[str, Any]] = []
+
+    def on_permission(req: dict[str, Any]) -> dict[str, Any]:
+        asked.append(req)
+        if "allowed.txt" in req.get("input", {}).get("command", ""):
+            return {"behavior": "allow", "updatedInput": req["input"]}
+        return {"behavior": "deny", "message": "denied by the e2e test"}
+
+    allow_cmd = "echo hi > allowed.txt && cat allowed.txt"
+    deny_cmd = "echo hi > denied.txt && cat denied.txt"
+    allow_text = f'[api:tool=Bash:{{"command":"{allow_cmd}"}}] run it'
+    deny_text = f'[api:tool=Bash:{{"command":"{deny_cmd}"}}] run this one too'
+    with Client(session_name, "webhook", on_permission=on_permission) as c:
+        res_allow = c.prompt(allow_text).result(timeout_s=T)
+        res_deny = c.prompt(deny_text).result(timeout_s=T)
+
+    assert [a.get("subtype") for a in asked] == ["can_use_tool", "can_use_tool"]
+    assert [a.get("tool_name") for a in asked] == ["Bash", "Bash"]
+    assert [a["input"]["command"] for a in asked] == [allow_cmd, deny_cmd]
+    # Allowed: the tool ran, and its output went back to the model in a tool_result.
+    first = turn_request(api, allow_text, 5)
+    follow = api.wait_for(lambda r: r.stream and r.seq > first.seq and bool(tool_results(r)), 5)
+    ran = tool_results(follow)[-1]
+    assert not ran.get("is_error"), ran
+    assert tool_result_text(ran).strip() == "hi"
+    assert (home / "allowed.txt").read_text() == "hi\n"
+    assert res_allow.ok and res_allow.text == "echo: hi", res_allow
+    # Denied: the model got an error tool_result with the holder's message; nothing ran.
+    second = turn_request(api, deny_text, 5)
+    follow2 = api.wait_for(lambda r: r.stream and r.seq > second.seq and len(tool_results(r)) > 1, 5)
+    refused = tool_results(follow2)[-1]
+    assert refused.get("is_error") is True, refused
+    assert "denied by the e2e test" in tool_result_text(refused)
+    assert not (home / "denied.txt").exists()
+    assert res_deny.ok, res_deny
+
+
+# ---------------------------------------------------------------- 6. agent killed
+
+
+def test_agent_sigkilled_mid_turn_resumes_same_session(claude_broker, api, session_name):
+    """SIGKILL the CLI mid-turn: the broker restarts it with --resume; the conversation survives."""
+    b = claude_broker()
+    with Client(session_name, "worker") as c:
+        res1 = c.prompt("remember the word kumquat").result(timeout_s=T)
+        assert res1.ok, res1
+        before = record(b)
+        sid = before.session_id
+        assert res1.session_id == sid
+
+        slow_text = "[api:slow=2000] long task interrupted by a crash"
+        t2 = c.prompt(slow_text)
+        rec2 = streaming(api, slow_text)
+        t_kill = time.perf_counter_ns()
+        os.kill(before.agent_pid, signal.SIGKILL)
+        # The worker's request is rerun on the restarted agent.
+        rerun = turn_request(api, slow_text, after=rec2.seq)
+        res2 = t2.result(timeout_s=T)
+        events = list(t2.events(timeout_s=1))
+        after = record(b)
+
+    assert res2.ok, res2
+    assert res2.text == f"echo: {slow_text}"
+    assert res2.session_id == sid
+    assert any(e.get("subtype") == "preempted" for e in events)  # told its first run was lost
+    assert after.session_id == sid
+    assert after.agent_pid != before.agent_pid
+    assert after.counters["agent_restarts"] == 1
+    with open(f"/proc/{after.agent_pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert f"--resume={sid}".encode() in argv
+    # The resumed CLI sent the earlier exchange as history.
+    h = history(rerun)
+    assert "remember the word kumquat" in h and "echo: remember the word kumquat" in h
+    report(test="agent_kill", kill_to_rerun_at_api_ms=round((rerun.t_ns - t_kill) / 1e6, 1))
+
+
+# ---------------------------------------------------------------- 7. big reply
+
+
+def test_big_reply_delivered_intact(claude_broker, api, session_name):
+    """A 1.6 MB answer (stdout lines over 1.5 MB) reaches the client whole."""
+    claude_broker()
+    n = 1_600_000
+    with Client(session_name, "webhook") as c:
+        turn = c.prompt(f"[api:big={n}]")
+        events = list(turn.events(timeout_s=T))
+        res = turn.result(timeout_s=T)
+    assert res.ok, res.error
+    assert len(res.text) == n
+    assert res.text == big_text(n)
+    assert events[-1]["type"] == "result" and events[-1]["result"] == res.text
+    texts = [blk.get("text", "") for e in events if e.get("type") == "assistant"
+             for blk in e["message"]["content"] if isinstance(blk, dict)]
+    assert big_text(n) in texts
+
+
+# ---------------------------------------------------------------- 8. broker restart
+
+
+def test_broker_restart_resumes_conversation(claude_broker, api, session_name):
+    """SIGTERM the broker, start a new one on the same session: the conversation goes on."""
+    b1 = claude_broker()
+    with Client(session_name, "webhook") as c:
+        res1 = c.prompt("first broker: remember the colour teal").result(timeout_s=T)
+    assert res1.ok, res1
+    sid = record(b1).session_id
+    agent1 = record(b1).agent_pid
+    assert b1.stop() == 0
+
+    b2 = claude_broker()
+    r2 = record(b2)
+    assert r2.session_id == sid
+    assert r2.incarnation != "" and r2.agent_pid != agent1
+    with Client(session_name, "webhook") as c:
+        res2 = c.prompt("second broker: which colour?").result(timeout_s=T)
+    assert res2.ok, res2
+    assert res2.session_id == sid
+    assert res2.text == "echo: second broker: which colour?"
+    rec = turn_request(api, "second broker: which colour?", 5)
+    h = history(rec)
+    assert "first broker: remember the colour teal" in h
+    assert "echo: first broker: remember the colour teal" in h
+
+
+def test_turn_in_flight_at_broker_stop_is_resubmitted_to_the_next_broker(claude_broker, api, session_name):
+    """A broker stopped mid-turn drains it; the client resubmits to the next broker, which runs it."""
+    b1 = claude_broker()
+    slow_text = "[api:slow=1500] in flight when the broker stops"
+    with Client(session_name, "webhook", reconnect_timeout_s=T) as c:
+        assert c.prompt("warm up: remember the number 42").result(timeout_s=T).ok
+        inc1 = c.incarnation
+        turn = c.prompt(slow_text)
+        rec1 = streaming(api, slow_text)
+        assert b1.stop() == 0
+        assert api.sent_events(rec1)[-1] == CLIENT_GONE  # drained: interrupted, not finished
+        b2 = claude_broker()
+        res = turn.result(timeout_s=T)
+        assert c.incarnation == record(b2).incarnation != inc1
+        res_next = c.prompt("and after that?").result(timeout_s=T)
+    assert res.ok, res
+    assert res.request_id == turn.request_id
+    assert res.text == f"echo: {slow_text}"
+    again = turn_request(api, slow_text, after=rec1.seq)
+    assert "warm up: remember the number 42" in history(again)
+    assert res_next.ok and res_next.text == "echo: and after that?", res_next
+
+
+def test_big_prompt_reaches_the_model_intact(claude_broker, api, session_name):
+    """A 300 kB prompt travels in chunks through the request queue and reaches the API whole."""
+    claude_broker()
+    text = "big prompt " + big_text(300_000)
+    with Client(session_name, "worker") as c:
+        res = c.prompt(text).result(timeout_s=T)
+    assert res.ok, res.error
+    rec = api.wait_for(lambda r: r.stream and r.latest.startswith("big prompt "), 5)
+    assert rec.latest == text.strip()
+    assert res.text == f"echo: {text.strip()}"
+
+
+def test_webhook_preempts_worker_during_a_tool_call(claude_broker, api, session_name):
+    """A webhook arriving while the worker's tool runs interrupts the tool (aborted_tools) at once."""
+    claude_broker()
+    tool_cmd = "sleep 30; echo slept-through"
+    worker_text = f'[api:tool=Bash:{{"command":"{tool_cmd}"}}] run the long job'
+    resume_text = "worker: the job was interrupted; summarise instead"
+    hook_text = "webhook: deploy finished"
+    with Client(session_name, "worker") as w, Client(session_name, "webhook") as h:
+        wt = w.prompt(worker_text, resume_prompt=resume_text)
+        wrec = turn_request(api, worker_text)
+        api.wait_for_sent(wrec, "message_stop", T)
+        tool_pids = wait_until(lambda: tool_processes(tool_cmd), what="the tool to run")
+        t_submit = time.perf_counter_ns()
+        hres = h.prompt(hook_text).result(timeout_s=T)
+        hrec = turn_request(api, hook_text, 5)
+        events = list(wt.events(timeout_s=T))
+        wres = wt.result(timeout_s=T)
+
+    assert hres.ok and hres.text == f"echo: {hook_text}", hres
+    results = [e for e in events if e.get("type") == "result"]
+    assert results[0]["terminal_reason"] == "aborted_tools", results[0]
+    assert any(e.get("subtype") == "preempted" for e in events)
+    assert wres.ok and wres.text == f"echo: {resume_text}", wres
+    assert turn_request(api, resume_text, 5).seq > hrec.seq
+    # The tool never finished: its output reached no request, and its process is gone.
+    assert not any("slept-through" in r.prompt for r in api.messages_requests())
+    wait_until(lambda: not tool_processes(tool_cmd), 5, what=f"the interrupted tool {tool_pids} to end")
+    report(test="preempt_during_tool", webhook_submit_to_api_ms=round((hrec.t_ns - t_submit) / 1e6, 2))
+
+
+def tool_processes(command: str) -> list[int]:
+    """Pids of live processes whose command line contains ``command``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if command.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_client_killed_mid_turn_then_next_turn_is_clean(claude_broker, api, session_name, spawn_client):
+    """A client SIGKILLed while its turn streams: the turn is interrupted, the next client's turn is clean."""
+    b = claude_broker()
+    doomed = "[api:slow=5000] a turn whose client dies"
+    p = run_client(spawn_client, {"session": session_name, "kind": "worker", "text": doomed})
+    rec = streaming(api, doomed)
+    p.kill()
+    p.wait()
+    with Client(session_name, "worker") as c:
+        res = c.prompt("the next client's turn").result(timeout_s=T)
+    assert res.ok and res.text == "echo: the next client's turn", res
+    assert res.raw is not None and res.raw["subtype"] == "success"
+    assert api.sent_events(rec)[-1] == CLIENT_GONE  # the dead client's turn was interrupted
+    nxt = turn_request(api, "the next client's turn", 5)
+    assert nxt.seq > rec.seq
+    assert record(b).counters["client_deaths"] == 1
+
+
+def test_api_error_ends_turn_with_error_then_session_goes_on(claude_broker, api, session_name):
+    """An API error (400) ends the turn with an error result; the next turn succeeds with its own text."""
+    claude_broker()
+    with Client(session_name, "webhook") as c:
+        bad = c.prompt("[api:status=400] this request is refused").result(timeout_s=T)
+        good = c.prompt("a request that works").result(timeout_s=T)
+    assert bad.status == "error", bad
+    assert bad.error_code == "api_error", bad
+    assert bad.raw is not None and bad.raw.get("api_error_status") == 400
+    assert good.ok and good.text == "echo: a request that works", good
+
+
+def test_cancel_before_the_turn_streams_then_clean_next_turn(claude_broker, api, session_name):
+    """A cancel sent right after submit (the turn not started in the CLI yet) still ends only that turn."""
+    claude_broker()
+    slow_text = "[api:slow=5000] cancelled before it got going"
+    with Client(session_name, "worker") as c:
+        t1 = c.prompt(slow_text)
+        t1.cancel()
+        res1 = t1.result(timeout_s=T)
+        res2 = c.prompt("the turn after an early cancel").result(timeout_s=T)
+    assert res1.status == "cancelled", res1
+    assert res2.ok and res2.text == "echo: the turn after an early cancel", res2
+    for r in api.messages_requests():
+        if r.stream and r.latest == slow_text:
+            assert "message_stop" not in api.sent_events(r)  # if it reached the model, it was cut

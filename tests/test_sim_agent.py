@@ -1,0 +1,1105 @@
+"""The simulated Claude Code CLI (``broker.agents.sim``) tested as a real subprocess.
+
+Other tests use the sim in place of the real CLI, so these pin down that it
+behaves as ``shared/claude-stream-json.md`` says the real one does: a fake
+that quietly diverged could make a broker test pass for the wrong reason.
+
+Every sim runs in its own process group and temporary directories and is
+killed (the whole group) when the test ends, pass or fail.  Nothing waits by
+sleeping: reads have deadlines, and "nothing happened" is checked with a
+barrier (a request whose reply must come first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_ARGV = [
+    "-p",
+    "--input-format",
+    "stream-json",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+]
+TIMEOUT = 5.0
+
+
+class SimExited(AssertionError):
+    """The sim's stdout ended while a line was expected."""
+
+
+class SimProc:
+    """One sim subprocess with a reader thread per output pipe."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+        self.t_spawn = time.perf_counter()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[tuple[float, bytes | None]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self._stderr: list[bytes] = []
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self.eof = False
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in iter(self.proc.stdout.readline, b""):
+            self.lines.put((time.perf_counter(), raw))
+        self.lines.put((time.perf_counter(), None))
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in iter(self.proc.stderr.readline, b""):
+            self._stderr.append(raw)
+
+    @property
+    def pid(self) -> int:
+        """The sim's pid (also its process group id)."""
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        """Everything the sim wrote to stderr so far (complete once it exited)."""
+        for t in self._threads[1:]:
+            if self.proc.poll() is not None:
+                t.join(timeout=TIMEOUT)
+        return b"".join(self._stderr).decode("utf-8", "replace")
+
+    def write(self, data: bytes) -> None:
+        """Write raw bytes to the sim's stdin."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, obj: Any) -> None:
+        """Write one JSON line."""
+        self.write(json.dumps(obj).encode() + b"\n")
+
+    def user(self, text: Any, uid: str | None = None, **extra: Any) -> str:
+        """Send a user message; returns its uuid."""
+        uid = uid or str(uuid.uuid4())
+        self.send(
+            {
+                "type": "user",
+                "message": {"role": "user", "content": text},
+                "parent_tool_use_id": None,
+                "session_id": "default",
+                "uuid": uid,
+                **extra,
+            }
+        )
+        return uid
+
+    def control(self, subtype: str, request_id: str | None = None, **fields: Any) -> str:
+        """Send a control request; returns its id."""
+        rid = request_id or f"req-{uuid.uuid4().hex[:8]}"
+        self.send({"type": "control_request", "request_id": rid, "request": {"subtype": subtype, **fields}})
+        return rid
+
+    def close_stdin(self) -> None:
+        """Close the sim's stdin (EOF)."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+
+    def read_raw(self, timeout: float = TIMEOUT) -> tuple[float, bytes]:
+        """The next stdout line as (arrival perf_counter, bytes)."""
+        try:
+            t, raw = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no stdout line within {timeout}s; seen: {self.seen[-5:]}") from None
+        if raw is None:
+            self.eof = True
+            self.lines.put((t, None))
+            raise SimExited(f"stdout closed; stderr: {self.stderr()!r}")
+        return t, raw
+
+    def read(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next stdout line, parsed (a non-JSON line comes back as ``{"_raw": text}``)."""
+        _, raw = self.read_raw(timeout)
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = {"_raw": raw.decode("utf-8", "replace")}
+        self.seen.append(obj)
+        return obj  # type: ignore[no-any-return]
+
+    def read_until(self, pred: Callable[[dict[str, Any]], bool], timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """Read lines until one matches ``pred``; return all of them, the match last."""
+        deadline = time.monotonic() + timeout
+        out: list[dict[str, Any]] = []
+        while True:
+            obj = self.read(max(0.0, deadline - time.monotonic()))
+            out.append(obj)
+            if pred(obj):
+                return out
+
+    def result(self, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """Read up to and including the next ``result`` line."""
+        return self.read_until(is_result, timeout)
+
+    def reply(self, rid: str, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """Read up to and including the control_response for ``rid``."""
+        return self.read_until(lambda o: reply_id(o) == rid, timeout)
+
+    def barrier(self) -> list[dict[str, Any]]:
+        """Lines written before the reply to a fresh ``initialize`` (excluded)."""
+        rid = self.control("initialize")
+        return self.reply(rid)[:-1]
+
+    def expect_eof(self, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """Read until stdout closes; return the lines read."""
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(SimExited):
+            while True:
+                out.append(self.read(max(0.0, deadline - time.monotonic())))
+        return out
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the sim to exit; return its exit status."""
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill the whole process group and release every resource."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.close_stdin()
+        for t in self._threads:
+            t.join(timeout=TIMEOUT)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def is_result(obj: dict[str, Any]) -> bool:
+    """Whether ``obj`` is a ``result`` line."""
+    return obj.get("type") == "result"
+
+
+def reply_id(obj: dict[str, Any]) -> Any:
+    """The nested request id of a control_response, else ``None``."""
+    if obj.get("type") != "control_response":
+        return None
+    return obj.get("response", {}).get("request_id")
+
+
+def of_type(lines: list[dict[str, Any]], kind: str, subtype: str | None = None) -> list[dict[str, Any]]:
+    """The lines of one type (and subtype)."""
+    return [o for o in lines if o.get("type") == kind and (subtype is None or o.get("subtype") == subtype)]
+
+
+def lifecycle(lines: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``(command_uuid, state)`` of each command_lifecycle line."""
+    return [(o["command_uuid"], o["state"]) for o in of_type(lines, "command_lifecycle")]
+
+
+def read_stats(path: Path) -> dict[str, int]:
+    """The sim's stats file."""
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., SimProc]]:
+    """Start sims with the real CLI's argv plus ``args``; all are killed afterwards."""
+    procs: list[SimProc] = []
+    home = tmp_path / "home"
+    home.mkdir()
+    work = tmp_path / "cwd"
+    work.mkdir()
+
+    def start(*args: str, state_dir: bool = True, base: list[str] | None = None, home_dir: Path = home) -> SimProc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
+        env["HOME"] = str(home_dir)
+        env["PYTHONPATH"] = str(REPO)
+        argv = [sys.executable, "-m", "broker.agents.sim", *(BASE_ARGV if base is None else base)]
+        if state_dir:
+            argv += ["--sim-state-dir", str(tmp_path / "state")]
+        proc = SimProc([*argv, *args], work, env)
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            p.kill()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_refuses_without_verbose(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn(base=BASE_ARGV[:-1])
+    assert sim.wait() == 1
+    assert sim.expect_eof() == []
+    assert "--verbose" in sim.stderr()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--no-such-flag"], ["a prompt"], ["--resume"], ["--session-id", "not-a-uuid"]],
+)
+def test_refuses_bad_command_lines(spawn: Callable[..., SimProc], extra: list[str]) -> None:
+    sim = spawn(*extra)
+    assert sim.wait() == 1
+    assert sim.stderr()
+
+
+def test_accepts_real_cli_flags_it_does_not_simulate(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--permission-prompt-tool", "stdio", "--max-turns=5", "--include-partial-messages")
+    sim.user("hi")
+    assert sim.result()[-1]["result"] == "sim: hi"
+
+
+# ----------------------------------------------------------------- turn shapes
+
+
+def test_prints_nothing_before_input_then_a_full_turn(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--model", "opus")
+    uid = sim.user("hello")
+    lines = sim.result()
+    # The very first line answers the input: nothing was printed at start-up.
+    assert lines[0] == {**lines[0], "type": "command_lifecycle", "state": "queued"}
+    assert lifecycle(lines) == [(uid, "queued"), (uid, "started")]
+    init = lines[2]
+    assert (init["type"], init["subtype"]) == ("system", "init")
+    assert init["model"] == "claude-opus-4-1-20250805"
+    assert "interrupt_receipt_v1" in init["capabilities"]
+    assert init["tools"] and init["session_id"]
+    assistants = of_type(lines, "assistant")
+    assert [a["message"]["content"] for a in assistants] == [[{"type": "text", "text": "sim: hello"}]]
+    assert assistants[0]["message"]["model"] == init["model"]
+    result = lines[-1]
+    assert next(iter(result)) != "type"
+    assert result["subtype"] == "success"
+    assert result["is_error"] is False
+    assert result["terminal_reason"] == "completed"
+    assert result["result"] == "sim: hello"
+    assert result["user_message_uuids"] == [uid]
+    assert result["session_id"] == init["session_id"]
+    for key in ("duration_ms", "num_turns", "total_cost_usd", "usage", "uuid"):
+        assert key in result
+    assert lifecycle([sim.read()]) == [(uid, "completed")]
+
+
+def test_init_at_every_turn_and_session_id_flag(spawn: Callable[..., SimProc]) -> None:
+    sid = str(uuid.uuid4())
+    sim = spawn("--session-id", sid)
+    for text in ("one", "two", "three"):
+        sim.user(text)
+        lines = sim.result()
+        inits = of_type(lines, "system", "init")
+        assert len(inits) == 1
+        assert inits[0]["session_id"] == sid
+        assert lines[-1]["session_id"] == sid
+        assert lines[-1]["result"] == f"sim: {text}"
+
+
+def test_content_blocks_are_read(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user([{"type": "text", "text": "a"}, {"type": "image", "source": {}}, {"type": "text", "text": "b"}])
+    assert sim.result()[-1]["result"] == "sim: a\nb"
+
+
+# ------------------------------------------------------------- input validation
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json at all\n",
+        b'{"type":"user","message":{"role":"user","content":"trunc\n',
+        b'{"type":"keep_alive"}{"type":"keep_alive"}\n',
+        b'{"type":"user","uuid":"x"}\n',
+        b'{"type":"control_request","request_id":"r"}\n',
+        b'{"type":"keep_alive","n":NaN}\n',
+    ],
+    ids=["not-json", "truncated", "two-objects", "user-no-message", "control-no-request", "nan"],
+)
+def test_malformed_line_kills_it_and_loses_the_turn(spawn: Callable[..., SimProc], line: bytes) -> None:
+    sim = spawn()
+    sim.user("long [sim:turn_ms=3000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    t0 = time.monotonic()
+    sim.write(line)
+    rest = sim.expect_eof()
+    assert sim.wait() == 1
+    assert time.monotonic() - t0 < 1.0
+    assert not [o for o in rest if is_result(o)]
+    assert sim.stderr()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"\n",
+        b"   \r\n",
+        b"[1, 2, 3]\n",
+        b'[{"type":"user","message":{"role":"user","content":"in an array"}}]\n',
+        b'{"type":"no_such_type","x":1}\n',
+        b'{"type":"user","message":{"role":"user","content":42},"uuid":"u42"}\n',
+        b'{"type":"user","message":{"role":"user","content":null}}\n',
+    ],
+    ids=["blank", "crlf-blank", "array", "array-of-user", "unknown-type", "content-42", "content-null"],
+)
+def test_ignored_lines(spawn: Callable[..., SimProc], tmp_path: Path, line: bytes) -> None:
+    stats = tmp_path / "stats.json"
+    sim = spawn("--stats-file", str(stats))
+    sim.write(line)
+    # Nothing at all came out for the ignored line: the barrier's reply is first.
+    assert sim.barrier() == []
+    uid = sim.user("after")
+    lines = sim.result()
+    assert lines[-1]["user_message_uuids"] == [uid]
+    assert len(of_type(lines, "system", "init")) == 1
+    sim.barrier()
+    counters = read_stats(stats)
+    assert counters["ignored_lines"] == 1
+    assert counters["malformed_lines"] == 0
+    assert counters["results"] == 1
+
+
+def test_crlf_terminated_message_is_served(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.write(b'{"type":"user","message":{"role":"user","content":"crlf"},"uuid":"c1"}\r\n')
+    assert sim.result()[-1]["user_message_uuids"] == ["c1"]
+
+
+def test_repeated_uuid_is_dropped_silently(spawn: Callable[..., SimProc], tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    sim = spawn("--stats-file", str(stats))
+    sim.user("first", uid="dup")
+    sim.result()
+    sim.user("again", uid="dup")
+    assert [o for o in sim.barrier() if o.get("type") != "command_lifecycle"] == []
+    sim.user("next", uid="n1")
+    assert sim.result()[-1]["user_message_uuids"] == ["n1"]
+    assert read_stats(stats)["duplicate_uuids"] == 1
+
+
+def test_last_line_without_newline_is_served_at_eof(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.write(b'{"type":"user","message":{"role":"user","content":"tail"},"uuid":"t1"}')
+    sim.close_stdin()
+    lines = sim.expect_eof()
+    assert [o["user_message_uuids"] for o in lines if is_result(o)] == [["t1"]]
+    assert sim.wait() == 0
+
+
+# ---------------------------------------------------------------------- queueing
+
+
+def test_message_during_a_turn_is_queued_and_answered_by_its_own_turn(
+    spawn: Callable[..., SimProc], tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.json"
+    sim = spawn("--stats-file", str(stats))
+    a = sim.user("a [sim:turn_ms=300]")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    b = sim.user("b")
+    first = sim.result()
+    assert first[-1]["user_message_uuids"] == [a]
+    assert (b, "queued") in lifecycle(first)
+    second = sim.result()
+    assert second[-1]["user_message_uuids"] == [b]
+    assert second[-1]["result"] == "sim: b"
+    assert len(of_type(second, "system", "init")) == 1
+    sim.barrier()
+    counters = read_stats(stats)
+    assert counters["user_messages_while_running"] == 1
+    assert counters["turns"] == counters["results"] == 2
+
+
+def test_merge_queued_flag(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--merge-queued")
+    sim.user("a [sim:turn_ms=300]")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    b = sim.user("b")
+    c = sim.user("c")
+    sim.result()
+    merged = sim.result()[-1]
+    assert merged["user_message_uuids"] == [b, c]
+    assert merged["result"] == "sim: b\nc"
+
+
+def test_sequential_turns_never_count_as_while_running(spawn: Callable[..., SimProc], tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    stamp = tmp_path / "stamp.tsv"
+    sim = spawn("--stats-file", str(stats), "--stamp-file", str(stamp))
+    before = time.perf_counter_ns()
+    uids = []
+    for i in range(3):
+        uids.append(sim.user(f"m{i}"))
+        sim.result()
+    rid = sim.control("get_context_usage")
+    sim.reply(rid)
+    after = time.perf_counter_ns()
+    sim.write(b"\n")
+    sim.barrier()
+    counters = read_stats(stats)
+    assert counters["user_messages_while_running"] == 0
+    assert counters["user_messages"] == 3
+    assert counters["lines_read"] == 6
+    assert counters["control_requests"] == 2
+    assert counters["turns"] == counters["results"] == 3
+    rows = [line.split("\t") for line in stamp.read_text().splitlines()]
+    assert [r[1:] for r in rows] == [
+        *(["user", u] for u in uids),
+        ["control_request", "get_context_usage"],
+        ["blank", "-"],
+        ["control_request", "initialize"],
+    ]
+    times = [int(r[0]) for r in rows]
+    assert times == sorted(times)
+    # perf_counter_ns is CLOCK_MONOTONIC: comparable with this process's clock.
+    assert before < times[0] and times[3] < after
+
+
+# ------------------------------------------------------------- control requests
+
+
+def test_initialize_reply_is_nested(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    rid = sim.control("initialize", hooks=None)
+    reply = sim.read()
+    assert reply["type"] == "control_response"
+    assert "request_id" not in reply
+    inner = reply["response"]
+    assert inner["subtype"] == "success" and inner["request_id"] == rid
+    assert inner["response"]["commands"] and inner["response"]["models"]
+
+
+def test_unsupported_and_duplicate_requests(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.control("rewind_files", request_id="x1")
+    err = sim.read()["response"]
+    assert err["subtype"] == "error"
+    assert err["request_id"] == "x1"
+    assert err["error_code"] == "unsupported_request"
+    assert err["error"]
+    sim.control("initialize", request_id="same")
+    sim.control("initialize", request_id="same")
+    assert [reply_id(sim.read()), reply_id(sim.read())] == ["same", "same"]
+
+
+def test_set_permission_mode_and_context_usage(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.control("set_permission_mode", request_id="p1", mode="acceptEdits")
+    ok = sim.read()["response"]
+    assert ok == {"subtype": "success", "request_id": "p1"}
+    sim.control("set_permission_mode", request_id="p2", mode="bogus")
+    assert sim.read()["response"]["subtype"] == "error"
+    sim.user("x")
+    assert of_type(sim.result(), "system", "init")[0]["permissionMode"] == "acceptEdits"
+    sim.control("get_context_usage", request_id="c1")
+    usage = sim.reply("c1")[-1]["response"]
+    assert usage["request_id"] == "c1" and usage["response"]["maxTokens"] > 0
+
+
+def test_slow_replies_are_not_fifo(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--context-usage-ms", "200", "--set-model-ms", "100")
+    sim.control("get_context_usage", request_id="slow")
+    sim.control("set_model", request_id="model", model="opus")
+    sim.control("mcp_status", request_id="fast")
+    got = [reply_id(sim.read()) for _ in range(3)]
+    assert got == ["fast", "model", "slow"]
+
+
+def test_set_model_before_first_turn_has_no_replay(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.control("set_model", request_id="m1", model="haiku")
+    reply = sim.read()
+    assert reply["response"] == {
+        "subtype": "success",
+        "request_id": "m1",
+        "response": {"model": "claude-haiku-4-5-20251001"},
+    }
+    sim.user("x")
+    lines = sim.result()
+    assert of_type(lines, "system", "init")[0]["model"] == "claude-haiku-4-5-20251001"
+    assert of_type(lines, "assistant")[0]["message"]["model"] == "claude-haiku-4-5-20251001"
+
+
+def test_set_model_after_a_turn_replays_first_except_for_null(
+    spawn: Callable[..., SimProc],
+) -> None:
+    sim = spawn()
+    sim.user("x")
+    sim.result()
+    sim.read()  # lifecycle completed
+    sim.control("set_model", request_id="m2", model="opus")
+    replay, reply = sim.read(), sim.read()
+    assert replay["type"] == "user" and replay["isReplay"] is True
+    assert "Set model to" in replay["message"]["content"]
+    assert reply_id(reply) == "m2"
+    assert reply["response"]["response"] == {"model": "claude-opus-4-1-20250805"}
+    sim.control("set_model", request_id="m3", model=None)
+    reply = sim.read()
+    assert reply_id(reply) == "m3"
+    assert reply["response"]["response"]["model"]
+
+
+def test_set_model_mid_turn_keeps_the_running_turns_model(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--model", "sonnet")
+    sim.user("a [sim:turn_ms=200]")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    rid = sim.control("set_model", model="haiku")
+    lines = sim.reply(rid)
+    assert lines[-2].get("isReplay") is True
+    rest = sim.result()
+    assert {a["message"]["model"] for a in of_type(rest, "assistant")} == {"claude-sonnet-4-5-20250929"}
+    sim.user("b")
+    assert of_type(sim.result(), "system", "init")[0]["model"] == "claude-haiku-4-5-20251001"
+
+
+# -------------------------------------------------------------------- interrupts
+
+
+def test_interrupt_while_streaming(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    uid = sim.user("long [sim:turn_ms=5000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    t0 = time.perf_counter()
+    rid = sim.control("interrupt")
+    reply = sim.read()
+    assert reply_id(reply) == rid
+    assert reply["response"]["response"] == {"still_queued": []}
+    lines = sim.result()
+    t_result = time.perf_counter()
+    result = lines[-1]
+    assert result["subtype"] == "error_during_execution"
+    assert result["is_error"] is True
+    assert result["terminal_reason"] == "aborted_streaming"
+    assert result["user_message_uuids"] == [uid]
+    assert next(iter(result)) != "type"
+    assert t_result - t0 < 1.0
+    assert lifecycle([sim.read()]) == [(uid, "cancelled")]
+
+
+def test_interrupt_during_tool_phase(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("t [sim:tool][sim:tool_ms=5000]")
+    tool_use = sim.read_until(lambda o: o.get("type") == "assistant")[-1]
+    assert tool_use["message"]["content"][0]["type"] == "tool_use"
+    sim.control("interrupt")
+    result = sim.result()[-1]
+    assert result["subtype"] == "error_during_execution"
+    assert result["terminal_reason"] == "aborted_tools"
+
+
+def test_idle_interrupt_gets_a_reply_only(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    rid = sim.control("interrupt")
+    assert reply_id(sim.read()) == rid
+    assert sim.barrier() == []
+    sim.user("after")
+    lines = sim.result()
+    assert lines[-1]["subtype"] == "success"
+
+
+def test_two_interrupts_two_replies_one_result(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    uid = sim.user("long [sim:turn_ms=5000][sim:interrupt_ms=50]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    r1 = sim.control("interrupt")
+    r2 = sim.control("interrupt")
+    lines = sim.result()
+    lines += sim.barrier()
+    assert [reply_id(o) for o in lines if reply_id(o)] == [r1, r2]
+    assert [o["user_message_uuids"] for o in lines if is_result(o)] == [[uid]]
+
+
+def test_interrupt_keeps_queued_messages_unless_cancel_queued(
+    spawn: Callable[..., SimProc],
+) -> None:
+    sim = spawn()
+    sim.user("a [sim:turn_ms=5000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    b = sim.user("b")
+    rid = sim.control("interrupt")
+    reply = sim.reply(rid)[-1]
+    assert reply["response"]["response"]["still_queued"] == [b]
+    assert sim.result()[-1]["terminal_reason"] == "aborted_streaming"
+    assert sim.result()[-1]["user_message_uuids"] == [b]
+
+    c = sim.user("c [sim:turn_ms=5000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    d = sim.user("d")
+    rid = sim.control("interrupt", cancel_queued=True)
+    reply = sim.reply(rid)[-1]["response"]["response"]
+    assert reply["still_queued"] == []
+    assert reply["cancelled"] == [d]
+    lines = sim.result()
+    assert lines[-1]["user_message_uuids"] == [c]
+    assert (d, "cancelled") in lifecycle(lines)
+    e = sim.user("e")
+    # d never runs: the next result is e's.
+    assert sim.result()[-1]["user_message_uuids"] == [e]
+
+
+def test_priority_now_aborts_the_running_turn(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    a = sim.user("a [sim:turn_ms=5000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    b = sim.user("b", priority="now")
+    first = sim.result()[-1]
+    assert first["user_message_uuids"] == [a]
+    assert first["terminal_reason"] == "aborted_streaming"
+    assert sim.result()[-1]["user_message_uuids"] == [b]
+
+
+def test_ignore_interrupt_turn_never_answers_or_ends(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("stuck [sim:ignore_interrupt]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    sim.control("interrupt", request_id="ignored")
+    os.kill(sim.pid, signal.SIGINT)
+    before = sim.barrier()
+    assert [reply_id(o) for o in before] == []
+    assert not [o for o in before if is_result(o)]
+    os.kill(sim.pid, signal.SIGTERM)
+    assert sim.wait() == 143
+
+
+def test_ignore_interrupts_flag(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--ignore-interrupts")
+    sim.user("x")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    sim.control("interrupt")
+    assert not [o for o in sim.barrier() if reply_id(o) or is_result(o)]
+
+
+# ----------------------------------------------------------------- permissions
+
+
+@pytest.mark.parametrize("allow", [True, False])
+def test_permission_round_trip(spawn: Callable[..., SimProc], allow: bool) -> None:
+    sim = spawn()
+    sim.user("p [sim:permission]")
+    ask = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    assert ask["request"]["subtype"] == "can_use_tool"
+    rid = ask["request_id"]
+    assert rid
+    # An answer with the id at the top level is not an answer: nothing happens.
+    sim.send({"type": "control_response", "request_id": rid, "response": {"behavior": "allow"}})
+    assert not [o for o in sim.barrier() if is_result(o)]
+    decision = (
+        {"behavior": "allow", "updatedInput": ask["request"]["input"]}
+        if allow
+        else {"behavior": "deny", "message": "nope"}
+    )
+    sim.send(
+        {
+            "type": "control_response",
+            "response": {"subtype": "success", "request_id": rid, "response": decision},
+        }
+    )
+    lines = sim.result()
+    tool_result = of_type(lines, "user")[0]["message"]["content"][0]
+    assert tool_result["type"] == "tool_result"
+    assert tool_result["is_error"] is (not allow)
+    text = lines[-1]["result"]
+    assert ("permission: allowed" in text) if allow else ("permission: denied (nope)" in text)
+
+
+def test_interrupt_while_permission_pending(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("p [sim:permission]")
+    ask = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    sim.control("interrupt")
+    lines = sim.result()
+    cancels = of_type(lines, "control_cancel_request")
+    assert [c["request_id"] for c in cancels] == [ask["request_id"]]
+    assert lines[-1]["terminal_reason"] == "aborted_tools"
+
+
+# --------------------------------------------------------------- error results
+
+
+@pytest.mark.parametrize(
+    ("directive", "subtype", "reason"),
+    [
+        ("api", "success", "api_error"),
+        ("max_turns", "error_max_turns", "max_turns"),
+        ("budget", "error_max_budget_usd", "budget_exhausted"),
+    ],
+)
+def test_error_results_then_keeps_serving(
+    spawn: Callable[..., SimProc], directive: str, subtype: str, reason: str
+) -> None:
+    sim = spawn()
+    sim.user(f"boom [sim:error={directive}]")
+    result = sim.result()[-1]
+    assert (result["subtype"], result["is_error"], result["terminal_reason"]) == (
+        subtype,
+        True,
+        reason,
+    )
+    if directive == "api":
+        assert result["api_error_status"] == 500
+    sim.user("fine")
+    assert sim.result()[-1]["is_error"] is False
+    sim.user(f"boom again [sim:error={directive}]")
+    sim.result()
+    sim.close_stdin()
+    sim.expect_eof()
+    # The last result was an error: exit status 1.
+    assert sim.wait() == 1
+
+
+def test_error_flag_and_custom_status(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--error", "api:429")
+    sim.user("x")
+    assert sim.result()[-1]["api_error_status"] == 429
+
+
+# -------------------------------------------------------------- output shaping
+
+
+def test_turn_ms_and_chunks(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("slow [sim:turn_ms=200][sim:chunks=4]")
+    while True:
+        t0, raw = sim.read_raw()
+        if b'"subtype":"init"' in raw:
+            break
+    stamps = []
+    while True:
+        t, raw = sim.read_raw()
+        obj = json.loads(raw)
+        if obj.get("type") == "assistant":
+            stamps.append((t, obj["message"]["content"][0]["text"]))
+        if is_result(obj):
+            break
+    assert len(stamps) == 4
+    assert "".join(s for _, s in stamps) == obj["result"] == "sim: slow [sim:turn_ms=200][sim:chunks=4]"
+    assert stamps[-1][0] - t0 >= 0.15
+    assert obj["duration_ms"] >= 190
+
+
+def test_chunks_pad_a_short_reply(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--chunks", "40")
+    sim.user("x")
+    lines = sim.result()
+    texts = [a["message"]["content"][0]["text"] for a in of_type(lines, "assistant")]
+    assert len(texts) == 40 and all(texts)
+    assert "".join(texts) == lines[-1]["result"]
+
+
+def test_bytes_sets_reply_size(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("sized [sim:bytes=5000]")
+    assert len(sim.result()[-1]["result"].encode()) == 5000
+    sim.user("short [sim:bytes=3]")
+    assert sim.result()[-1]["result"] == "sim"
+
+
+def test_huge_assistant_line(spawn: Callable[..., SimProc]) -> None:
+    size = 2_000_000
+    sim = spawn()
+    sim.user(f"big [sim:huge={size}]")
+    sizes = {}
+    while True:
+        _, raw = sim.read_raw()
+        obj = json.loads(raw)
+        sizes[obj["type"]] = len(raw.rstrip(b"\n"))
+        if is_result(obj):
+            break
+    assert sizes["assistant"] == size
+    assert sizes["result"] > size * 0.9
+
+
+def test_history_directive_and_transcript(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("a")
+    sim.result()
+    sim.user("b [sim:history]")
+    assert "[history=1]" in sim.result()[-1]["result"]
+
+
+def test_garbage_line_then_carries_on(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("g [sim:garbage]")
+    lines = sim.result()
+    raws = [o["_raw"] for o in lines if "_raw" in o]
+    assert len(raws) == 1
+    with pytest.raises(ValueError):
+        json.loads(raws[0])
+    assert lines[-1]["subtype"] == "success"
+
+
+def test_tool_phase_shapes(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--tool")
+    sim.user("t")
+    lines = sim.result()
+    kinds = [(o["type"], o["message"]["content"][0]["type"]) for o in lines if o["type"] in ("assistant", "user")]
+    assert kinds == [("assistant", "tool_use"), ("user", "tool_result"), ("assistant", "text")]
+    assert lines[-1]["num_turns"] == 2
+
+
+# ------------------------------------------------------------------------ faults
+
+
+def test_die_exits_without_result(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("d [sim:die]")
+    rest = sim.expect_eof()
+    assert not [o for o in rest if is_result(o)]
+    assert sim.wait() == 1
+
+
+def test_die_after_ms_mid_stream(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("d [sim:turn_ms=5000][sim:die=100]")
+    t0 = time.monotonic()
+    rest = sim.expect_eof()
+    assert time.monotonic() - t0 < 2.0
+    assert of_type(rest, "assistant") and not [o for o in rest if is_result(o)]
+    assert sim.wait() == 1
+
+
+def test_die_flag(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--die")
+    sim.user("x")
+    sim.expect_eof()
+    assert sim.wait() == 1
+
+
+def test_global_flags_apply_to_every_turn(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--turn-ms", "100", "--bytes", "64", "--garbage")
+    for _ in range(2):
+        sim.user("x")
+        lines = sim.result()
+        assert lines[-1]["duration_ms"] >= 90
+        assert len(lines[-1]["result"]) == 64
+        assert len([o for o in lines if "_raw" in o]) == 1
+    # A directive overrides the flag for its turn.
+    sim.user("y [sim:bytes=8][sim:turn_ms=0]")
+    assert len(sim.result()[-1]["result"]) == 8
+
+
+def test_silent_and_huge_flags(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--silent", "--huge", "5000")
+    sim.user("x")
+    lines = sim.barrier()
+    assert of_type(lines, "assistant") and not [o for o in lines if is_result(o)]
+    assert len(json.dumps(of_type(lines, "assistant")[0], separators=(",", ":"))) == 5000
+
+
+def test_silent_turn_never_results_but_answers_requests(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("s [sim:silent]")
+    lines = sim.barrier()
+    assert of_type(lines, "assistant") and not [o for o in lines if is_result(o)]
+    rid = sim.control("interrupt")
+    assert not [o for o in sim.reply(rid) if is_result(o)]
+    assert not [o for o in sim.barrier() if is_result(o)]
+    assert sim.proc.poll() is None
+
+
+def test_tool_child_holds_stdout_after_death(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("tc [sim:tool_child]")
+    assert sim.wait() == 1
+    # The leader is gone but its group still has a member: the child.
+    os.killpg(sim.pid, 0)
+    assert None not in [raw for _, raw in list(sim.lines.queue)]
+    os.killpg(sim.pid, signal.SIGKILL)
+    rest = sim.expect_eof()
+    assert not [o for o in rest if is_result(o)]
+
+
+def test_tool_child_ends_itself(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("tc [sim:tool_child=1]")
+    assert sim.wait() == 1
+    # stdout closes only when the child's sleep is over.
+    sim.expect_eof(timeout=10)
+    assert sim.eof
+
+
+# ------------------------------------------------------------- EOF and signals
+
+
+def test_eof_when_idle_exits_zero(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.close_stdin()
+    assert sim.expect_eof() == []
+    assert sim.wait() == 0
+
+
+def test_eof_mid_turn_finishes_the_turn(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    a = sim.user("a [sim:turn_ms=200]")
+    b = sim.user("b")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    sim.close_stdin()
+    rest = sim.expect_eof()
+    assert [o["user_message_uuids"] for o in rest if is_result(o)] == [[a], [b]]
+    assert sim.wait() == 0
+
+
+def test_eof_while_permission_pending_denies(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("p [sim:permission]")
+    sim.read_until(lambda o: o.get("type") == "control_request")
+    sim.close_stdin()
+    rest = sim.expect_eof()
+    assert "permission: denied" in next(o for o in rest if is_result(o))["result"]
+
+
+def test_sigterm_mid_turn(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("a [sim:turn_ms=5000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    sim.proc.send_signal(signal.SIGTERM)
+    rest = sim.expect_eof()
+    assert sim.wait() == 143
+    assert not [o for o in rest if is_result(o)]
+
+
+def test_sigint_mid_turn_gives_interrupted_result(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    uid = sim.user("a [sim:turn_ms=5000]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    sim.proc.send_signal(signal.SIGINT)
+    rest = sim.expect_eof()
+    results = [o for o in rest if is_result(o)]
+    assert len(results) == 1
+    assert results[0]["subtype"] == "error_during_execution"
+    assert results[0]["user_message_uuids"] == [uid]
+    assert sim.wait() == 0
+
+
+def test_sigint_idle_exits_zero(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user("x")
+    sim.result()
+    sim.proc.send_signal(signal.SIGINT)
+    sim.expect_eof()
+    assert sim.wait() == 0
+
+
+# ---------------------------------------------------------------------- sessions
+
+
+def test_resume_keeps_the_conversation(spawn: Callable[..., SimProc], tmp_path: Path) -> None:
+    sid = str(uuid.uuid4())
+    first = spawn("--session-id", sid)
+    first.user("one")
+    first.result()
+    first.user("two [sim:turn_ms=5000]")
+    first.read_until(lambda o: o.get("type") == "assistant")
+    first.kill()  # killed mid-turn: the prompt is kept, its answer lost
+
+    second = spawn(f"--resume={sid}")
+    second.user("three [sim:history]")
+    lines = second.result()
+    assert of_type(lines, "system", "init")[0]["session_id"] == sid
+    assert lines[-1]["session_id"] == sid
+    assert "[history=2]" in lines[-1]["result"]
+
+    third = spawn("--resume", sid)
+    third.user("four [sim:history]")
+    assert "[history=3]" in third.result()[-1]["result"]
+
+
+def test_fork_session_copies_history_under_a_new_id(spawn: Callable[..., SimProc]) -> None:
+    sid = str(uuid.uuid4())
+    first = spawn("--session-id", sid)
+    first.user("one")
+    first.result()
+    forked = spawn(f"--resume={sid}", "--fork-session")
+    forked.user("two [sim:history]")
+    result = forked.result()[-1]
+    assert result["session_id"] != sid
+    assert "[history=1]" in result["result"]
+
+
+def test_unknown_resume_is_an_error_result(spawn: Callable[..., SimProc]) -> None:
+    sid = str(uuid.uuid4())
+    sim = spawn(f"--resume={sid}")
+    lines = sim.expect_eof()
+    assert sim.wait() == 1
+    assert len(lines) == 1 and is_result(lines[0])
+    assert lines[0]["is_error"] is True
+    assert sid in lines[0]["errors"][0]
+
+
+def test_session_id_already_in_use(spawn: Callable[..., SimProc]) -> None:
+    sid = str(uuid.uuid4())
+    first = spawn("--session-id", sid)
+    first.user("x")
+    first.result()
+    second = spawn("--session-id", sid)
+    assert second.wait() == 1
+    assert "already in use" in second.stderr()
+
+
+def test_default_state_dir_is_under_home(spawn: Callable[..., SimProc], tmp_path: Path) -> None:
+    sid = str(uuid.uuid4())
+    home = tmp_path / "other-home"
+    home.mkdir()
+    sim = spawn("--session-id", sid, state_dir=False, home_dir=home)
+    sim.user("x")
+    sim.result()
+    assert (home / ".sim-claude" / f"{sid}.jsonl").is_file()
+
+
+# ------------------------------------------------------------------------ timing
+
+
+def test_startup_ms_delays_reading(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--startup-ms", "300")
+    sim.user("x")
+    t, _ = sim.read_raw()
+    assert t - sim.t_spawn >= 0.3
+
+
+def test_interrupt_to_result_is_fast(spawn: Callable[..., SimProc], tmp_path: Path) -> None:
+    stamp = tmp_path / "stamp.tsv"
+    sim = spawn("--stamp-file", str(stamp))
+    sim.user("warm")
+    sim.result()
+    worst = 0.0
+    for _ in range(5):
+        sim.user("long [sim:turn_ms=5000]")
+        sim.read_until(lambda o: o.get("type") == "assistant")
+        sim.control("interrupt")
+        while True:
+            t, raw = sim.read_raw()
+            if b'"type":"result"' in raw:
+                break
+        t_in = int(stamp.read_text().splitlines()[-1].split("\t")[0])
+        worst = max(worst, t - t_in / 1e9)
+    # Generous for a loaded CI box; typically well under a millisecond.
+    assert worst < 0.1
