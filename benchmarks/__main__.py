@@ -6,7 +6,7 @@ table, writes ``results.json`` and PNG plots to the output directory, and
 after a full run of every scenario into the default directory, rewrites the
 generated section of ``benchmarks/RESULTS.md``.
 
-Scenarios (in run order): floor, preempt, threaded, per_turn, throughput,
+Scenarios (in run order): floor, ipc_micro (benchmarks.ipc_micro's rows), preempt, threaded, per_turn, throughput,
 scale, startup, real_cli. ``floor`` always runs: every ratio needs it.
 """
 
@@ -34,6 +34,8 @@ class Sizes:
 
     floor_n: int
     floor_warmup: int
+    ipc_n: int
+    ipc_warmup: int
     preempt_n: int
     preempt_warmup: int
     turn_n: int
@@ -54,15 +56,17 @@ class Sizes:
 
 FULL = Sizes(
     floor_n=20_000, floor_warmup=2_000,
-    preempt_n=5_000, preempt_warmup=200,
+    ipc_n=20_000, ipc_warmup=2_000,
+    preempt_n=10_000, preempt_warmup=200,
     turn_n=10_000, turn_warmup=500,
-    tput_bytes=32 << 20, tput_huge=8 << 20, tput_reps=3, tput_clients=50,
+    tput_bytes=16 << 20, tput_huge=8 << 20, tput_reps=3, tput_clients=50,
     scale_points=(2, 10, 50, 200), scale_n=1_000, scale_warmup=50, scale_fill=1_100,
     startup_n=30, startup_warmup=3,
     realcli_n=50, realcli_warmup=3,
 )
 QUICK = Sizes(
     floor_n=5_000, floor_warmup=500,
+    ipc_n=2_000, ipc_warmup=200,
     preempt_n=500, preempt_warmup=50,
     turn_n=1_000, turn_warmup=100,
     tput_bytes=8 << 20, tput_huge=2 << 20, tput_reps=1, tput_clients=50,
@@ -72,6 +76,7 @@ QUICK = Sizes(
 )
 SMOKE = Sizes(
     floor_n=200, floor_warmup=20,
+    ipc_n=100, ipc_warmup=20,
     preempt_n=20, preempt_warmup=5,
     turn_n=50, turn_warmup=5,
     tput_bytes=1 << 20, tput_huge=256 << 10, tput_reps=1, tput_clients=5,
@@ -81,7 +86,7 @@ SMOKE = Sizes(
 )
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
-SCENARIOS = ("floor", "preempt", "threaded", "per_turn", "throughput", "scale", "startup", "real_cli")
+SCENARIOS = ("floor", "ipc_micro", "preempt", "threaded", "per_turn", "throughput", "scale", "startup", "real_cli")
 
 
 def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], None]], None]]:
@@ -89,6 +94,7 @@ def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], No
 
     return {
         "floor": lambda res, p: floor.run(res, sz.floor_n, sz.floor_warmup, tmp),
+        "ipc_micro": lambda res, p: floor.ipc_micro(res, sz.ipc_n, sz.ipc_warmup),
         "preempt": lambda res, p: scenarios.preempt(res, sz.preempt_n, sz.preempt_warmup, p),
         "threaded": lambda res, p: threaded_baseline.run(res, sz.preempt_n, sz.preempt_warmup, p),
         "per_turn": lambda res, p: scenarios.per_turn(res, sz.turn_n, sz.turn_warmup, p),
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             try:
                 runners[name](res, progress)
-            except Exception as exc:  # noqa: BLE001 - one failing scenario must not lose the others' numbers
+            except Exception as exc:
                 res.errors[name] = f"{type(exc).__name__}: {exc}"
                 traceback.print_exc(file=sys.stderr)
             res.durations_s[name] = round(time.monotonic() - t0, 2)

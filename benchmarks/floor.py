@@ -2,7 +2,15 @@
 
 * ``floor.queue_rtt``: a bare POSIX message-queue round trip between two
   processes (send 128 bytes on one queue, the other process receives it and
-  sends it back on a second queue, receive it). This is the design's floor.
+  sends it back on a second queue, receive it), each sample after an idle
+  gap drawn uniformly from 0-2 ms: the rhythm of the preempt scenarios, where
+  the broker and the agent sit blocked between events. This is the floor every
+  ratio uses. A process woken after idling costs more than one woken at once
+  (the CPU it ran on may have gone idle too), so the gap matters: on the
+  2-core development machine the same round trip is ~7 µs back to back,
+  ~20 µs after 1 ms idle and ~55 µs after 5 ms.
+* ``floor.queue_rtt_hot``: the same round trip back to back (no gap), for
+  reference: the best case, which no scenario here sees.
 * ``floor.pipe_oneway``: a write to a child's stdin pipe → the child's
   ``read`` returning, with the child waiting in ``select()`` as the sim does.
 * ``floor.pipe_rtt``: the same write → the child's one-byte ack read back.
@@ -12,6 +20,7 @@ from __future__ import annotations
 
 import array
 import os
+import random
 import secrets
 import subprocess
 import sys
@@ -25,8 +34,8 @@ from benchmarks.stats import Results
 MSG = b"x" * 128
 
 
-def queue_rtt(n: int, warmup: int) -> list[int]:
-    """Round trips through two POSIX queues and an echo process, in ns."""
+def queue_rtt(n: int, warmup: int, gap_s: float = 0.0) -> list[int]:
+    """Round trips through two POSIX queues and an echo process, in ns (idle up to ``gap_s`` before each)."""
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     names = (f"/turnstile-bench-floor-{tag}-a", f"/turnstile-bench-floor-{tag}-b")
     qa = posix_ipc.MessageQueue(names[0], posix_ipc.O_CREX, mode=0o600, max_messages=10, max_message_size=8192)
@@ -35,7 +44,10 @@ def queue_rtt(n: int, warmup: int) -> list[int]:
     out: list[int] = []
     try:
         pc = time.perf_counter_ns
+        rng = random.Random(2)
         for i in range(warmup + n):
+            if gap_s:
+                time.sleep(rng.random() * gap_s)
             t0 = pc()
             qa.send(MSG)
             qb.receive()
@@ -91,10 +103,38 @@ def pipe(n: int, warmup: int, tmp_file: str) -> tuple[list[int], list[int]]:
     return oneway[warmup:], rtt[warmup:]
 
 
+#: The idle gap before each floor sample: the preempt loops' random phase (0-2 ms).
+IDLE_GAP_S = 0.002
+
+
 def run(res: Results, n: int, warmup: int, tmp_dir: str) -> None:
     """Measure the floors into ``res``."""
-    res.add_latency("floor.queue_rtt", "Floor: POSIX queue round trip (2 processes)", queue_rtt(n, warmup),
-                    floor=None)
+    res.add_latency("floor.queue_rtt", "Floor: POSIX queue round trip (2 processes, idle 0-2 ms before)",
+                    queue_rtt(n, warmup, IDLE_GAP_S), floor=None)
+    res.add_latency("floor.queue_rtt_hot", "Floor: POSIX queue round trip, back to back", queue_rtt(n, warmup),
+                    floor="floor.queue_rtt")
     oneway, rtt = pipe(n, warmup, os.path.join(tmp_dir, f"pipe-{os.getpid()}.bin"))
     res.add_latency("floor.pipe_oneway", "Floor: stdin pipe write → child read", oneway, floor=None)
     res.add_latency("floor.pipe_rtt", "Floor: stdin pipe write → child ack read", rtt, floor=None)
+
+
+def ipc_micro(res: Results, samples: int, warmup: int) -> None:
+    """The project's IPC micro-benchmarks (:mod:`benchmarks.ipc_micro`): turnstile's own queue and mailbox code."""
+    from benchmarks import ipc_micro as micro
+    from benchmarks.stats import Summary
+
+    scale = {"ns": 0.001, "ns/op": 0.001, "us": 1.0, "µs": 1.0, "ms": 1000.0}
+    for row in micro.run(samples, warmup):
+        if row.value is not None:
+            res.add_scalar(f"ipc.{row.name}", f"IPC micro: {row.name}", row.value, row.unit)
+            continue
+        k = scale.get(row.unit)
+        if k is None or row.p50 is None or row.p99 is None or row.p999 is None or row.max is None:
+            continue
+        s = Summary(n=row.samples, p50=row.p50 * k, p90=float("nan"), p99=row.p99 * k, p999=row.p999 * k,
+                    max=row.max * k, mean=(row.mean or float("nan")) * k, min=float("nan"))
+        # A codec operation is no IPC: dividing it by the queue round trip means nothing. The
+        # micro-benchmarks run back to back, so their floor is the back-to-back round trip.
+        floor = None if row.name.startswith("frame_") else "floor.queue_rtt_hot"
+        label = f"IPC micro: {row.name}" + ("" if floor is None else " (× back-to-back RTT)")
+        res.add_summary(f"ipc.{row.name}", label, s, floor=floor)

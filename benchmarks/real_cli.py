@@ -11,9 +11,9 @@ The split of that time comes from the broker's log (wall-clock timestamps of
 offset measured here) and the state block (``last_handoff_us``: result read →
 prompt written):
 
-* broker share = (interrupt written − webhook submit) + (result read → prompt written);
-* CLI interrupt → result = result read − interrupt written;
-* CLI prompt → API = API request − prompt written.
+* broker share = (interrupt written - webhook submit) + (result read → prompt written);
+* CLI interrupt → result = result read - interrupt written;
+* CLI prompt → API = API request - prompt written.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def offline_env(api_url: str, home: str) -> dict[str, str]:
 
 
 def realtime_offset_ns() -> int:
-    """CLOCK_REALTIME − CLOCK_MONOTONIC, from the tightest of several paired readings."""
+    """CLOCK_REALTIME - CLOCK_MONOTONIC, from the tightest of several paired readings."""
     best: tuple[int, int] | None = None
     for _ in range(200):
         a = time.perf_counter_ns()

@@ -81,6 +81,8 @@ def fmt_ratio(r: float) -> str:
     """A ratio for the table."""
     if math.isnan(r):
         return "-"
+    if r < 0.1:
+        return f"{r:.2f}×"
     return f"{r:.1f}×" if r < 100 else f"{r:.0f}×"
 
 
@@ -136,6 +138,13 @@ class Results:
         if not samples_ns:
             raise ValueError(f"{key}: no samples")
         lat = Latency(key, label, summarize(samples_ns), list(samples_ns), floor, note)
+        self.latencies[key] = lat
+        return lat
+
+    def add_summary(self, key: str, label: str, summary: Summary, *, floor: str | None = "floor.queue_rtt",
+                    note: str = "") -> Latency:
+        """Record a distribution measured elsewhere (summary only: no raw samples, no CDF)."""
+        lat = Latency(key, label, summary, [], floor, note)
         self.latencies[key] = lat
         return lat
 

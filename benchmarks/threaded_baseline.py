@@ -166,7 +166,7 @@ def run(res: Results, n: int, warmup: int, progress: Progress = _quiet) -> None:
                     with sess.hold("worker"):
                         results["worker"] = sess.prompt(WORKER_PROMPT, on_event)
                     worker_done.set()
-            except BaseException as exc:  # noqa: BLE001 - reported by the driver
+            except BaseException as exc:
                 errors.append(exc)
                 streaming.set()
                 worker_done.set()
@@ -183,7 +183,7 @@ def run(res: Results, n: int, warmup: int, progress: Progress = _quiet) -> None:
                     with sess.hold("webhook"):
                         results["hook"] = sess.prompt(HOOK_PROMPT)
                     hook_done.set()
-            except BaseException as exc:  # noqa: BLE001 - reported by the driver
+            except BaseException as exc:
                 errors.append(exc)
                 hook_done.set()
 

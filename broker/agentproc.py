@@ -52,6 +52,9 @@ class LineSplitter:
             if self._skipping:
                 self.on_overlong(self._skipping + nl - start)
                 self._skipping = 0
+            elif nl - start > self.max:
+                # A whole over-long line can arrive in one read: the bound holds for it too.
+                self.on_overlong(nl - start)
             elif nl > start:
                 self.on_line(bytes(buf[start:nl]))
             start = scan = nl + 1

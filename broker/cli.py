@@ -6,9 +6,7 @@ shell webhook handlers) loads only what it needs.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -56,6 +54,13 @@ Exit codes:
   0  every request got its result, in the right order
   1  a request failed or finished out of order"""
 
+def _dumps(obj: Any) -> str:
+    # msgspec is loaded already by the client; the json module would cost start-up time.
+    import msgspec
+
+    return msgspec.json.encode(obj).decode()
+
+
 session_option = click.option(
     "--session", "-s", default="default", show_default=True, envvar="TURNSTILE_SESSION",
     help="Session name (env TURNSTILE_SESSION).",
@@ -82,7 +87,7 @@ def main() -> None:
               help="Path of the claude binary (default: `claude` on PATH, else the one bundled in claude-agent-sdk).")
 @click.option("--agent-arg", "agent_args", multiple=True, help="Extra argument for the agent (repeatable).")
 @click.option("--model", default=None, help="Model to start the agent with.")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where the agent session id persists (default: $XDG_STATE_HOME/turnstile).")
 @click.option("--drain-timeout-s", type=float, default=5.0, show_default=True,
               help="How long an interrupted turn may take to end before the agent is killed and resumed.")
@@ -90,12 +95,18 @@ def main() -> None:
 @click.option("--lease-idle-s", type=float, default=30.0, show_default=True)
 @click.option("--idle-output-timeout-s", type=float, default=1800.0, show_default=True,
               help="A running turn with no agent output this long restarts the agent.")
+@click.option("--max-line-bytes", type=click.IntRange(min=1024), default=64 * 1024 * 1024, show_default=True,
+              help="Longest agent stdout line kept; a longer one is dropped and logged (and restarts a running turn).")
+@click.option("--client-buffer-bytes", type=click.IntRange(min=1024), default=None,
+              help="Bytes held for a client whose mailbox is full before it is failed with client_too_slow "
+                   "(default: 65 MiB, one largest frame plus the ring).")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], model: str | None,
-          state_dir: Path | None, drain_timeout_s: float, model_timeout_s: float, lease_idle_s: float,
-          idle_output_timeout_s: float, log_format: str, log_level: str) -> None:
+          state_dir: str | None, drain_timeout_s: float, model_timeout_s: float, lease_idle_s: float,
+          idle_output_timeout_s: float, max_line_bytes: int, client_buffer_bytes: int | None, log_format: str,
+          log_level: str) -> None:
     """Run the broker for a session in the foreground."""
     from broker.agents.base import AgentNotFound
     from broker.config import RET_AGENT_NOT_FOUND, RET_ALREADY_RUNNING, RET_IPC, BrokerConfig
@@ -110,10 +121,15 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
     cfg = BrokerConfig(
         session=session, agent=agent, claude_bin=claude_bin, agent_args=list(agent_args), model=model,
         drain_timeout_s=drain_timeout_s, model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
-        idle_output_timeout_s=idle_output_timeout_s, log_format=log_format, log_level=log_level,
+        idle_output_timeout_s=idle_output_timeout_s, max_line_bytes=max_line_bytes, log_format=log_format,
+        log_level=log_level,
     )
+    if client_buffer_bytes is not None:
+        cfg.client_buffer_bytes = client_buffer_bytes
     if state_dir is not None:
-        cfg.state_dir = state_dir
+        from pathlib import Path
+
+        cfg.state_dir = Path(state_dir)
     try:
         code = run(cfg)
     except AlreadyRunning as exc:
@@ -151,7 +167,7 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
     out = sys.stdout
 
     def emit(obj: dict[str, Any]) -> None:
-        out.write(json.dumps(obj) + "\n")
+        out.write(_dumps(obj) + "\n")
         out.flush()
 
     try:
@@ -221,6 +237,11 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
             return None
         try:
             snap = block.snapshot()
+        except IPCError as exc:
+            # The writer stopped mid-write (a broker frozen or killed while publishing):
+            # say so instead of failing with a traceback.
+            click.echo(f"turnstile: session {session}: {exc}", err=True)
+            return None
         finally:
             block.close()
         d = snap.record.as_dict()
@@ -230,7 +251,7 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
 
     def show(d: dict[str, Any] | None) -> None:
         if as_json:
-            click.echo(json.dumps(d if d is not None else {"session": session, "broker_alive": False}))
+            click.echo(_dumps(d if d is not None else {"session": session, "broker_alive": False}))
             return
         if d is None:
             click.echo(f"session {session}: no broker (start one with: turnstile serve --session {session})")
@@ -302,7 +323,7 @@ def sweep(session: str | None, as_json: bool) -> None:
 
     removed = sw.sweep(session=session)
     if as_json:
-        click.echo(json.dumps([r.__dict__ for r in removed]))
+        click.echo(_dumps([r.__dict__ for r in removed]))
         return
     for r in removed:
         click.echo(f"removed {r.kind} {r.name} ({r.reason})")

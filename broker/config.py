@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ipc.mailbox import DEFAULT_MAX_PENDING
+
 # Exit codes of `turnstile serve`, one table (documented in --help).
 RET_OK = 0
 RET_ERROR = 1
@@ -51,6 +53,8 @@ class BrokerConfig:
     agent_request_timeout_s: float = 60.0
     stop_step_s: float = 2.0
     max_line_bytes: int = 64 * 1024 * 1024
+    #: Bytes buffered for a client whose mailbox ring is full before it is failed (client_too_slow).
+    client_buffer_bytes: int = DEFAULT_MAX_PENDING
     queue_max_messages: int = 10
     queue_message_bytes: int = 8192
     log_format: str = "auto"  # json | console | auto (console on a TTY)

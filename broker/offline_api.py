@@ -278,6 +278,13 @@ class _Server(ThreadingHTTPServer):
         self.api = api
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A CLI killed mid-request resets its keep-alive connection: expected, not worth a traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionResetError | BrokenPipeError | _ClientGone):
+            return
+        super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     # HTTP/1.1 so the CLI keeps its connection alive, as with the real API.

@@ -143,6 +143,7 @@ class ClientGone:
 
     now: float
     client: str
+    reason: str = "died"  # "died", "bye", "client_too_slow"
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class Request:
     submitted_at: float
     attempts: int = 0
     preemptions: int = 0
+    lost: int = 0  # runs lost with the agent (crash, drain timeout) and rerun
 
     @property
     def key(self) -> tuple[str, str]:
@@ -278,6 +280,9 @@ class Config:
     lease_idle_s: float = 30.0
     model: str | None = None
     remembered_results: int = 1024
+    #: ... holding at most this many bytes of result text and raw result lines: a reply can be
+    #: megabytes, and 1024 of them would be gigabytes. (A duplicate of a forgotten request runs again.)
+    remembered_result_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass
@@ -315,6 +320,7 @@ class Scheduler:
         self.ctrl_seq = 0
         self.counters = Counters()
         self.finished: collections.OrderedDict[tuple[str, str], frames.ReplyFrame] = collections.OrderedDict()
+        self._finished_bytes = 0  # _reply_bytes() of everything in finished
         self.last_preempt_signal_s: float | None = None
         self._out: list[Decision] = []
 
@@ -420,9 +426,16 @@ class Scheduler:
             self._emit(Deliver(r.client, frame))
         if terminal:
             self.requests.pop(r.key, None)
+            old = self.finished.pop(r.key, None)
+            if old is not None:
+                self._finished_bytes -= _reply_bytes(old)
             self.finished[r.key] = frame
-            while len(self.finished) > self.config.remembered_results:
-                self.finished.popitem(last=False)
+            self._finished_bytes += _reply_bytes(frame)
+            while len(self.finished) > self.config.remembered_results or (
+                self._finished_bytes > self.config.remembered_result_bytes and len(self.finished) > 1
+            ):
+                _key, dropped = self.finished.popitem(last=False)
+                self._finished_bytes -= _reply_bytes(dropped)
 
     def _result(self, r: Request, status: frames.Status, **kw: Any) -> None:
         self.counters.inc(f"results_{'error' if status == 'error' else status}")
@@ -526,8 +539,8 @@ class Scheduler:
 
     def _turn_init(self, e: TurnInit) -> None:
         t = self.turn
-        if t is None or t.id != e.turn or t.inited:
-            return
+        if t is None or t.id != e.turn or t.inited or t.phase == "switching":
+            return  # (a switching turn has no user message written: no system/init can be its)
         t.inited = True
         # An interrupt asked before the turn started is sent now (an interrupt
         # written before system/init can be a silent no-op).
@@ -643,6 +656,8 @@ class Scheduler:
             self._preempted(t, now)
         elif r.kind == "worker" and r.op == "prompt" and r.attempts - r.preemptions < MAX_ATTEMPTS:
             # attempts counts every run; runs that ended preempted are not deaths of the agent.
+            # The resumed conversation holds the lost prompt: the rerun carries the note.
+            r.lost += 1
             self.counters.inc("requeues")
             self.workers.appendleft(r)
             self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True), terminal=False)
@@ -666,7 +681,8 @@ class Scheduler:
         if self.lease is not None and self.lease.client == c:
             self._end_lease(e.now)
         if c in self.clients:
-            self.counters.inc("client_deaths")
+            if e.reason != "bye":
+                self.counters.inc("client_deaths")
             del self.clients[c]
         t = self.turn
         if t is not None and t.request.client == c:
@@ -765,7 +781,7 @@ class Scheduler:
         t.started_at = now
         r.attempts += 1
         content = r.content
-        if r.preemptions:
+        if r.preemptions or r.lost:
             content = r.resume_prompt or _with_note(content)
         self.counters.inc("turns")
         queued_ms = t.queued_ms = round((now - r.submitted_at) * 1000, 3)
@@ -774,6 +790,13 @@ class Scheduler:
             client=r.client, req=r.req, incarnation=self.incarnation, turn=t.id, model=self.model,
             queued_ms=queued_ms,
         ), terminal=False)
+
+
+def _reply_bytes(frame: frames.ReplyFrame) -> int:
+    """The bytes a remembered reply holds beyond its fixed fields: its text and raw result line."""
+    if isinstance(frame, frames.Result):
+        return len(frame.text) + len(frame.raw or b"")
+    return 0
 
 
 def _with_note(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:

@@ -52,12 +52,14 @@ from broker.scheduler import (
     WriteSetModel,
     WriteUser,
 )
-from ipc import chunks, frames, mailbox, names, rqueue, state
+from ipc import chunks, frames, mailbox, names, rqueue, state, sweep
 from ipc.errors import ClientTooSlow, IPCError, ProtocolError, TurnstileError
 
 #: Frames handled per wake-up before yielding to the loop (agent output must not starve).
 BATCH = 64
 HEARTBEAT_S = 0.5
+#: Every this many heartbeats, remove the mailboxes of clients that died unwatched.
+SWEEP_EVERY = 10
 #: While a client's mailbox is full, how often the broker moves its buffered frames in as it frees room.
 PUMP_S = 0.001
 #: An agent that exits sooner than this after its start, before any turn, counts towards the restart back-off.
@@ -196,11 +198,22 @@ class Broker:
         self._lock()
         self._reap_previous_agent()
         self._load_session()
+        adopted = rqueue.exists(cfg.session)
         self.rq = rqueue.RequestQueue.create(
             cfg.session, max_messages=cfg.queue_max_messages, max_message_bytes=cfg.queue_message_bytes
         )
-        self.block = state.StateBlock.create(cfg.session)
+        try:
+            self.block = state.StateBlock.create(cfg.session)
+        except BaseException:
+            # Refused (a squatted name, a limit): leave no queue of ours behind to eat the
+            # user's queue budget. One adopted from a dead broker keeps its frames for the next.
+            if not adopted:
+                self.rq.unlink()
+            self.rq.close()
+            self.rq = None
+            raise
         self._publish()
+        self._sweep_dead_clients()
 
     def _lock(self) -> None:
         path = self.cfg.session_dir / "broker.lock"
@@ -292,6 +305,7 @@ class Broker:
             await self.agent.stop(self.cfg.stop_step_s)
         for c in list(self.clients.values()):
             self._close_client(c)
+        self._sweep_dead_clients()
         if self.block is not None:
             rec = self._record()
             rec.closed = True
@@ -318,11 +332,15 @@ class Broker:
             if self.agent is agent:  # lines of a killed predecessor belong to no turn
                 self._on_agent_line(line)
 
+        def on_overlong(size: int) -> None:
+            if self.agent is agent:
+                self._on_overlong(size)
+
         agent = AgentProcess(
             launch,
             on_line=on_line,
             on_exit=self._on_agent_exit,
-            on_overlong=self._on_overlong,
+            on_overlong=on_overlong,
             on_stderr=self._on_agent_stderr,
             max_line_bytes=self.cfg.max_line_bytes,
         )
@@ -359,6 +377,12 @@ class Broker:
     def _on_overlong(self, size: int) -> None:
         self.counters["unrouted_lines"] += 1
         self.log.error("agent.line_dropped", bytes=size, bound=self.cfg.max_line_bytes)
+        t = self.sched.turn
+        if t is not None and t.phase != "switching" and not self.stopping:
+            # The dropped line may have been the running turn's result (a result repeats the
+            # reply's text): its end could then never be seen, and the holder has lost part
+            # of its stream anyway. End the turn the way a dead agent ends it: restart, resume.
+            self._feed(AgentExited(time.monotonic(), reason=f"output line of {size} bytes over the bound"))
 
     async def _restart(self, reason: str, model: str | None) -> None:
         old = self.agent
@@ -429,7 +453,7 @@ class Broker:
             self._feed(TurnResult(
                 now, turn=t.id, is_error=bool(obj.get("is_error")), subtype=str(obj.get("subtype", "")),
                 terminal_reason=obj.get("terminal_reason") if isinstance(obj.get("terminal_reason"), str) else None,
-                text=text if isinstance(text, str) else "", session_id=self.agent_session_id, raw=line,
+                text=text if isinstance(text, str) else "", session_id=self.agent_session_id,
             ))
             return
         if typ == "control_response":
@@ -599,7 +623,7 @@ class Broker:
             os.close(pidfd)
             return None
         try:
-            writer = mailbox.MailboxWriter(session, client)
+            writer = mailbox.MailboxWriter(session, client, max_pending=self.cfg.client_buffer_bytes)
         except (OSError, IPCError) as exc:
             os.close(pidfd)
             self.log.warning("client.mailbox_refused", client=client, error=str(exc))
@@ -701,7 +725,7 @@ class Broker:
         self.log.info("client.gone", client=client, kind=conn.kind, why=why)
         self._answer_relays_default(client)
         self.reasm.drop_client(client)
-        self._feed(ClientGone(time.monotonic(), client))
+        self._feed(ClientGone(time.monotonic(), client, reason=why))
 
     def _close_client(self, conn: ClientConn) -> None:
         self.clients.pop(conn.id, None)
@@ -829,9 +853,15 @@ class Broker:
 
     def _on_timer(self) -> None:
         self._timer = None
+        if self.stopping:
+            # A stopping broker makes no more decisions: _drain ends the running turn, and
+            # a deadline firing now (the drain timeout of a preempted turn) must neither
+            # restart the agent nor answer a request its client will resubmit to the next broker.
+            return
         self._feed(Tick(time.monotonic()))
 
     async def _heartbeat(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             now = time.monotonic()
@@ -853,7 +883,16 @@ class Broker:
                 self._feed(AgentExited(now, reason="no output (wedged)"))
             self._feed(Tick(now))
             self._check_names()
+            beats += 1
+            if beats % SWEEP_EVERY == 0:
+                self._sweep_dead_clients()
             self._publish()
+
+    def _sweep_dead_clients(self) -> None:
+        """Remove mailboxes of clients that died unwatched (while no broker ran, or before their hello)."""
+        for r in sweep.sweep_dead_clients(self.cfg.session):
+            if r.kind == "mailbox":
+                self.log.info("client.mailbox_swept", name=r.name, why=r.reason)
 
     def _check_names(self) -> None:
         """Recreate the queue or state block if something removed their names (systemd RemoveIPC=yes)."""

@@ -90,6 +90,15 @@ class AsyncClient:
         """This client's id."""
         return self._conn.client_id
 
+    @property
+    def incarnation(self) -> str:
+        """The incarnation id of the broker this client is attached to."""
+        return self._conn.incarnation
+
+    def cancel_turn(self, incarnation: str, turn: int) -> None:
+        """Cancel a turn by (incarnation, turn id), whoever holds it."""
+        self._conn.cancel_turn(incarnation, turn)
+
     async def connect(self) -> AsyncClient:
         """Attach to the broker, waiting up to ``connect_timeout_s``."""
         start = monotonic()

@@ -9,10 +9,10 @@ request id, when it sees a new broker incarnation; the broker de-duplicates.
 from __future__ import annotations
 
 import contextlib
+
+import msgspec
 import itertools
-import json
 import os
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,6 +71,8 @@ class RequestState:
     preemptions: int = 0
     result: TurnResult | None = None
     granted: bool = False  # lease requests
+    last_result: dict[str, Any] | None = None  # the turn's result line, from the event stream
+    cancelled: bool = False  # the client asked to cancel it (sent again after a resubmission)
 
     @property
     def done(self) -> bool:
@@ -82,7 +84,7 @@ _req_counter = itertools.count(1)
 
 def new_request_id() -> str:
     """A request id unique to this client."""
-    return f"{next(_req_counter)}-{secrets.token_hex(4)}"
+    return f"{next(_req_counter)}-{os.urandom(4).hex()}"
 
 
 def start_command(session: str) -> str:
@@ -207,6 +209,11 @@ class Connection:
             if st.result is None:
                 st.accepted = False
                 self._send(st.frame)
+                if st.cancelled:
+                    # A cancel the dead broker never read, or one sent while none
+                    # ran (the new broker finds it before the request, stale): the
+                    # request must not run uncancelled on the new broker.
+                    self.cancel(st)
 
     def lost(self, waited_s: float) -> BrokerUnavailable:
         """No broker came back in ``waited_s``: end every request without a result; return the error.
@@ -232,11 +239,14 @@ class Connection:
 
     # ------------------------------------------------------------ sending
 
-    def _send(self, frame: frames.RequestFrame) -> None:
+    def _send(self, frame: frames.RequestFrame, priority: int | None = None) -> None:
         if self.rq is None:
             return  # not attached: sent (again) on attach
         try:
-            self.rq.send_frame(frame, timeout_s=self.send_timeout_s)
+            if priority is None:
+                self.rq.send_frame(frame, timeout_s=self.send_timeout_s)
+            else:  # a small frame (never chunked) at a priority other than its class's
+                self.rq.send_bytes(frames.encode(frame), priority, timeout_s=self.send_timeout_s)
         except IPCError as exc:
             if "vanished" in str(exc):
                 self._detach()
@@ -247,7 +257,13 @@ class Connection:
         """Record and send a request frame."""
         st = RequestState(req=frame.req, frame=frame)
         self.requests[frame.req] = st
-        self._send(frame)
+        try:
+            self._send(frame)
+        except BaseException:
+            # Not sent (QueueFull, say): the caller gets the error, so the request must not
+            # be resubmitted behind its back when a new broker comes.
+            del self.requests[frame.req]
+            raise
         return st
 
     def prompt_frame(
@@ -267,7 +283,12 @@ class Connection:
 
     def cancel(self, st: RequestState) -> None:
         """Cancel one of our requests (queued or running)."""
-        self._send(frames.Cancel(client=self.client_id, req=new_request_id(), target=st.req))
+        st.cancelled = True
+        # Sent at our requests' priority, not the control one: the queue is FIFO
+        # within a priority, so the cancel cannot overtake the request it names
+        # (a cancel read before its request is stale, and the request would run).
+        self._send(frames.Cancel(client=self.client_id, req=new_request_id(), target=st.req),
+                   priority=frames.PRIORITY[self.kind])
 
     def cancel_turn(self, incarnation: str, turn: int) -> None:
         """Cancel the turn (incarnation, turn), whoever holds it; honoured only if it is running."""
@@ -306,9 +327,13 @@ class Connection:
             case frames.Event():
                 if st is not None:
                     try:
-                        st.events.append(json.loads(frame.data))
-                    except ValueError:
-                        pass
+                        obj = _json_decode(frame.data)
+                    except (ValueError, msgspec.DecodeError):
+                        obj = None
+                    if isinstance(obj, dict):
+                        st.events.append(obj)
+                        if obj.get("type") == "result":
+                            st.last_result = obj  # the Result frame does not repeat it
             case frames.PreemptedNotice():
                 if st is not None:
                     st.preemptions += 1
@@ -320,7 +345,8 @@ class Connection:
                         status=frame.status, text=frame.text, session_id=frame.session_id, model=frame.model,
                         turn=frame.turn or st.turn, queued_ms=frame.queued_ms, turn_ms=frame.turn_ms,
                         error_code=frame.error_code, error=frame.error,
-                        raw=_json_or_none(frame.raw), request_id=frame.req, preemptions=st.preemptions,
+                        raw=_json_or_none(frame.raw) or st.last_result, request_id=frame.req,
+                        preemptions=st.preemptions,
                     )
             case frames.Error():
                 if st is not None:
@@ -336,6 +362,10 @@ class Connection:
                     st.result = TurnResult(status="cancelled", error_code=frame.reason, request_id=frame.req)
             case frames.AgentRequest():
                 self._answer(frame)
+        if st is not None and st.result is not None:
+            # Finished: the Turn keeps its state; the table keeps only what may need resubmitting,
+            # so a long-lived client does not grow by one entry per turn.
+            self.requests.pop(st.req, None)
 
     def _answer(self, frame: frames.AgentRequest) -> None:
         handler = self.on_permission if frame.subtype == "can_use_tool" else (
@@ -346,7 +376,7 @@ class Connection:
             error = f"no handler for {frame.subtype}"
         else:
             try:
-                response = handler(json.loads(frame.data))
+                response = handler(_json_decode(frame.data))
             except Exception as exc:  # noqa: BLE001 - a failing user handler must still answer the agent
                 error = f"handler raised {type(exc).__name__}: {exc}"
         self._send(frames.ControlAnswer(
@@ -370,12 +400,15 @@ class Connection:
         self.mailbox.close()
 
 
+_json_decode = msgspec.json.decode
+
+
 def _json_or_none(data: bytes | None) -> dict[str, Any] | None:
     if not data:
         return None
     try:
-        obj = json.loads(data)
-    except ValueError:
+        obj = _json_decode(data)
+    except (ValueError, msgspec.DecodeError):
         return None
     return obj if isinstance(obj, dict) else None
 

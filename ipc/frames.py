@@ -252,6 +252,7 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+_json_check = msgspec.json.Encoder()
 
 
 def encode(frame: msgspec.Struct) -> bytes:
@@ -329,6 +330,13 @@ def check_content(content: str | list[ContentBlock]) -> None:
             raise ProtocolError("bad_content", f"content block {i} has no string 'type'")
         if block["type"] == "text" and not isinstance(block.get("text"), str):
             raise ProtocolError("bad_content", f"text block {i} has no string 'text'")
+    # Blocks are maps of any msgpack values: an ext type, or a map keyed by nil or by an
+    # array, has no JSON form. Found only when the broker writes the user message, it would
+    # fail after the turn was granted and wedge the session: refuse it here.
+    try:
+        _json_check.encode(content)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError("bad_content", f"content has no JSON form: {exc}") from None
 
 
 def decode_request(data: bytes) -> RequestFrame:

@@ -38,6 +38,8 @@ DATA_OFFSET: Final = 4096
 OFF_WRITTEN: Final = 64
 OFF_READ: Final = 128
 OFF_FLAGS: Final = 192
+OFF_START: Final = 256  # where the current writer's stream begins (set before OFF_GEN)
+OFF_GEN: Final = 320  # bumped by every new writer (a broker restart)
 FLAG_FAILED: Final = 1  # the broker gave up on this client (client_too_slow)
 FLAG_CLOSED: Final = 2  # the broker will write no more
 
@@ -84,6 +86,7 @@ class MailboxReader:
             self._drop_ring()
             raise limit_error(f"mailbox doorbell {self.bell_name}", exc) from exc
         self._read = 0
+        self._gen = 0
         self._buf = bytearray()
         self.closed = False
 
@@ -122,20 +125,54 @@ class MailboxReader:
         # Flags before the counter: the broker sets FLAG_FAILED after its last
         # publish, so a counter read after seeing the flag is final.
         failed = self.failed
-        written: int = self._words[OFF_WRITTEN // 8]
+        words = self._words
+        # The counter before the generation: a writer publishes its generation
+        # before any byte of its stream, so a counter that includes new-stream
+        # bytes is always seen together with the new generation.
+        written: int = words[OFF_WRITTEN // 8]
+        gen: int = words[OFF_GEN // 8]
+        out: list[bytes] = []
+        if gen != self._gen:
+            start: int = words[OFF_START // 8]
+            if self._gen and self._read <= start <= written:
+                # A new writer (a restarted broker) began at ``start``. Whole frames
+                # the old one finished are still delivered; the head of a frame it
+                # died streaming can never complete, so it is dropped.
+                self._pull(start)
+                out += self._parse()
+                self._buf.clear()
+            self._gen = gen
+        self._pull(written)
+        out += self._parse()
+        if failed:
+            if not out:
+                # Nothing more will come; what is left in buf is the head of a
+                # frame the broker dropped, which can never complete.
+                raise ClientTooSlow("the broker failed this client: it read its mailbox too slowly")
+            # The broker's last ring may already be consumed: ring again so the
+            # caller comes back and learns of the failure instead of waiting forever.
+            self._ring_self()
+        return out
+
+    def _pull(self, upto: int) -> None:
+        """Copy ring bytes [read, upto) into the buffer and publish the read counter."""
         r = self._read
-        if written != r:
-            if written - r > self.capacity or written < r:
-                raise ProtocolError("ring", f"ring counters inconsistent: written={written} read={r}")
-            pos = r % self.capacity
-            n = written - r
-            first = min(n, self.capacity - pos)
-            base = DATA_OFFSET
-            self._buf += self._mm[base + pos : base + pos + first]
-            if n > first:
-                self._buf += self._mm[base : base + n - first]
-            self._read = written
-            self._words[OFF_READ // 8] = written
+        if upto == r:
+            return
+        if upto - r > self.capacity or upto < r:
+            raise ProtocolError("ring", f"ring counters inconsistent: written={upto} read={r}")
+        pos = r % self.capacity
+        n = upto - r
+        first = min(n, self.capacity - pos)
+        base = DATA_OFFSET
+        self._buf += self._mm[base + pos : base + pos + first]
+        if n > first:
+            self._buf += self._mm[base : base + n - first]
+        self._read = upto
+        self._words[OFF_READ // 8] = upto
+
+    def _parse(self) -> list[bytes]:
+        """Complete length-prefixed frames from the buffer."""
         out = []
         buf = self._buf
         off = 0
@@ -149,14 +186,6 @@ class MailboxReader:
             off += 4 + size
         if off:
             del buf[:off]
-        if failed:
-            if not out:
-                # Nothing more will come; what is left in buf is the head of a
-                # frame the broker dropped, which can never complete.
-                raise ClientTooSlow("the broker failed this client: it read its mailbox too slowly")
-            # The broker's last ring may already be consumed: ring again so the
-            # caller comes back and learns of the failure instead of waiting forever.
-            self._ring_self()
         return out
 
     def discard_partial(self) -> int:
@@ -224,6 +253,10 @@ class MailboxWriter:
             raise
         self._words = _words(self._mm)
         self._written: int = self._words[OFF_WRITTEN // 8]
+        # Start a new stream generation: the start first, then the generation, so a
+        # reader that sees the new generation also sees where its stream begins.
+        self._words[OFF_START // 8] = self._written
+        self._words[OFF_GEN // 8] = self._words[OFF_GEN // 8] + 1
         self._pending: collections.deque[memoryview] = collections.deque()
         self.pending_bytes = 0
         self.max_pending = max_pending

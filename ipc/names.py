@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import stat
 from typing import Final
 
@@ -48,12 +47,12 @@ def doorbell(session: str, client: str) -> str:
 
 def new_client_id() -> str:
     """A fresh random client id (16 hex digits)."""
-    return secrets.token_hex(8)
+    return os.urandom(8).hex()
 
 
 def new_incarnation() -> str:
     """A fresh random broker incarnation id (16 hex digits)."""
-    return secrets.token_hex(8)
+    return os.urandom(8).hex()
 
 
 def check_owner(fd: int, name: str) -> None:

@@ -127,3 +127,33 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
         if rqueue.unlink(session):
             removed.append(Removed("request_queue", names.request_queue(session), "forced"))
     return removed
+
+
+def sweep_dead_clients(session: str) -> list[Removed]:
+    """Remove ``session``'s mailboxes whose owner process is gone (the broker calls this).
+
+    A client that dies while no broker runs, or before its hello is read, is
+    never watched by a broker's pidfd, so no broker removes its mailbox when
+    it dies. Unlike :func:`sweep`, this never touches the state block or the
+    request queue, and it keeps a mailbox whose header names no owner yet:
+    its client may be creating it right now.
+    """
+    removed: list[Removed] = []
+    prefix = f"{names.PREFIX}.{session}.mb."
+    for entry in _listing(SHM_DIR):
+        if not entry.startswith(prefix) or not _ours(SHM_DIR, entry):
+            continue
+        client = entry[len(prefix) :]
+        owner = mailbox.read_owner(session, client)
+        if owner is None or names.is_alive(*owner):
+            continue
+        why = f"client pid {owner[0]} is gone"
+        if shm.unlink(names.mailbox(session, client)):
+            removed.append(Removed("mailbox", names.mailbox(session, client), why))
+        try:
+            posix_ipc.unlink_message_queue(names.doorbell(session, client))
+            removed.append(Removed("doorbell", names.doorbell(session, client), why))
+        except posix_ipc.ExistentialError:
+            pass
+    return removed
+

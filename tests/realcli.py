@@ -124,8 +124,11 @@ class StdioProcess:
 
     def _read_stderr(self, stream: IO[bytes]) -> None:
         # Drained so a chatty child never blocks on a full pipe.
-        for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
-            self.stderr_chunks.append(chunk)
+        try:
+            for chunk in iter(lambda: os.read(stream.fileno(), 65536), b""):
+                self.stderr_chunks.append(chunk)
+        except (OSError, ValueError):
+            return  # closed under us: the child is gone
 
     @property
     def stderr(self) -> str:
@@ -264,6 +267,10 @@ class StdioProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
+        # The readers see EOF once the whole group is gone; join them before closing
+        # their streams, or a reader can hit a closed file.
+        for reader in (self._reader, self._err_reader):
+            reader.join(timeout=5)
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):

@@ -6,8 +6,10 @@
 which checks the contract from the outside: it rebuilds what it needs (the turn
 in flight, the line, who holds the lease, which request got which reply) from
 the events it fed and the decisions it saw, never from the scheduler's
-internals. The one exception is attributing a ``WriteSetModel`` to a request,
-which no decision names; it uses the public :meth:`Scheduler.holder`.
+internals. It uses three public methods: :meth:`Scheduler.holder` to attribute
+a ``WriteSetModel`` (no decision names its request), and, as cross-checks,
+:meth:`Scheduler.line` (must equal the line the tracker expects, in order) and
+:meth:`Scheduler.next_deadline` (a drain or a model switch must be bounded).
 
 :meth:`World.enabled` lists the events that can happen next over a bounded
 alphabet (:class:`Alphabet`): the clients' scripted actions, what a plausible
@@ -21,10 +23,11 @@ Every broken rule raises :class:`InvariantBroken` naming the rule.
 
 from __future__ import annotations
 
+import collections
 import copyreg
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker import scheduler as s
@@ -109,6 +112,7 @@ class Flight:
     key: Key | None = None
     inited: bool = False
     wanted: str | None = None  # strongest interrupt reason the tracker knows was asked
+    asked_at: float | None = None  # when the first interrupt reason was asked
     sent: bool = False
 
 
@@ -143,6 +147,7 @@ class Tracker:
         self.last_busy = float("-inf")
         self.regrants: set[Key] = set()
         self.max_idle = max(config.lease_idle_s, 10.0)
+        self._switch_since: tuple[str, float] | None = None
         # per step
         self._step_frames: dict[Key, list[Any]] = {}
         self._ended: Flight | None = None
@@ -250,8 +255,8 @@ class Tracker:
             case s.Released():
                 self._released = ev.client
 
-        for i, d in enumerate(out):
-            self._decision(ev, d, out[i + 1 :])
+        for d in out:
+            self._decision(ev, d)
 
         need(self._expect_started is None, "a user message was written but its client was not told Started")
         self._after_step(ev, out, busy_before, crash)
@@ -292,6 +297,8 @@ class Tracker:
     def _want(self, reason: str) -> None:
         f = self.flight
         assert f is not None
+        if f.asked_at is None:
+            f.asked_at = self.now
         if REASON_RANK[reason] > REASON_RANK[f.wanted]:
             f.wanted = reason
 
@@ -317,7 +324,7 @@ class Tracker:
 
     # ------------------------------------------------------------ decisions
 
-    def _decision(self, ev: s.SchedEvent, d: s.Decision, rest: list[s.Decision]) -> None:
+    def _decision(self, ev: s.SchedEvent, d: s.Decision) -> None:
         match d:
             case s.WriteUser():
                 need(self.agent == "up", "user message written while the agent is down")
@@ -336,6 +343,7 @@ class Tracker:
                 need(self.agent == "up", "set_model written while the agent is down")
                 need(self.flight is None, "set_model written while a turn runs")
                 need(self.pending_ctrl is None, "two set_model requests outstanding")
+                self._resolve_switch()  # the previous switch ended in this same step
                 assert self._sched is not None
                 h = self._sched.holder()
                 need(h is not None, "set_model written for no request")
@@ -600,17 +608,7 @@ class Tracker:
             self._check_ended(ev, ended)
         elif ended is not None:
             need(False, "tracker bug: a turn ended that never started")
-        # A model switch that ended without the request starting or finishing: back at the head.
-        if self.switch_key is not None and self.pending_ctrl is None:
-            r = self.reqs[self.switch_key]
-            self.switch_key = None
-            if r.state == "picked":
-                if r.client in self.alive:
-                    need(not r.cancel_asked, f"request {r.key} requeued although its cancel was accepted")
-                    self.promote_seq += 1
-                    r.state, r.promoted = "waiting", self.promote_seq
-                else:
-                    r.state = "dropped"
+        self._resolve_switch()
         if self._cancelled_queued is not None:
             r = self.reqs[self._cancelled_queued]
             need(
@@ -628,16 +626,57 @@ class Tracker:
             if c in held:
                 need(False, f"{c} released its lease and was not told it ended")
         f = self.flight
+        sched = self._sched
+        assert sched is not None
+        deadline = sched.next_deadline()
         if f is not None:
             fr = self.flight_req()
             if fr is not None and fr.kind == "worker" and self.waiting("webhook"):
                 self._want("preempt")
             if f.inited and f.wanted is not None:
                 need(f.sent, f"turn {f.turn} must be interrupted ({f.wanted}) and no interrupt was written")
+            if f.asked_at is not None:
+                # The drain is bounded: a wedged agent is restarted, never waited for forever.
+                bound = f.asked_at + self.config.drain_timeout_s
+                need(deadline is not None and deadline <= bound + 1e-9,
+                     f"turn {f.turn} was asked to stop at {f.asked_at} and nothing fires by {bound} ({deadline})")
+        if self.pending_ctrl is not None:
+            if self._switch_since is None or self._switch_since[0] != self.pending_ctrl:
+                self._switch_since = (self.pending_ctrl, self.now)
+            bound = self._switch_since[1] + self.config.model_timeout_s
+            need(deadline is not None and deadline <= bound + 1e-9,
+                 f"a set_model is unanswered and nothing fires by {bound} ({deadline})")
         if busy_before or self.busy:
             self.last_busy = self.now
         for r in self.reqs.values():
             need(r.state != "ended", f"request {r.key}: its turn ended and it got no reply")
+        self._check_line(sched)
+
+    def _resolve_switch(self) -> None:
+        """A model switch that ended without its request starting or finishing: back at the head."""
+        if self.switch_key is None or self.pending_ctrl is not None:
+            return
+        r = self.reqs[self.switch_key]
+        self.switch_key = None
+        if r.state == "picked":
+            if r.client in self.alive:
+                need(not r.cancel_asked, f"request {r.key} requeued although its cancel was accepted")
+                self.promote_seq += 1
+                r.state, r.promoted = "waiting", self.promote_seq
+            else:
+                r.state = "dropped"
+
+    def _check_line(self, sched: s.Scheduler) -> None:
+        """The scheduler's line is the tracker's, in the same order; the session never idles while work waits."""
+        want = [r.key for kind in ("webhook", "worker") for r in sorted(self.waiting(kind), key=Req.rank)]
+        got = [r.key for r in sched.line()]
+        need(got == want, f"the line is {got}, expected {want}")
+        if self.agent != "up" or self.busy:
+            return
+        lv = self.lease
+        for r in self.waiting():
+            if lv is None or lv.client == r.client or (lv.kind == "worker" and r.kind == "webhook"):
+                need(False, f"the session is idle while {r.key} could run (lease {lv and lv.client})")
 
     def _check_ended(self, ev: s.SchedEvent, f: Flight) -> None:
         assert f.key is not None
@@ -721,7 +760,11 @@ class Tracker:
             )
         )
         f = self.flight
-        flight = None if f is None else (f.turn - self.max_turn, f.key, f.inited, f.wanted, f.sent)
+        flight = None if f is None else (
+            f.turn - self.max_turn, f.key, f.inited, f.wanted, f.sent,
+            None if f.asked_at is None else f.asked_at - self.now,
+        )
+        switch = None if self._switch_since is None else self._switch_since[1] - self.now
 
         def lease(lv: LeaseView | None) -> Any:
             return None if lv is None else (lv.client, lv.kind, lv.idle_s, max(lv.since - self.now, -self.max_idle))
@@ -741,71 +784,59 @@ class Tracker:
             tuple(sorted(self.alive)),
             tuple(sorted(self.dead)),
             tuple(sorted(self.regrants)),
+            switch,
         )
+
+
+#: Fields that only feed timings in replies and logs: no decision depends on them.
+TIMING_FIELDS = frozenset({"submitted_at", "started_at", "preempt_asked_at", "queued_ms", "last_preempt_signal_s"})
+#: Fields that are absolute times: compared to ``now`` only.
+TIME_FIELDS = frozenset({"deadline"})
 
 
 def sched_summary(sc: s.Scheduler, now: float) -> tuple[Any, ...]:
-    """A canonical digest of the scheduler's state: timing fields dropped, ids and deadlines made relative."""
+    """A canonical digest of the scheduler's state.
 
-    def rt(x: float | None) -> float | None:
-        return None if x is None else round(x - now, 6)
+    Generic over the scheduler's attributes (a field added later is included
+    by default): timing-only fields dropped, deadlines relative to ``now``,
+    turn and control ids relative to their counters, counters left out.
+    """
 
-    def ctrl(cid: str | None) -> int | None:
-        return None if cid is None else int(cid.rsplit("-", 1)[1]) - sc.ctrl_seq
+    def ctrl(cid: str) -> int:
+        return int(cid.rsplit("-", 1)[1]) - sc.ctrl_seq
 
-    reqs = tuple(
-        sorted(
-            (
-                k,
-                r.kind,
-                r.op,
-                str(r.content),
-                r.model,
-                r.on_preempt,
-                r.resume_prompt,
-                r.lease_idle_s,
-                r.attempts,
-                r.preemptions,
-            )
-            for k, r in sc.requests.items()
-        )
-    )
-    t = sc.turn
-    turn = (
-        None
-        if t is None
-        else (
-            t.id - sc.turn_seq,
-            t.request.key,
-            t.phase,
-            t.inited,
-            t.reason,
-            t.interrupt_sent,
-            rt(t.deadline),
-            ctrl(t.ctrl_id),
-            t.target_model,
-        )
-    )
+    def digest(name: str, v: Any) -> Any:
+        if name in TIME_FIELDS and isinstance(v, float | int):
+            return round(v - now, 6)
+        if name == "id" and isinstance(v, int):
+            return v - sc.turn_seq
+        if name == "ctrl_id" and isinstance(v, str):
+            return ctrl(v)
+        if isinstance(v, s.Request):
+            return v.key
+        if isinstance(v, s.Turn | s.LeaseState):
+            return tuple((k, digest(k, x)) for k, x in sorted(vars(v).items())
+                         if k not in TIMING_FIELDS and k != "uuid")
+        if isinstance(v, dict | list):
+            return repr(v)
+        return v
 
-    def lease(lv: s.LeaseState | None) -> Any:
-        return None if lv is None else (lv.client, lv.kind, lv.idle_s, rt(lv.deadline))
+    def request(r: s.Request) -> tuple[Any, ...]:
+        return tuple((k, digest(k, x)) for k, x in sorted(vars(r).items()) if k not in TIMING_FIELDS)
 
-    finished = tuple(sorted((k, type(fr).__name__, getattr(fr, "status", None)) for k, fr in sc.finished.items()))
-    return (
-        sc.incarnation,
-        sc.model,
-        tuple(sorted(sc.clients.items())),
-        reqs,
-        tuple(r.key for r in sc.webhooks),
-        tuple(r.key for r in sc.workers),
-        turn,
-        lease(sc.lease),
-        lease(getattr(sc, "suspended_lease", None)),
-        sc.agent_up,
-        sc.agent_busy,
-        sc.restarting,
-        finished,
-    )
+    out: list[Any] = [tuple(sorted(request(r) for r in sc.requests.values()))]
+    for name, v in sorted(vars(sc).items()):
+        if name in TIMING_FIELDS or name in ("config", "counters", "requests", "_out", "turn_seq", "ctrl_seq"):
+            continue
+        if name == "finished":
+            out.append(tuple(sorted((k, type(fr).__name__, getattr(fr, "status", None)) for k, fr in v.items())))
+        elif name == "clients":
+            out.append(tuple(sorted(v.items())))
+        elif isinstance(v, collections.deque):
+            out.append((name, tuple(r.key for r in v)))
+        else:
+            out.append((name, digest(name, v)))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- the world
@@ -836,6 +867,8 @@ class World:
         self.sched.check()
         self.now = ev.now
         self.steps += 1
+        if kind in ("ignored", "stale_cancel"):
+            need(out == [], f"{type(ev).__name__} that must be ignored ({kind}) produced {out}")
         if kind == "dup_done":
             r = t.reqs[(ev.client, ev.req)]  # type: ignore[union-attr]
             need(
@@ -849,8 +882,6 @@ class World:
             )
         else:
             t.observe(ev, out, self.sched)
-        if kind in ("ignored", "stale_cancel"):
-            need(out == [], f"{type(ev).__name__} that must be ignored produced {out}")
         if before is not None:
             need(sched_summary(self.sched, ev.now) == before, f"{kind} {type(ev).__name__} changed the scheduler")
         if kind == "stale_cancel":
@@ -890,8 +921,7 @@ class World:
     def enabled(self, alphabet: Alphabet) -> list[tuple[str, s.SchedEvent, str | None]]:
         """Every event the alphabet allows now: (label, event, budget to spend or None)."""
         evs: list[tuple[str, s.SchedEvent, str | None]] = [(lb, ev, None) for lb, ev in self.agent_events()]
-        evs += [(lb, ev, lb) for lb, ev in alphabet.events(self)]
-        return evs
+        return evs + alphabet.events(self)
 
     def fire(self, label: str, ev: s.SchedEvent, budget: str | None = None) -> list[s.Decision]:
         if budget is not None:
@@ -937,19 +967,26 @@ W1 = "bbbbbbbbbbbbbbb1"  # webhooks
 W2 = "bbbbbbbbbbbbbbb2"
 W3 = "bbbbbbbbbbbbbbb3"
 NAMES = {K: "K", K2: "K2", W1: "W1", W2: "W2", W3: "W3"}
-KINDS = {K: "worker", K2: "worker", W1: "webhook", W2: "webhook", W3: "webhook"}
+KINDS: dict[str, frames.Kind] = {K: "worker", K2: "worker", W1: "webhook", W2: "webhook", W3: "webhook"}
 
 EventMaker = Callable[[World], s.SchedEvent | None]
 
 
 @dataclass(frozen=True)
 class Action:
-    """A once-per-path event of the alphabet, enabled once its ``after`` actions happened."""
+    """An event of the alphabet, enabled once its ``after`` actions happened.
+
+    A normal action happens at most once per path. A ``free`` one (a line the
+    scheduler must ignore) may happen at every state: it leaves the state as it
+    was (the tracker checks that), so it costs one transition per state and no
+    new states.
+    """
 
     label: str
     make: EventMaker
     after: tuple[str, ...] = ()
     client: str | None = None
+    free: bool = False
 
 
 def submit(client: str, req: str, **kw: Any) -> EventMaker:
@@ -969,22 +1006,23 @@ def cancel_running(client: str) -> EventMaker:
     )
 
 
-def cancel_finished(client: str) -> EventMaker:
-    return lambda w: (
-        None
-        if w.tracker.last_ended is None
-        else s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=w.tracker.last_ended)
-    )
+def stale_cancel(client: str) -> EventMaker:
+    """A cancel that names no running turn, whichever kind fits the state best.
 
+    With a turn in flight: its id under another incarnation if no turn ended
+    yet, else the turn that ended last (a cancel arriving after its turn ended,
+    while the next holder runs). With none: a finished or a future turn.
+    """
 
-def cancel_other_incarnation(client: str) -> EventMaker:
-    return lambda w: s.CancelAsked(
-        w.now, client, incarnation=OTHER_INCARNATION, turn=w.tracker.flight.turn if w.tracker.flight else 1
-    )
+    def make(w: World) -> s.SchedEvent:
+        t = w.tracker
+        if t.flight is not None and t.last_ended is None:
+            return s.CancelAsked(w.now, client, incarnation=OTHER_INCARNATION, turn=t.flight.turn)
+        if t.last_ended is not None:
+            return s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=t.last_ended)
+        return s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=FUTURE_TURN)
 
-
-def cancel_future(client: str) -> EventMaker:
-    return lambda w: s.CancelAsked(w.now, client, incarnation=INCARNATION, turn=FUTURE_TURN)
+    return make
 
 
 def late_result(w: World) -> s.SchedEvent | None:
@@ -1000,6 +1038,11 @@ def wrong_answer(w: World) -> s.SchedEvent | None:
     if w.tracker.pending_ctrl is None and w.tracker.old_ctrl is None:
         return None
     return s.ModelAnswered(w.now, w.tracker.old_ctrl or BOGUS_CTRL, ok=True, model="m-wrong")
+
+
+def switching_init(w: World) -> s.SchedEvent | None:
+    """A system/init naming the id of the turn still in its model switch (no user message written yet)."""
+    return s.TurnInit(w.now, w.sched.turn_seq) if w.tracker.pending_ctrl is not None else None
 
 
 def model_refused(w: World) -> s.SchedEvent | None:
@@ -1027,10 +1070,10 @@ class Alphabet:
     name: str
     clients: tuple[str, ...]
     actions: tuple[Action, ...]
-    max_depth: int
 
-    def events(self, w: World) -> list[tuple[str, s.SchedEvent]]:
-        out: list[tuple[str, s.SchedEvent]] = []
+    def events(self, w: World) -> list[tuple[str, s.SchedEvent, str | None]]:
+        """The alphabet's events enabled in ``w``: (label, event, budget it spends or None)."""
+        out: list[tuple[str, s.SchedEvent, str | None]] = []
         for a in self.actions:
             if a.label in w.used or any(x not in w.used for x in a.after):
                 continue
@@ -1038,18 +1081,22 @@ class Alphabet:
                 continue
             ev = a.make(w)
             if ev is not None:
-                out.append((a.label, ev))
+                out.append((a.label, ev, None if a.free else a.label))
         return out
 
     def world(self, config: s.Config | None = None) -> World:
         w = World(config)
         for c in self.clients:
-            w.fire(f"connect {NAMES[c]}", s.Connected(0.0, c, KINDS[c]))  # type: ignore[arg-type]
+            w.fire(f"connect {NAMES[c]}", s.Connected(0.0, c, KINDS[c]))
         return w
 
 
 def _act(label: str, make: EventMaker, after: tuple[str, ...] = (), client: str | None = None) -> Action:
     return Action(label, make, after, client)
+
+
+def _free(label: str, make: EventMaker, client: str | None = None) -> Action:
+    return Action(label, make, (), client, free=True)
 
 
 def small_alphabet() -> Alphabet:
@@ -1061,26 +1108,29 @@ def small_alphabet() -> Alphabet:
         _act("K sub k2 (model m2, return)", submit(K, "k2", model="m2", on_preempt="return"), ("K sub kL (lease)",), K),
         _act("K release", lambda w: s.Released(w.now, K), ("K sub kL (lease)",), K),
         _act("W1 sub w1", submit(W1, "w1"), client=W1),
-        _act("W1 cancel finished turn", cancel_finished(W1), ("W1 sub w1",), W1),
         _act("W2 sub w2", submit(W2, "w2"), client=W2),
         _act("W2 dies", lambda w: s.ClientGone(w.now, W2), ("W2 sub w2",), W2),
         _act("agent crashes", crash),
+        _free("W1 stale cancel", stale_cancel(W1), W1),
+        _free("foreign model answer", wrong_answer),
     )
-    return Alphabet("default", (K, W1, W2), acts, max_depth=60)
+    return Alphabet("default", (K, W1, W2), acts)
 
 
 def large_alphabet() -> Alphabet:
-    """``TURNSTILE_EXPLORE=large``: a third webhook with a model, more cancels, implausible agent lines."""
-    base = small_alphabet().actions
+    """``TURNSTILE_EXPLORE=large``: a third webhook with a model and a lease, more cancels and faults."""
     acts = (
-        *base,
+        *small_alphabet().actions,
         _act("K cancel k2", cancel_target(K, "k2"), ("K sub k2 (model m2, return)",), K),
         _act("W1 resubmit w1", submit(W1, "w1"), ("W1 sub w1",), W1),
         _act("W1 cancel running turn", cancel_running(W1), client=W1),
         _act("W3 sub w3 (model m2)", submit(W3, "w3", model="m2"), client=W3),
-        _act("late result", late_result),
-        _act("duplicate init", dup_init),
-        _act("foreign model answer", wrong_answer),
+        _act("W3 sub w3L (lease)", submit(W3, "w3L", op="lease"), ("W3 sub w3 (model m2)",), W3),
+        _act("W3 release", lambda w: s.Released(w.now, W3), ("W3 sub w3L (lease)",), W3),
         _act("model refused", model_refused),
+        _free("late result", late_result),
+        _free("duplicate init", dup_init),
+        _free("late exit", late_exit),
+        _free("init for a turn still switching", switching_init),
     )
-    return Alphabet("large", (K, W1, W2, W3), acts, max_depth=80)
+    return Alphabet("large", (K, W1, W2, W3), acts)

@@ -21,18 +21,31 @@ _BIN = Path(sys.executable).with_name("turnstile")
 TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli"]
 LONG = "[sim:turn_ms=3000]"
 
-RESULT_FIELDS = {"status", "turn", "text", "session_id", "model", "queued_ms", "turn_ms", "error_code", "error",
-                 "request_id", "preemptions"}
+RESULT_FIELDS = {
+    "status",
+    "turn",
+    "text",
+    "session_id",
+    "model",
+    "queued_ms",
+    "turn_ms",
+    "error_code",
+    "error",
+    "request_id",
+    "preemptions",
+}
 
 
 def ts(*args: str, timeout_s: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TURNSTILE, *args], capture_output=True, text=True, timeout=timeout_s,
-                          stdin=subprocess.DEVNULL, **kw)
+    return subprocess.run(
+        [*TURNSTILE, *args], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, **kw
+    )
 
 
 def ts_bg(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*TURNSTILE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [*TURNSTILE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.fixture
@@ -98,15 +111,21 @@ def test_prompt_plain_text_streams_answer(broker_factory, session_name):
 
 def test_prompt_reads_stdin_and_session_from_env(broker_factory, session_name):
     broker_factory()
-    cp = subprocess.run([*TURNSTILE, "prompt", "-"], input="from stdin", capture_output=True, text=True,
-                        timeout=30, env={**os.environ, "TURNSTILE_SESSION": session_name})
+    cp = subprocess.run(
+        [*TURNSTILE, "prompt", "-"],
+        input="from stdin",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TURNSTILE_SESSION": session_name},
+    )
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == "sim: from stdin\n"
 
 
 def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     b = broker_factory()
-    w = bg("prompt", "--session", session_name, "--kind", "worker", "--json", f"{LONG} json-worker")
+    w = bg("prompt", "--session", session_name, "--kind", "worker", "--json", "[sim:turn_ms=4000] json-worker")
     wait_until(turn_running(b, "worker"), what="worker running")
     hook = ts("prompt", "--session", session_name, "--json", "json-hook")
     assert hook.returncode == 0, hook.stderr
@@ -137,7 +156,7 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
 
 def test_exit_3_preempted_with_on_preempt_return(broker_factory, session_name, bg):
     b = broker_factory()
-    w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", f"{LONG} w")
+    w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", "[sim:turn_ms=8000] w")
     wait_until(turn_running(b, "worker"), what="worker running")
     assert ts("prompt", "--session", session_name, "hook").returncode == 0
     rc, _out, err = finish(w)
@@ -196,14 +215,17 @@ def test_exit_7_timeout(broker_factory, session_name):
     assert ts("prompt", "--session", session_name, "next").returncode == 0
 
 
-@pytest.mark.parametrize("args", [
-    ("prompt", "--kind", "admin", "x"),
-    ("prompt",),
-    ("prompt", "--on-preempt", "never", "x"),
-    ("status", "--bogus"),
-    ("serve", "--session", "bad name!"),
-    ("nosuchcommand",),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("prompt", "--kind", "admin", "x"),
+        ("prompt",),
+        ("prompt", "--on-preempt", "never", "x"),
+        ("status", "--bogus"),
+        ("serve", "--session", "bad name!"),
+        ("nosuchcommand",),
+    ],
+)
 def test_exit_2_usage(args, session_name):
     cp = ts(*args)
     assert cp.returncode == 2, (cp.stdout, cp.stderr)
@@ -254,8 +276,9 @@ sys.stdin.read()
 
 
 def test_sweep_removes_dead_clients_mailbox(session_name):
-    p = subprocess.Popen([sys.executable, "-c", DEAD_CLIENT, session_name], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", DEAD_CLIENT, session_name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout is not None and p.stdin is not None
     cid, pid = p.stdout.readline().split()
     ring = names.mailbox(session_name, cid)
@@ -279,9 +302,14 @@ def test_help_lists_exit_codes(cmd):
     assert cp.returncode == 0
     text = cp.stdout.lower()
     assert "exit" in text, cp.stdout
-    codes = {"serve": ["0", "10", "11", "12", "130"], "prompt": ["0", "2", "3", "4", "5", "6", "7"],
-             "status": ["0", "5"], "cancel": ["0", "1", "2", "5"], "demo": ["0", "1"]}[cmd]
-    section = text[text.index("exit"):]
+    codes = {
+        "serve": ["0", "10", "11", "12", "130"],
+        "prompt": ["0", "2", "3", "4", "5", "6", "7"],
+        "status": ["0", "5"],
+        "cancel": ["0", "1", "2", "5"],
+        "demo": ["0", "1"],
+    }[cmd]
+    section = text[text.index("exit") :]
     for code in codes:
         assert f" {code} " in section.replace("\n", " ").replace(",", " "), (cmd, code, cp.stdout)
 
@@ -290,3 +318,85 @@ def test_help_of_group_and_sweep():
     for args in [("--help",), ("sweep", "--help"), ("-h",)]:
         cp = ts(*args)
         assert cp.returncode == 0 and "Usage:" in cp.stdout
+
+
+# ---------------------------------------------------------------- serve exit codes
+
+
+def test_serve_exit_10_when_session_is_served(broker_factory, session_name):
+    b = broker_factory()
+    cp = ts("serve", "--session", session_name, "--agent", "sim", "--state-dir", str(b.state_dir), timeout_s=20)
+    assert cp.returncode == 10, cp.stderr
+    assert "another broker" in cp.stderr
+    assert ts("prompt", "--session", session_name, "still-served").returncode == 0
+
+
+def test_serve_exit_11_when_live_broker_owns_ipc(broker_factory, session_name, tmp_path):
+    broker_factory()
+    # Another state dir, so no lock is shared: the live broker's state block refuses it.
+    cp = ts("serve", "--session", session_name, "--agent", "sim", "--state-dir", str(tmp_path / "other"), timeout_s=20)
+    assert cp.returncode == 11, cp.stderr
+    assert "live broker" in cp.stderr
+    cp = ts("prompt", "--session", session_name, "--connect-timeout-s", "2", "still-served")
+    assert cp.returncode == 0, cp.stderr
+
+
+def test_serve_exit_12_agent_not_found(session_name, tmp_path):
+    cp = ts(
+        "serve",
+        "--session",
+        session_name,
+        "--agent",
+        "claude",
+        "--claude-bin",
+        str(tmp_path / "no-such-claude"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        timeout_s=20,
+    )
+    assert cp.returncode == 12, cp.stderr
+    assert "no-such-claude" in cp.stderr
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session_name}.")] == []
+
+
+def test_serve_exit_130_on_second_signal(broker_factory, session_name):
+    b = broker_factory()
+    assert b.proc is not None
+    w = ts_bg("prompt", "--session", session_name, "--kind", "worker", "[sim:ignore_interrupt] stuck")
+    try:
+        wait_until(turn_running(b), what="stuck turn running")
+        agent = rec(b).agent_pid
+        b.proc.send_signal(signal.SIGINT)  # drain: the interrupt is ignored, so it waits
+        wait_until(lambda: '"broker.signal"' in b.log_text(), what="first signal seen")
+        b.proc.send_signal(signal.SIGINT)
+        assert b.proc.wait(10) == 130
+    finally:
+        w.kill()
+        w.communicate()
+    wait_until(lambda: not os.path.exists(f"/proc/{agent}") or _zombie(agent), timeout_s=5, what="agent gone")
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session_name}.st")] == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
+def test_status_and_sweep_after_broker_sigkill(broker_factory, session_name):
+    b = broker_factory()
+    pid = b.pid
+    b.kill()
+    cp = ts("status", "--session", session_name, "--json")
+    assert cp.returncode == 5
+    d = json.loads(cp.stdout)
+    assert d["broker_alive"] is False and d["broker_pid"] == pid
+    assert "DEAD" in ts("status", "--session", session_name).stdout
+    cp = ts("sweep", "--session", session_name, "--json")
+    assert cp.returncode == 0
+    removed = {(r["kind"], r["name"]) for r in json.loads(cp.stdout)}
+    assert ("state", names.state_block(session_name)) in removed
+    assert ("request_queue", names.request_queue(session_name)) in removed
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session_name}.")] == []

@@ -49,6 +49,17 @@ def turn_running(b: BrokerProcess, kind: str | None = None) -> Callable[[], bool
     return cond
 
 
+def started(t: Any) -> dict[str, Any]:
+    """Wait for a turn's first event (its system/init): the turn runs now.
+
+    (The state block is published just after the broker acts, so a snapshot
+    read right after a previous turn's result may still show that turn.)
+    """
+    first = next(iter(t.events(timeout_s=15)))
+    assert first.get("subtype") == "init", first
+    return first
+
+
 def in_thread(fn: Callable[[], Any]) -> Callable[[float], Any]:
     """Run ``fn`` in a thread; returns a join(timeout) that gives its value or raises its error."""
     box: dict[str, Any] = {}
@@ -127,6 +138,7 @@ def test_lease_holds_session_across_turns(broker_factory, session_name):
     with Client(session_name, "worker") as c:
         with c.lease():
             r1 = c.prompt("[sim:turn_ms=300] in-lease-1").result(timeout_s=10)
+
             # Another worker submits now; it must wait for the lease to end.
             def outsider() -> TurnResult:
                 with Client(session_name, "worker") as o:
@@ -159,12 +171,12 @@ def test_cancel_running_and_queued(broker_factory, session_name):
 
 
 def test_requeue_by_default_return_on_request(broker_factory, session_name):
-    b = broker_factory()
+    broker_factory()
     with Client(session_name, "worker") as c:
         t = c.prompt(f"{LONG} requeued-work")
-        wait_until(turn_running(b, "worker"), what="worker running")
+        first = started(t)
         hook = webhook_prompt(session_name, "hook-1")
-        events = list(t.events(timeout_s=20))
+        events = [first, *t.events(timeout_s=20)]
         res = t.result()
         assert hook(20).ok
         assert res.ok and res.preemptions == 1 and res.text.startswith("sim: " + RESUME_NOTE)
@@ -172,7 +184,7 @@ def test_requeue_by_default_return_on_request(broker_factory, session_name):
         assert pre == [{"type": "turnstile", "subtype": "preempted", "turn": pre[0]["turn"], "requeued": True}]
 
         t2 = c.prompt(f"{LONG} given-back", on_preempt="return")
-        wait_until(turn_running(b, "worker"), what="worker running again")
+        started(t2)
         hook2 = webhook_prompt(session_name, "hook-2")
         res2 = t2.result(timeout_s=20)
         assert hook2(20).ok
@@ -180,16 +192,16 @@ def test_requeue_by_default_return_on_request(broker_factory, session_name):
 
 
 def test_client_level_on_preempt_return_and_custom_resume_prompt(broker_factory, session_name):
-    b = broker_factory()
+    broker_factory()
     with Client(session_name, "worker", on_preempt="return") as c:
         t = c.prompt(f"{LONG} x")
-        wait_until(turn_running(b, "worker"), what="worker running")
+        started(t)
         hook = webhook_prompt(session_name, "hook")
         assert t.result(timeout_s=20).status == "preempted"
         assert hook(20).ok
     with Client(session_name, "worker") as c:
         t = c.prompt(f"{LONG} y", resume_prompt="carry on from where you stopped")
-        wait_until(turn_running(b, "worker"), what="worker running")
+        started(t)
         hook = webhook_prompt(session_name, "hook")
         res = t.result(timeout_s=20)
         assert hook(20).ok
@@ -229,8 +241,12 @@ def test_broker_restart_mid_request_resubmits_same_id(broker_factory, session_na
         assert c.incarnation != inc0
     assert res.ok and "across-restart" in res.text and res.request_id == t.request_id
     b2.wait_ready()
-    log = [json.loads(line) for line in b2.log_text().splitlines() if line.startswith("{")]
-    assert [e["req"] for e in log if e["event"] == "request.result"] == [t.request_id]
+
+    def results_logged() -> list[str]:
+        log = [json.loads(line) for line in b2.log_text().splitlines() if line.startswith("{")]
+        return [e["req"] for e in log if e["event"] == "request.result"]
+
+    assert wait_until(results_logged, what="result logged") == [t.request_id]
     assert rec(b2).counters["requests"] == 1
 
 
@@ -297,6 +313,22 @@ def test_async_concurrent_turns_set_model_lease_cancel(broker_factory, session_n
     assert a.ok and b2.ok and b2.turn == a.turn + 1 and a.model == "m9"
     assert out["cancelled"].status == "cancelled"
     assert rec(b).model == "m9"
+
+
+def test_async_client_has_the_blocking_clients_shape(broker_factory, session_name):
+    b = broker_factory()
+    public = {n for n in dir(Client) if not n.startswith("_")}
+    assert public <= {n for n in dir(AsyncClient) if not n.startswith("_")}
+
+    async def main() -> TurnResult:
+        async with AsyncClient(session_name, "worker") as w, AsyncClient(session_name, "webhook") as h:
+            assert w.incarnation == rec(b).incarnation
+            t = w.prompt(f"{LONG} cancelled-by-turn-id")
+            await t.events().__anext__()
+            h.cancel_turn(h.incarnation, t.turn_id)
+            return await t.result(timeout_s=10)
+
+    assert asyncio.run(main()).status == "cancelled"
 
 
 def test_async_on_preempt_return(broker_factory, session_name):
@@ -392,3 +424,16 @@ def test_reconnect_timeout_gives_broker_unavailable(broker_factory, session_name
             assert res.status == "error" and res.error_code == "broker_unavailable"
 
     asyncio.run(main())
+
+
+def test_cancel_while_no_broker_runs_is_not_lost(broker_factory, session_name):
+    b = broker_factory()
+    with Client(session_name, "worker", reconnect_timeout_s=30) as c:
+        t = c.prompt("[sim:turn_ms=3000] cancel-me-later")
+        next(iter(t.events(timeout_s=10)))
+        b.kill()
+        wait_until(lambda: b.snapshot() is None or not b.snapshot().broker_alive, what="broker dead")
+        t.cancel()  # no broker to send it to now
+        broker_factory(wait=False)
+        res = t.result(timeout_s=30)
+    assert res.status == "cancelled"

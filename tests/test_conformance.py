@@ -14,12 +14,14 @@ import contextlib
 import difflib
 import functools
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from broker.agents.sim import parse_directives
 from broker.agents.simulated import SimAgent
 from broker.offline_api import OfflineAPI
 from tests.conformance_script import (
@@ -31,7 +33,7 @@ from tests.conformance_script import (
     normalise,
     record_exchange,
 )
-from tests.realcli import DEFAULT_MODEL, real_cli, require_claude_bin, spawn, temp_home
+from tests.realcli import DEFAULT_MODEL, StdioProcess, real_cli, require_claude_bin, spawn, temp_home
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +44,28 @@ def api() -> Iterator[OfflineAPI]:
         yield server
 
 
+def _let_stderr_drain(proc: StdioProcess) -> None:
+    """Once the agent has exited, let its stderr reader reach EOF.
+
+    ``StdioProcess.kill`` closes the pipes without joining the reader
+    threads, so a reader still between two reads of an exited agent's stderr
+    (a malformed line makes the agent write there and exit) meets a closed
+    file: ``ValueError`` in the thread, which pytest reports as an error.
+    """
+    if proc.proc.poll() is not None:
+        proc._err_reader.join(timeout=5)
+
+
+@contextlib.contextmanager
+def real_agent(api: OfflineAPI) -> Iterator[Agent]:
+    """The real CLI against ``api`` (see :func:`tests.realcli.real_cli`)."""
+    with real_cli(api) as proc:
+        try:
+            yield proc
+        finally:
+            _let_stderr_drain(proc)
+
+
 @contextlib.contextmanager
 def sim_agent(*extra_args: str) -> Iterator[Agent]:
     """The sim, launched exactly as the real CLI is (same argv shape and model)."""
@@ -50,10 +74,29 @@ def sim_agent(*extra_args: str) -> Iterator[Agent]:
             session_id=str(uuid.uuid4()), resume=False, model=DEFAULT_MODEL
         )
         proc = spawn(launch.argv, launch.env, launch.cwd)
+        proc.busy_hook = functools.partial(_sim_streaming, proc)
         try:
             yield proc
         finally:
+            _let_stderr_drain(proc)
             proc.kill()
+
+
+def _sim_streaming(proc: StdioProcess, prompt: str, text_started: bool, timeout_s: float) -> None:
+    """The sim's side of :class:`tests.conformance_script.Busy`.
+
+    Like the real CLI, the sim prints nothing while a text block streams, but
+    its clock says how far the block is: its text arrives evenly over the
+    block's share of ``[sim:turn_ms]`` from the turn's start, which comes just
+    before its ``system/init``.  So wait for that line, then, with
+    ``text_started``, for five characters' worth of time (the real CLI's hook
+    waits for five deltas).
+    """
+    proc.read_kind("system/init", timeout_s)
+    if text_started:
+        turn_ms = int(parse_directives(prompt).get("turn_ms") or 0)
+        assert turn_ms > 0, f"a Busy(text_started=True) prompt for the sim needs [sim:turn_ms]: {prompt!r}"
+        time.sleep(5 * turn_ms / 1000 / len(f"sim: {prompt}"))
 
 
 def _render(value: Any) -> list[str]:
@@ -86,7 +129,7 @@ def compare(real: Normalised, sim: Normalised, exchange: Exchange) -> tuple[list
 @pytest.mark.parametrize("exchange", EXCHANGES, ids=lambda ex: ex.name)
 def test_sim_conforms_to_real_cli(api: OfflineAPI, exchange: Exchange) -> None:
     require_claude_bin()
-    real_t = record_exchange(lambda: real_cli(api), exchange)
+    real_t = record_exchange(lambda: real_agent(api), exchange)
     sim_t = record_exchange(sim_agent, exchange)
     real = normalise(real_t, loose_controls=exchange.loose_controls)
     sim = normalise(sim_t, loose_controls=exchange.loose_controls)
@@ -103,7 +146,7 @@ def test_a_drifted_sim_is_caught(api: OfflineAPI) -> None:
     """The comparison has teeth: a sim told to misbehave does not conform."""
     require_claude_bin()
     exchange = next(ex for ex in EXCHANGES if ex.name == "one_turn")
-    real = normalise(record_exchange(lambda: real_cli(api), exchange))
+    real = normalise(record_exchange(lambda: real_agent(api), exchange))
     for flags in (("--error", "budget"), ("--tool",)):
         sim = normalise(record_exchange(functools.partial(sim_agent, *flags), exchange))
         failures, _ = compare(real, sim, exchange)

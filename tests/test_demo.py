@@ -13,8 +13,14 @@ TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli
 
 def test_demo_plain_exits_0_with_summary(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "160"}
-    p = subprocess.Popen([*TURNSTILE, "demo", "--plain", "--worker-ms", "1500"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [*TURNSTILE, "demo", "--plain", "--worker-ms", "1500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         out, err = p.communicate(timeout=60)
     finally:

@@ -375,8 +375,13 @@ def test_ignored_lines(spawn: Callable[..., SimProc], tmp_path: Path, line: byte
     stats = tmp_path / "stats.json"
     sim = spawn("--stats-file", str(stats))
     sim.write(line)
-    # Nothing at all came out for the ignored line: the barrier's reply is first.
-    assert sim.barrier() == []
+    before = sim.barrier()
+    if b'"uuid":"u42"' in line:
+        # Stamped: the real CLI reports the uuid "completed" at once (no turn).
+        assert lifecycle(before) == [("u42", "completed")] and len(before) == 1
+    else:
+        # Nothing at all came out for the ignored line: the barrier's reply is first.
+        assert before == []
     uid = sim.user("after")
     lines = sim.result()
     assert lines[-1]["user_message_uuids"] == [uid]
@@ -386,6 +391,16 @@ def test_ignored_lines(spawn: Callable[..., SimProc], tmp_path: Path, line: byte
     assert counters["ignored_lines"] == 1
     assert counters["malformed_lines"] == 0
     assert counters["results"] == 1
+
+
+def test_ignored_content_does_not_take_its_uuid(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    sim.user({"an": "object"}, uid="obj")
+    assert lifecycle(sim.barrier()) == [("obj", "completed")]
+    sim.user("now with text", uid="obj")
+    lines = sim.result()
+    assert lifecycle(lines) == [("obj", "queued"), ("obj", "started")]
+    assert lines[-1]["user_message_uuids"] == ["obj"]
 
 
 def test_crlf_terminated_message_is_served(spawn: Callable[..., SimProc]) -> None:
@@ -515,14 +530,63 @@ def test_set_permission_mode_and_context_usage(spawn: Callable[..., SimProc]) ->
     sim = spawn()
     sim.control("set_permission_mode", request_id="p1", mode="acceptEdits")
     ok = sim.read()["response"]
-    assert ok == {"subtype": "success", "request_id": "p1"}
-    sim.control("set_permission_mode", request_id="p2", mode="bogus")
-    assert sim.read()["response"]["subtype"] == "error"
+    assert ok == {"subtype": "success", "request_id": "p1", "response": {"mode": "acceptEdits"}}
+    status = sim.read()
+    assert (status["type"], status["subtype"], status["permissionMode"]) == ("system", "status", "acceptEdits")
+    assert status["status"] is None and status["session_id"]
+    # Unchanged: the reply alone.
+    sim.control("set_permission_mode", request_id="p1b", mode="acceptEdits")
+    assert [reply_id(o) for o in sim.barrier()] == ["p1b"]
+    for rid, mode in (("p2", "bogus"), ("p3", 5), ("p4", None)):
+        sim.control("set_permission_mode", request_id=rid, mode=mode)
+        assert sim.read()["response"] == {
+            "subtype": "error",
+            "request_id": rid,
+            "error": "Cannot set permission mode: must be one of acceptEdits, auto, "
+            "bypassPermissions, default, dontAsk, plan",
+            "error_code": "invalid_mode",
+        }
     sim.user("x")
     assert of_type(sim.result(), "system", "init")[0]["permissionMode"] == "acceptEdits"
     sim.control("get_context_usage", request_id="c1")
     usage = sim.reply("c1")[-1]["response"]
     assert usage["request_id"] == "c1" and usage["response"]["maxTokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "mode", "code"),
+    [
+        ((), "auto", "auto_mode_model"),  # the default model is a 4.5 one
+        (("--model", "claude-haiku-4-5"), "auto", "auto_mode_model"),
+        (("--model", "opus"), "auto", None),
+        (("--model", "claude-opus-4-6"), "auto", None),
+        ((), "bypassPermissions", "bypass_not_launched"),
+        (("--dangerously-skip-permissions",), "bypassPermissions", None),
+        ((), "plan", None),
+        ((), "dontAsk", None),
+    ],
+)
+def test_set_permission_mode_refusals(
+    spawn: Callable[..., SimProc], args: tuple[str, ...], mode: str, code: str | None
+) -> None:
+    sim = spawn(*args)
+    sim.control("set_permission_mode", request_id="m", mode=mode)
+    reply = sim.read()["response"]
+    if code is None:
+        assert reply == {"subtype": "success", "request_id": "m", "response": {"mode": mode}}
+        assert sim.read()["permissionMode"] == mode
+    else:
+        assert (reply["subtype"], reply["error_code"]) == ("error", code)
+        assert reply["error"].startswith(f"Cannot set permission mode to {mode}")
+        sim.user("x")
+        assert of_type(sim.result(), "system", "init")[0]["permissionMode"] == "default"
+
+
+def test_permission_mode_auto_flag_falls_back_for_a_4_5_model(spawn: Callable[..., SimProc]) -> None:
+    for model, shown in (("claude-sonnet-4-5", "default"), ("claude-opus-4-6", "auto")):
+        sim = spawn("--model", model, "--permission-mode", "auto")
+        sim.user("x")
+        assert of_type(sim.result(), "system", "init")[0]["permissionMode"] == shown
 
 
 def test_slow_replies_are_not_fifo(spawn: Callable[..., SimProc]) -> None:
@@ -549,23 +613,51 @@ def test_set_model_before_first_turn_has_no_replay(spawn: Callable[..., SimProc]
     assert of_type(lines, "assistant")[0]["message"]["model"] == "claude-haiku-4-5-20251001"
 
 
-def test_set_model_after_a_turn_replays_first_except_for_null(
+def test_set_model_after_a_turn_replays_only_when_the_model_changes(
     spawn: Callable[..., SimProc],
 ) -> None:
-    sim = spawn()
+    sim = spawn("--model", "claude-sonnet-4-5")
     sim.user("x")
     sim.result()
     sim.read()  # lifecycle completed
+    sim.control("set_model", request_id="m1", model="claude-sonnet-4-5")
+    assert [reply_id(o) for o in sim.reply("m1")] == ["m1"]  # the current model: no replay
     sim.control("set_model", request_id="m2", model="opus")
     replay, reply = sim.read(), sim.read()
     assert replay["type"] == "user" and replay["isReplay"] is True
-    assert "Set model to" in replay["message"]["content"]
+    assert replay["message"]["content"] == (
+        "<local-command-stdout>Set model to `opus (claude-opus-4-1-20250805)`</local-command-stdout>"
+    )
     assert reply_id(reply) == "m2"
     assert reply["response"]["response"] == {"model": "claude-opus-4-1-20250805"}
+    sim.control("set_model", request_id="m2b", model="claude-opus-4-1-20250805")
+    assert [reply_id(o) for o in sim.reply("m2b")] == ["m2b"]  # an alias's target: the same model
+    # null resets to the built-in default model, not to --model's: a change, so a replay.
     sim.control("set_model", request_id="m3", model=None)
-    reply = sim.read()
-    assert reply_id(reply) == "m3"
-    assert reply["response"]["response"]["model"]
+    replay, reply = sim.read(), sim.read()
+    assert replay["isReplay"] is True
+    assert replay["message"]["content"] == (
+        "<local-command-stdout>Set model to `claude-sonnet-4-5-20250929`</local-command-stdout>"
+    )
+    assert reply["response"]["response"] == {"model": "claude-sonnet-4-5-20250929"}
+    sim.control("set_model", request_id="m4", model=None)
+    assert [reply_id(o) for o in sim.reply("m4")] == ["m4"]  # already on the default
+    sim.control("set_model", request_id="m5", model="default")
+    assert [reply_id(o) for o in sim.reply("m5")] == ["m5"]
+    sim.user("y")
+    assert of_type(sim.result(), "system", "init")[0]["model"] == "claude-sonnet-4-5-20250929"
+
+
+def test_set_model_refuses_a_non_string_model(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--model", "opus")
+    sim.control("set_model", request_id="bad", model=42)
+    assert sim.read()["response"] == {
+        "subtype": "error",
+        "request_id": "bad",
+        "error": "set_model: model must be a string",
+        "error_code": "invalid_request",
+        "model": "claude-opus-4-1-20250805",
+    }
 
 
 def test_set_model_mid_turn_keeps_the_running_turns_model(spawn: Callable[..., SimProc]) -> None:
@@ -590,8 +682,10 @@ def test_interrupt_while_streaming(spawn: Callable[..., SimProc]) -> None:
     sim.read_until(lambda o: o.get("type") == "assistant")
     t0 = time.perf_counter()
     rid = sim.control("interrupt")
-    reply = sim.read()
-    assert reply_id(reply) == rid
+    before = sim.reply(rid)
+    # Complete blocks (one per 20 ms) may still come before the reply.
+    assert {o["type"] for o in before[:-1]} <= {"assistant"}
+    reply = before[-1]
     assert reply["response"]["response"] == {"still_queued": []}
     lines = sim.result()
     t_result = time.perf_counter()
@@ -600,8 +694,50 @@ def test_interrupt_while_streaming(spawn: Callable[..., SimProc]) -> None:
     assert result["is_error"] is True
     assert result["terminal_reason"] == "aborted_streaming"
     assert result["user_message_uuids"] == [uid]
+    assert result["num_turns"] == 2  # the real CLI counts the interrupt marker
     assert next(iter(result)) != "type"
+    markers = of_type(lines, "user")
+    assert [m["message"]["content"] for m in markers] == [[{"type": "text", "text": "[Request interrupted by user]"}]]
     assert t_result - t0 < 1.0
+    assert lifecycle([sim.read()]) == [(uid, "cancelled")]
+
+
+def test_interrupt_mid_block_prints_the_partial_block_after_the_reply(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    # One block of 1 MB streaming over 10 s: 100 characters a millisecond, so
+    # some have surely come by the time the interrupt is read.
+    prompt = "one block [sim:turn_ms=10000][sim:chunks=1][sim:bytes=1000000]"
+    sim.user(prompt)
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    rid = sim.control("interrupt")
+    # Like the real CLI without --include-partial-messages: nothing while the block streams.
+    assert [o["type"] for o in sim.reply(rid)] == ["control_response"]
+    lines = sim.result()
+    assert [o["type"] for o in lines] == ["assistant", "user", "result"]
+    partial = lines[0]
+    assert partial["aborted"] is True
+    text = partial["message"]["content"][0]["text"]
+    assert 0 < len(text) < 1_000_000
+    assert f"sim: {prompt}".startswith(text) or text.startswith(f"sim: {prompt}")
+    assert lines[1]["message"]["content"][0]["text"] == "[Request interrupted by user]"
+    result = lines[2]
+    assert (result["subtype"], result["terminal_reason"], result["num_turns"]) == (
+        "error_during_execution",
+        "aborted_streaming",
+        2,
+    )
+
+
+def test_hang_directive_streams_nothing_until_interrupted(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    uid = sim.user("h [sim:hang]")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    assert sim.barrier() == []
+    rid = sim.control("interrupt")
+    assert [o["type"] for o in sim.reply(rid)] == ["control_response"]
+    lines = sim.result()
+    assert [o["type"] for o in lines] == ["user", "result"]
+    assert (lines[-1]["terminal_reason"], lines[-1]["num_turns"]) == ("aborted_streaming", 2)
     assert lifecycle([sim.read()]) == [(uid, "cancelled")]
 
 
@@ -610,10 +746,21 @@ def test_interrupt_during_tool_phase(spawn: Callable[..., SimProc]) -> None:
     sim.user("t [sim:tool][sim:tool_ms=5000]")
     tool_use = sim.read_until(lambda o: o.get("type") == "assistant")[-1]
     assert tool_use["message"]["content"][0]["type"] == "tool_use"
-    sim.control("interrupt")
-    result = sim.result()[-1]
+    rid = sim.control("interrupt")
+    sim.reply(rid)
+    lines = sim.result()
+    assert [o["type"] for o in lines] == ["user", "user", "result"]
+    rejected = lines[0]["message"]["content"][0]
+    assert rejected["type"] == "tool_result" and rejected["is_error"] is True
+    assert rejected["tool_use_id"] == tool_use["message"]["content"][0]["id"]
+    assert rejected["content"].startswith("The user doesn't want to proceed with this tool use.")
+    assert "stopped while running" in rejected["content"]
+    assert lines[0]["tool_use_result"] == "User rejected tool use"
+    assert lines[1]["message"]["content"] == [{"type": "text", "text": "[Request interrupted by user for tool use]"}]
+    result = lines[-1]
     assert result["subtype"] == "error_during_execution"
     assert result["terminal_reason"] == "aborted_tools"
+    assert result["num_turns"] == 3
 
 
 def test_idle_interrupt_gets_a_reply_only(spawn: Callable[..., SimProc]) -> None:
@@ -677,6 +824,94 @@ def test_priority_now_aborts_the_running_turn(spawn: Callable[..., SimProc]) -> 
     assert sim.result()[-1]["user_message_uuids"] == [b]
 
 
+def test_priority_now_before_reply_text_has_no_marker(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    a = sim.user("a [sim:hang]")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    b = sim.user("b", priority="now")
+    lines = sim.result()
+    assert [o["type"] for o in lines] == ["command_lifecycle", "result"]
+    first = lines[-1]
+    assert (first["subtype"], first["is_error"], first["terminal_reason"], first["num_turns"]) == (
+        "error_during_execution",
+        True,
+        "aborted_streaming",
+        1,
+    )
+    assert first["user_message_uuids"] == [a]
+    assert lifecycle([sim.read()]) == [(a, "cancelled")]
+    assert sim.result()[-1]["user_message_uuids"] == [b]
+
+
+def test_priority_now_after_reply_text_gives_the_partial_text(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    a = sim.user("a [sim:turn_ms=10000][sim:chunks=1][sim:bytes=1000000]")
+    sim.read_until(lambda o: o.get("subtype") == "init")
+    b = sim.user("b", priority="now")
+    lines = sim.result()
+    assert [o["type"] for o in lines] == ["command_lifecycle", "assistant", "result"]
+    text = lines[1]["message"]["content"][0]["text"]
+    assert lines[1]["aborted"] is True and 0 < len(text) < 1_000_000
+    first = lines[-1]
+    # No marker, and no error: the turn had something to show.
+    assert (first["subtype"], first["is_error"], first["terminal_reason"], first["num_turns"]) == (
+        "success",
+        False,
+        "aborted_streaming",
+        1,
+    )
+    assert first["result"] == text
+    assert lifecycle([sim.read()]) == [(a, "cancelled")]
+    assert sim.result()[-1]["user_message_uuids"] == [b]
+
+
+def test_priority_now_lets_a_running_tool_finish(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    a = sim.user("t [sim:tool][sim:tool_ms=300]")
+    sim.read_until(lambda o: o.get("type") == "assistant")
+    t0 = time.monotonic()
+    b = sim.user("b", priority="now")
+    lines = sim.result()
+    assert time.monotonic() - t0 > 0.2
+    assert [o["type"] for o in lines] == ["command_lifecycle", "user", "result"]
+    tool_result = lines[1]["message"]["content"][0]
+    assert (tool_result["type"], tool_result["is_error"], tool_result["content"]) == (
+        "tool_result",
+        False,
+        "sim tool output",
+    )
+    first = lines[-1]
+    assert (first["subtype"], first["is_error"], first["terminal_reason"], first["num_turns"]) == (
+        "success",
+        False,
+        "aborted_tools",
+        2,
+    )
+    assert first["result"] == "" and first["user_message_uuids"] == [a]
+    assert lifecycle([sim.read()]) == [(a, "cancelled")]
+    assert sim.result()[-1]["user_message_uuids"] == [b]
+
+
+def test_priority_now_while_permission_pending(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    a = sim.user("p [sim:permission]")
+    ask = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    b = sim.user("b", priority="now")
+    lines = sim.result()
+    assert [o["request_id"] for o in of_type(lines, "control_cancel_request")] == [ask["request_id"]]
+    tool_result = of_type(lines, "user")[0]["message"]["content"][0]
+    assert (tool_result["is_error"], tool_result["content"]) == (True, "Tool permission request aborted")
+    first = lines[-1]
+    assert (first["subtype"], first["is_error"], first["terminal_reason"], first["num_turns"]) == (
+        "success",
+        False,
+        "aborted_tools",
+        2,
+    )
+    assert first["user_message_uuids"] == [a]
+    assert sim.result()[-1]["user_message_uuids"] == [b]
+
+
 def test_ignore_interrupt_turn_never_answers_or_ends(spawn: Callable[..., SimProc]) -> None:
     sim = spawn()
     sim.user("stuck [sim:ignore_interrupt]")
@@ -735,11 +970,17 @@ def test_interrupt_while_permission_pending(spawn: Callable[..., SimProc]) -> No
     sim = spawn()
     sim.user("p [sim:permission]")
     ask = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
-    sim.control("interrupt")
+    rid = sim.control("interrupt")
     lines = sim.result()
-    cancels = of_type(lines, "control_cancel_request")
-    assert [c["request_id"] for c in cancels] == [ask["request_id"]]
-    assert lines[-1]["terminal_reason"] == "aborted_tools"
+    # The question is withdrawn before the interrupt's reply, as by the real CLI.
+    assert [o["type"] for o in lines] == ["control_cancel_request", "control_response", "user", "user", "result"]
+    assert lines[0]["request_id"] == ask["request_id"] and reply_id(lines[1]) == rid
+    rejected = lines[2]["message"]["content"][0]
+    assert rejected["is_error"] is True
+    assert rejected["content"].startswith("The user doesn't want to proceed with this tool use.")
+    assert "stopped while running" not in rejected["content"]  # it never ran
+    assert lines[3]["message"]["content"][0]["text"] == "[Request interrupted by user for tool use]"
+    assert (lines[-1]["terminal_reason"], lines[-1]["num_turns"]) == ("aborted_tools", 3)
 
 
 # --------------------------------------------------------------- error results

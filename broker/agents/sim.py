@@ -18,10 +18,20 @@ script a turn, so one process can serve differently scripted turns.  Each has
 a global flag that applies it to every turn; a directive overrides the flag:
 
 ``[sim:turn_ms=N]`` / ``--turn-ms N``
-    Stream the reply over N ms as evenly spaced assistant lines (about one per
-    20 ms unless ``chunks`` says otherwise); stdin stays served meanwhile.
+    Stream the reply over N ms as evenly spaced text blocks (one per 20 ms
+    unless ``chunks`` says otherwise); stdin stays served meanwhile.  Like the
+    real CLI without ``--include-partial-messages``, each block is printed as
+    one assistant line once it is complete, and nothing while it streams: a
+    block's text arrives evenly over its share of the N ms, and an interrupt
+    landing mid-block prints the text streamed so far as one assistant line
+    (``"aborted": true``) after the interrupt's reply.
 ``[sim:chunks=K]`` / ``--chunks K``
-    Split the reply into K assistant lines (padded with dots if it is shorter).
+    Split the reply into K blocks, K assistant lines (padded with dots if it
+    is shorter).  ``[sim:turn_ms=N] [sim:chunks=1]`` is one block streaming
+    for N ms: no assistant line until it ends, or until an interrupt.
+``[sim:hang]`` / ``--hang``
+    The reply never comes (an API stream that stalls before any text): after
+    ``system/init`` the turn prints nothing until it is interrupted.
 ``[sim:bytes=N]`` / ``--bytes N``
     The reply text is exactly N bytes (truncated or padded with dots).
 ``[sim:huge=N]`` / ``--huge N``
@@ -29,7 +39,8 @@ a global flag that applies it to every turn; a directive overrides the flag:
     result line repeats the text, like the real CLI.
 ``[sim:tool]`` / ``--tool``; ``[sim:tool_ms=N]`` / ``--tool-ms N``
     A tool phase first: an assistant ``tool_use`` line, N ms of "running", a
-    user ``tool_result`` line.  An interrupt in it ends with ``aborted_tools``.
+    user ``tool_result`` line.  An interrupt in it ends with ``aborted_tools``
+    (a rejected ``tool_result`` line, then the marker).
 ``[sim:permission]`` / ``--permission``
     A tool phase that first asks ``can_use_tool`` on stdout and waits for the
     ``control_response``; the reply says ``permission: allowed`` or
@@ -66,17 +77,35 @@ CLI 2.1.330 binary where the notes are silent):
   an unknown ``--resume`` id, which comes at start-up, followed by exit 1.
 - A uuid-stamped message gets ``command_lifecycle`` lines: ``queued`` on
   arrival, ``started`` before its ``system/init``, and after its result
-  ``completed``, or ``cancelled`` when its turn was interrupted or ended in
-  error, or when ``cancel_queued`` dropped it.  A repeated uuid is dropped
-  silently (within one process only).
+  ``completed``, or ``cancelled`` when its turn was interrupted or aborted or
+  ended in error, or when ``cancel_queued`` dropped it.  A repeated uuid is
+  dropped silently (within one process only).  A uuid-stamped message whose
+  content is neither a string nor a list (nor null) runs no turn and gets a
+  lone ``completed`` (its uuid is not taken: it may be sent again).
 - ``interrupt`` is answered ``{"still_queued": [...]}`` (plus ``cancelled``
-  with ``cancel_queued``); a running turn then emits a user
-  ``[Request interrupted by user]`` marker and an ``error_during_execution``
-  result, and a pending ``can_use_tool`` is withdrawn with
-  ``control_cancel_request``.
+  with ``cancel_queued``); a pending ``can_use_tool`` is withdrawn with
+  ``control_cancel_request`` (before the reply).  A running turn then prints
+  the partial text block, if one was streaming; if a tool was running or
+  waiting for permission, a user ``tool_result`` line rejecting it
+  (``is_error``); a user ``[Request interrupted by user]`` marker (``... for
+  tool use]`` after a tool); and an ``error_during_execution`` result whose
+  ``num_turns`` counts the marker (2 while streaming, 3 during a tool).
+- A ``priority: "now"`` message aborts the running turn without a marker:
+  while streaming, an ``error_during_execution`` result (``num_turns`` 1), or,
+  when reply text had come, the partial block and a ``success`` result
+  (``is_error`` false, ``terminal_reason`` ``aborted_streaming``) carrying
+  that text; during a tool, the tool first finishes (a pending permission is
+  withdrawn and its ``tool_result`` says so), then a ``success`` result with
+  ``aborted_tools`` and empty text.  The message then runs as the next turn.
 - ``set_model`` is preceded by an ``isReplay`` user line
-  ``<local-command-stdout>Set model to `...`</local-command-stdout>`` once a
-  turn has begun, except for ``model: null``; a running turn keeps its model.
+  ``<local-command-stdout>Set model to `...`</local-command-stdout>`` when it
+  changes the resolved model once a turn has begun; ``model: null`` (and
+  ``"default"``) resets to the built-in default model (``DEFAULT_MODEL``,
+  whatever ``--model`` said).  A running turn keeps its model.
+- ``set_permission_mode`` is answered ``{"mode": MODE}``, followed by a
+  ``system/status`` line when the mode changed.  Errors carry an
+  ``error_code``: ``invalid_mode``, ``auto_mode_model`` (``auto`` with a
+  4.5-generation model) or ``bypass_not_launched``.
 - Results of the ``error_*`` subtypes carry ``errors`` and no ``result`` text.
 - Stdin EOF: queued turns still run, then exit 1 if the last result was an
   error, else 0.  SIGTERM: exit 143 at once, no result.  SIGINT: the running
@@ -130,8 +159,31 @@ CAPABILITIES = ["interrupt_receipt_v1", "interrupt_cancel_queued_v1", "msg_lifec
 TOOLS = ["Task", "Bash", "Glob", "Grep", "Read", "Edit", "Write", "WebFetch", "TodoWrite"]
 """The ``tools`` list of ``system/init``."""
 
-PERMISSION_MODES = {"default", "acceptEdits", "bypassPermissions", "plan", "dontAsk"}
+PERMISSION_MODES = {"default", "acceptEdits", "auto", "bypassPermissions", "plan", "dontAsk"}
 """Modes ``set_permission_mode`` and ``--permission-mode`` accept."""
+
+_INVALID_MODE = "Cannot set permission mode: must be one of " + ", ".join(sorted(PERMISSION_MODES))
+
+# Models the real CLI refuses "auto" permission mode for (the 4.5 generation:
+# claude-sonnet-4-5, claude-haiku-4-5, claude-opus-4-5, dated or not).
+_NO_AUTO_MODE = re.compile(r"-4-5(?:-|$)")
+
+TOOL_REJECTED = (
+    "The user doesn't want to proceed with this tool use. The tool use was rejected (eg. if it "
+    "was a file edit, the new_string was NOT written to the file). STOP what you are doing and "
+    "wait for the user to tell you how to proceed."
+)
+"""The ``tool_result`` the real CLI records for a tool an interrupt stopped
+while it waited for permission."""
+
+TOOL_STOPPED = (
+    "Correction to the text above: this call was stopped while running, not refused before it "
+    "ran. It may have run in part or in full, and its changes may have been written. No "
+    "permission prompt was involved. Work it started elsewhere (a remote command, a background "
+    "process) may still be running, so check before starting the same work again. The "
+    "instruction to stop and wait still stands."
+)
+"""Appended to :data:`TOOL_REJECTED` when the tool was already running."""
 
 _DIRECTIVE = re.compile(r"\[sim:([a-z_]+)(?:=([^\]\s]*))?\]")
 
@@ -198,6 +250,7 @@ _BOOL_FLAGS = {
     "--silent",
     "--tool-child",
     "--merge-queued",
+    "--hang",
 } | _IGNORED_BOOL_FLAGS
 
 # Global flags that set a per-turn directive default: flag -> directive name.
@@ -217,6 +270,7 @@ _FLAG_DIRECTIVES = {
     "--silent": "silent",
     "--tool-child": "tool_child",
     "--tool-child-secs": "tool_child",
+    "--hang": "hang",
 }
 
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
@@ -236,10 +290,12 @@ def new_uuid() -> str:
 
 
 def resolve_model(name: str | None, default: str = DEFAULT_MODEL) -> str:
-    """Resolve an alias (``sonnet``, ``opus``, ``haiku``, ``default``) or ``None``."""
-    if name is None:
-        return default
-    if name == "default":
+    """Resolve an alias (``sonnet``, ``opus``, ``haiku``, ``default``) or ``None``.
+
+    ``None`` and ``"default"`` give ``default``: the built-in default model,
+    as in the real CLI, where ``set_model`` null ignores ``--model``.
+    """
+    if name is None or name == "default":
         return default
     return MODEL_ALIASES.get(name, name)
 
@@ -325,6 +381,16 @@ class _Turn:
         self.stop_reason = ""
         self.die_timer: list[Any] | None = None
         self.gen: Generator[float | None, Any, dict[str, Any]] | None = None
+        self.tool_id = ""
+        self.tool_running = False
+        # The text block streaming now: (text, start, end) on the monotonic clock.
+        self.block: tuple[str, float, float] | None = None
+        self.text_out = ""  # reply text printed so far (complete blocks)
+        self.partial = ""  # a block cut short by an interrupt or priority "now"
+        # How the turn was stopped: "" (not), "interrupt" (control request or
+        # SIGINT: marker), "now" (a priority "now" message: no marker).
+        self.abort = ""
+        self.abort_after_tool = False  # priority "now" while the tool runs
 
 
 class Sim:
@@ -355,6 +421,11 @@ class Sim:
         self.default_model = resolve_model(opts.get("--model"))
         self.model = self.default_model
         self.permission_mode = opts.get("--permission-mode", "default")
+        if self.permission_mode == "auto" and _NO_AUTO_MODE.search(self.model):
+            self.permission_mode = "default"  # the real CLI falls back silently
+        self.bypass_allowed = (
+            "--dangerously-skip-permissions" in opts or self.permission_mode == "bypassPermissions"
+        )
         self.base_script: dict[str, str] = {}
         for flag, name in _FLAG_DIRECTIVES.items():
             if flag in opts:
@@ -441,11 +512,14 @@ class Sim:
             inner["response"] = response
         self.emit({"type": "control_response", "response": inner})
 
-    def _control_error(self, request_id: Any, error: str, code: str | None = None) -> None:
+    def _control_error(
+        self, request_id: Any, error: str, code: str | None = None, **extra: Any
+    ) -> None:
         self._write_stats()
         inner: dict[str, Any] = {"subtype": "error", "request_id": request_id, "error": error}
         if code is not None:
             inner["error_code"] = code
+        inner.update(extra)
         self.emit({"type": "control_response", "response": inner})
 
     def _lifecycle(self, command_uuid: str, state: str) -> None:
@@ -644,8 +718,14 @@ class Sim:
                 if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
             )
         else:
-            # The real CLI drops such a message without a word: no turn, no result.
+            # The real CLI runs no turn for such a message; if it is stamped,
+            # it reports the uuid "completed" at once (without taking it: the
+            # uuid may be sent again).  A broker waiting for a result waits
+            # forever.
             self.stats["ignored_lines"] += 1
+            uid = obj.get("uuid")
+            if content is not None and isinstance(uid, str) and uid:
+                self._lifecycle(uid, "completed")
             return
         uid = obj.get("uuid")
         uid = uid if isinstance(uid, str) and uid else None
@@ -658,7 +738,7 @@ class Sim:
         entry = (uid, text, parse_directives(text))
         if obj.get("priority") == "now" and self.turn is not None:
             self.queue.appendleft(entry)
-            self._interrupt_turn()
+            self._abort_now()
         else:
             self.queue.append(entry)
         self._maybe_start()
@@ -674,13 +754,19 @@ class Sim:
         elif subtype == "set_model":
             model = request.get("model")
             if model is not None and not isinstance(model, str):
-                self._control_error(request_id, "model must be a string or null")
+                self._control_error(
+                    request_id, "set_model: model must be a string", "invalid_request", model=self.model
+                )
                 return
 
             def reply() -> None:
-                self.model = resolve_model(model, self.default_model)
-                if model is not None and self.turns_begun > 0:
-                    shown = self.model if model == self.model else f"{model} ({self.model})"
+                resolved = resolve_model(model)
+                changed = resolved != self.model
+                self.model = resolved
+                # The real CLI echoes the switch only when the model changes,
+                # and not before the first turn.
+                if changed and self.turns_begun > 0:
+                    shown = resolved if model in (None, resolved) else f"{model} ({resolved})"
                     self.emit(
                         {
                             "type": "user",
@@ -700,12 +786,7 @@ class Sim:
 
             self._reply_later(self.set_model_delay, reply)
         elif subtype == "set_permission_mode":
-            mode = request.get("mode")
-            if mode not in PERMISSION_MODES:
-                self._control_error(request_id, f"Invalid permission mode: {mode}")
-            else:
-                self.permission_mode = str(mode)
-                self._control_success(request_id, None)
+            self._set_permission_mode(request_id, request.get("mode"))
         elif subtype == "get_context_usage":
             self._reply_later(
                 self.context_usage_delay,
@@ -717,6 +798,38 @@ class Sim:
             self._control_error(
                 request_id, f"Unsupported control request subtype: {subtype}", "unsupported_request"
             )
+
+    def _set_permission_mode(self, request_id: Any, mode: Any) -> None:
+        if not isinstance(mode, str) or mode not in PERMISSION_MODES:
+            self._control_error(request_id, _INVALID_MODE, "invalid_mode")
+        elif mode == "auto" and _NO_AUTO_MODE.search(self.model):
+            self._control_error(
+                request_id,
+                "Cannot set permission mode to auto: auto mode unavailable for this model",
+                "auto_mode_model",
+            )
+        elif mode == "bypassPermissions" and not self.bypass_allowed:
+            self._control_error(
+                request_id,
+                "Cannot set permission mode to bypassPermissions because the session was not "
+                "launched with --dangerously-skip-permissions",
+                "bypass_not_launched",
+            )
+        else:
+            changed = mode != self.permission_mode
+            self.permission_mode = mode
+            self._control_success(request_id, {"mode": mode})
+            if changed:
+                self.emit(
+                    {
+                        "type": "system",
+                        "subtype": "status",
+                        "status": None,
+                        "permissionMode": mode,
+                        "uuid": new_uuid(),
+                        "session_id": self.session_id,
+                    }
+                )
 
     def _reply_later(self, delay: float, fn: Callable[[], None]) -> None:
         if delay > 0:
@@ -759,6 +872,10 @@ class Sim:
         turn = self.turn
         if turn is not None and turn.ignore_interrupts:
             return
+        if turn is not None and turn.perm_id is not None:
+            # The real CLI withdraws its pending question before it replies.
+            self.emit({"type": "control_cancel_request", "request_id": turn.perm_id})
+            turn.perm_id = None
         cancelled: list[str] = []
         if request.get("cancel_queued") is True:
             while self.queue:
@@ -775,12 +892,27 @@ class Sim:
         if turn is not None:
             self._interrupt_turn()
 
-    def _interrupt_turn(self) -> None:
-        """Stop the running turn: its interrupted result follows (after ``interrupt_ms``)."""
+    def _interrupt_turn(self, kind: str = "interrupt") -> None:
+        """Stop the running turn: its interrupted result follows (after ``interrupt_ms``).
+
+        ``kind`` is ``"interrupt"`` (a control request or SIGINT: the marker
+        follows) or ``"now"`` (a ``priority: "now"`` message: no marker).
+        """
         turn = self.turn
         if turn is None or turn.ignore_interrupts or turn.stop_at is not None:
             return
+        if kind == "now" and turn.phase == "tools" and turn.perm_id is None:
+            # The real CLI lets a running tool finish, then ends the turn.
+            turn.abort_after_tool = True
+            return
+        turn.abort = kind
         turn.stop_reason = "aborted_tools" if turn.phase == "tools" else "aborted_streaming"
+        if turn.block is not None:
+            # The block streaming now is cut short: what came of it so far.
+            text, start, end = turn.block
+            turn.block = None
+            done = (time.monotonic() - start) / (end - start) if end > start else 1.0
+            turn.partial = text[: int(len(text) * min(1.0, max(0.0, done)))]
         if turn.gen is not None:
             turn.gen.close()
             turn.gen = None
@@ -795,6 +927,10 @@ class Sim:
             return
         turn.stop_at = time.monotonic() + _int(turn.script.get("interrupt_ms")) / 1000
         self._step()
+
+    def _abort_now(self) -> None:
+        """A ``priority: "now"`` message aborts the running turn (see :meth:`_interrupt_turn`)."""
+        self._interrupt_turn("now")
 
     def _on_control_response(self, response: dict[str, Any]) -> None:
         turn = self.turn
@@ -928,11 +1064,14 @@ class Sim:
         )
         if "garbage" in s:
             self._write(b"sim garbage: this line is not JSON {\n")
+        if "hang" in s:
+            while True:
+                yield None
         suffix = ""
         if "tool" in s or "permission" in s:
             turn.phase = "tools"
             turn.num_turns = 2
-            tool_id = "toolu_sim_" + new_uuid().replace("-", "")[:20]
+            tool_id = turn.tool_id = "toolu_sim_" + new_uuid().replace("-", "")[:20]
             tool_input = {"command": "echo sim", "description": "sim tool"}
             self.emit(
                 self._assistant(
@@ -960,27 +1099,13 @@ class Sim:
                 suffix = " [permission: allowed]" if allowed else f" [permission: denied ({denial})]"
             tool_ms = _int(s.get("tool_ms"))
             if allowed and tool_ms > 0:
+                turn.tool_running = True
                 yield time.monotonic() + tool_ms / 1000
-            self.emit(
-                {
-                    "type": "user",
-                    "message": {
-                        "role": "user",
-                        "content": [
-                            {
-                                "tool_use_id": tool_id,
-                                "type": "tool_result",
-                                "content": "sim tool output" if allowed else denial,
-                                "is_error": not allowed,
-                            }
-                        ],
-                    },
-                    "parent_tool_use_id": None,
-                    "session_id": self.session_id,
-                    "uuid": new_uuid(),
-                }
-            )
+                turn.tool_running = False
+            self._tool_result(turn, "sim tool output" if allowed else denial, not allowed)
             turn.phase = "streaming"
+            if turn.abort_after_tool:
+                return {"aborted_tools": True}
 
         error = s.get("error")
         if error is not None and error.startswith("api"):
@@ -1008,8 +1133,14 @@ class Sim:
             chunks = [text[bounds[i] : bounds[i + 1]] for i in range(k)]
             for i, chunk in enumerate(chunks):
                 if turn_ms > 0:
-                    yield turn.started + turn_ms * (i + 1) / k / 1000
+                    # Block i streams over its share of turn_ms; its line is
+                    # printed when it is complete (see _interrupt_turn).
+                    end = turn.started + turn_ms * (i + 1) / k / 1000
+                    turn.block = (chunk, turn.started + turn_ms * i / k / 1000, end)
+                    yield end
+                    turn.block = None
                 self.emit(self._assistant(turn, [{"type": "text", "text": chunk}]))
+                turn.text_out += chunk
         turn.out_chars = len(text)
 
         if "tool_child" in s:
@@ -1131,7 +1262,14 @@ class Sim:
     def _finish(self, turn: _Turn, outcome: dict[str, Any]) -> None:
         error = turn.script.get("error") or ""
         text = str(outcome.get("text", ""))
-        if "api_error_status" in outcome:
+        if outcome.get("aborted_tools"):
+            # A priority "now" message came while the tool ran.
+            turn.abort = "now"
+            self.stats["interrupted_turns"] += 1
+            self._emit_result(
+                turn, subtype="success", terminal_reason="aborted_tools", is_error=False, text=""
+            )
+        elif "api_error_status" in outcome:
             self._emit_result(
                 turn,
                 subtype="success",
@@ -1159,12 +1297,67 @@ class Sim:
             )
         self._end_turn(turn)
 
-    def _finish_interrupted(self, turn: _Turn) -> None:
-        marker = (
-            "[Request interrupted by user for tool use]"
-            if turn.stop_reason == "aborted_tools"
-            else "[Request interrupted by user]"
+    def _tool_result(self, turn: _Turn, content: str, is_error: bool, **extra: Any) -> None:
+        self.emit(
+            {
+                "type": "user",
+                "message": {
+                    "role": "user",
+                    "content": [
+                        {
+                            "tool_use_id": turn.tool_id,
+                            "type": "tool_result",
+                            "content": content,
+                            "is_error": is_error,
+                        }
+                    ],
+                },
+                "parent_tool_use_id": None,
+                "session_id": self.session_id,
+                "uuid": new_uuid(),
+                "timestamp": _timestamp(),
+                **extra,
+            }
         )
+
+    def _finish_interrupted(self, turn: _Turn) -> None:
+        tools = turn.stop_reason == "aborted_tools"
+        if turn.partial:
+            # Without --include-partial-messages the real CLI prints a text
+            # block only when it is complete, or cut short, as here.
+            line = self._assistant(turn, [{"type": "text", "text": turn.partial}])
+            line["aborted"] = True
+            self.emit(line)
+        self.stats["interrupted_turns"] += 1
+        if turn.abort == "now":
+            # A priority "now" message: no marker, and no error if the turn
+            # had something to show.
+            text = turn.text_out + turn.partial
+            if tools:  # only with a permission pending: a running tool finishes first
+                self._tool_result(turn, "Tool permission request aborted", True)
+                self._emit_result(
+                    turn, subtype="success", terminal_reason="aborted_tools", is_error=False, text=""
+                )
+            elif text:
+                turn.out_chars = len(text)
+                self._emit_result(
+                    turn, subtype="success", terminal_reason="aborted_streaming", is_error=False, text=text
+                )
+            else:
+                self._emit_result(
+                    turn, subtype="error_during_execution", terminal_reason="aborted_streaming", errors=[]
+                )
+            self._end_turn(turn)
+            return
+        if tools:
+            self._tool_result(
+                turn,
+                f"{TOOL_REJECTED} {TOOL_STOPPED}" if turn.tool_running else TOOL_REJECTED,
+                True,
+                tool_use_result="User rejected tool use",
+                tool_result_meta=[{"id": turn.tool_id, "non_execution_kind": "user-rejected"}],
+            )
+        marker = "[Request interrupted by user for tool use]" if tools else "[Request interrupted by user]"
         self.emit(
             {
                 "type": "user",
@@ -1172,9 +1365,10 @@ class Sim:
                 "parent_tool_use_id": None,
                 "session_id": self.session_id,
                 "uuid": new_uuid(),
+                "timestamp": _timestamp(),
             }
         )
-        self.stats["interrupted_turns"] += 1
+        turn.num_turns += 1  # the real CLI counts the marker
         self._emit_result(
             turn, subtype="error_during_execution", terminal_reason=turn.stop_reason, errors=[]
         )
@@ -1185,8 +1379,9 @@ class Sim:
         self.turn = None
         if turn.die_timer is not None:
             turn.die_timer[2] = None
+        cancelled = self.last_error or bool(turn.abort)
         for uid in turn.uuids:
-            self._lifecycle(uid, "cancelled" if self.last_error else "completed")
+            self._lifecycle(uid, "cancelled" if cancelled else "completed")
         self._write_stats()
         if self.exit_after_result:
             self._exit(0)

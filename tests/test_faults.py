@@ -1,0 +1,950 @@
+"""Faults, injected into a real broker, the simulated agent and real client processes.
+
+What `test_broker_integration.py` already covers is not repeated here (it is
+referenced in ``docs/guarantees.md``): a client SIGKILLed mid-turn, while
+queued, or holding a lease it never used; a broker SIGKILLed or SIGTERMed
+under one running turn; the drain timeout of a preempted turn; an agent crash
+under a webhook or a worker turn; a garbage line. This file adds the
+combinations and the faults it leaves out: requests sitting in the request
+queue when the broker dies, a broker killed while it restarts its agent or
+stopped while it drains, a tool child holding the agent's stdout, an
+over-long agent line, a full request queue, a client that stops reading, and
+forged client identities.
+
+Every client here is a separate process running :data:`FCLIENT`, which
+prints one JSON line per thing it saw, stamped with ``time.monotonic()``.
+Waits are on conditions with deadlines, never on fixed times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.launcher import BrokerProcess
+from ipc import frames, mailbox, names, rqueue, state
+
+# ---------------------------------------------------------------- client processes
+
+#: A client process. argv[1] is a JSON spec: session, kind, prompts [{text, model?, on_preempt?,
+#: resume_prompt?, cancel_after_event?, timeout_s?}], lease (bool), lease_idle_s, hold_lease (wait for a
+#: line on stdin before releasing), go (wait for a line on stdin before submitting), linger (wait for stdin
+#: EOF before leaving), then (prompts run after a line on stdin, once the rest is done), reconnect_timeout_s,
+#: send_timeout_s, fill (submit up to N prompts "<fill_text> fill-<i>" until QueueFull, then wait for
+#: their results).
+FCLIENT = r"""
+import json, os, sys, time
+from clients import Client, QueueFull
+
+spec = json.loads(sys.argv[1])
+
+def out(**obj):
+    obj["t"] = time.monotonic()
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+def submit(c, p):
+    turn = c.prompt(p["text"], model=p.get("model"), on_preempt=p.get("on_preempt"),
+                    resume_prompt=p.get("resume_prompt"))
+    out(ev="submitted", req=turn.request_id, text=p["text"])
+    return turn
+
+def finish(turn, p):
+    n = 0
+    for e in turn.events(timeout_s=p.get("timeout_s", 60)):
+        out(ev="event", req=turn.request_id, data=e)
+        n += 1
+        if p.get("cancel_after_event") == n:
+            turn.cancel()
+            out(ev="cancel_sent", req=turn.request_id)
+    r = turn.result(timeout_s=p.get("timeout_s", 60))
+    out(ev="result", req=turn.request_id, **r.as_dict())
+
+def run(c):
+    if spec.get("fill"):
+        turns = []
+        for i in range(spec["fill"]):
+            t0 = time.monotonic()
+            try:
+                turns.append(submit(c, {"text": f"{spec['fill_text']} fill-{i}"}))
+            except QueueFull as exc:
+                out(ev="queue_full", waited_s=time.monotonic() - t0, error=type(exc).__name__, code=exc.code,
+                    message=str(exc))
+                break
+        for t in turns:
+            finish(t, {})
+        return
+    for p in spec["prompts"]:
+        finish(submit(c, p), p)
+
+with Client(spec["session"], spec["kind"], connect_timeout_s=spec.get("connect_timeout_s", 15),
+            reconnect_timeout_s=spec.get("reconnect_timeout_s", 30)) as c:
+    if "send_timeout_s" in spec:
+        c._conn.send_timeout_s = spec["send_timeout_s"]  # the bounded wait of a send to a full queue
+    out(ev="connected", client=c.client_id, pid=os.getpid(), incarnation=c.incarnation)
+    if spec.get("go"):
+        sys.stdin.readline()
+    if spec.get("lease"):
+        with c.lease(idle_timeout_s=spec.get("lease_idle_s")):
+            out(ev="lease_granted")
+            run(c)
+            out(ev="lease_idle")
+            if spec.get("hold_lease"):
+                sys.stdin.readline()
+        out(ev="lease_released")
+    else:
+        run(c)
+    if spec.get("then"):
+        sys.stdin.readline()
+        for p in spec["then"]:
+            finish(submit(c, p), p)
+    if spec.get("linger"):
+        sys.stdin.read()
+out(ev="exit")
+"""
+
+
+def _short(obj: Any, limit: int = 4000) -> str:
+    """``repr`` cut to ``limit`` characters (agent lines can be megabytes)."""
+    text = repr(obj)
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2 :]}"
+
+
+class ClientProc:
+    """A running client process and the JSON lines it printed so far."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+        self.stderr = ""
+        self._cv = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._err = threading.Thread(target=self._read_err, daemon=True)
+        self._err.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = {"ev": "junk", "line": line}
+            with self._cv:
+                self.lines.append(obj)
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr += line
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 20.0) -> dict[str, Any]:
+        """The first line matching ``pred``, waiting up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while True:
+                for obj in self.lines:
+                    if pred(obj):
+                        return obj
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no matching line in {timeout_s} s; lines: {_short(self.lines[-20:])}; "
+                        f"stderr: {self.stderr[-3000:]}"
+                    )
+                self._cv.wait(min(left, 0.1))
+
+    def ev(self, name: str, timeout_s: float = 20.0) -> dict[str, Any]:
+        return self.wait_for(lambda o: o.get("ev") == name, timeout_s)
+
+    def send(self, text: str = "go\n") -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text)
+        self.proc.stdin.flush()
+
+    def close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+
+    def finish(self, timeout_s: float = 30.0) -> int:
+        """Wait for the process to exit (and its output to be read); returns the exit code."""
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"client did not exit; lines: {_short(self.lines[-20:])}; stderr: {self.stderr[-3000:]}"
+            ) from None
+        self._reader.join(5)
+        self._err.join(5)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL the client process and reap it."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def results(self) -> list[dict[str, Any]]:
+        return [o for o in self.lines if o.get("ev") == "result"]
+
+
+@pytest.fixture
+def client(
+    spawn_client: Callable[..., subprocess.Popen[str]], session_name: str
+) -> Iterator[Callable[..., ClientProc]]:
+    """Start a client process: client(kind, "prompt", ...) or client(kind, prompts=[{...}], **spec)."""
+    started: list[ClientProc] = []
+
+    def start(kind: str, *texts: str, prompts: list[dict[str, Any]] | None = None, **spec: Any) -> ClientProc:
+        ps = list(prompts or []) + [{"text": t} for t in texts]
+        spec = {"session": session_name, "kind": kind, "prompts": ps, **spec}
+        c = ClientProc(spawn_client(FCLIENT, json.dumps(spec), stdin=subprocess.PIPE))
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        if c.proc.poll() is None:
+            c.proc.kill()
+        c.proc.wait()
+        c._reader.join(5)
+        c._err.join(5)
+        if c.proc.stdin is not None and not c.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                c.proc.stdin.close()
+
+
+# ---------------------------------------------------------------- observation helpers
+
+
+def wait_until(cond: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition", poll_s: float = 0.005) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def rec(b: BrokerProcess) -> state.StateRecord:
+    """The session's state record now (fails if there is no state block)."""
+    snap = b.snapshot()
+    assert snap is not None, "no state block"
+    return snap.record
+
+
+def running(b: BrokerProcess, kind: str | None = None, phase: str = "running") -> Callable[[], bool]:
+    """A condition: a turn (of ``kind``) is in ``phase`` in the broker's state block."""
+
+    def cond() -> bool:
+        snap = b.snapshot()
+        if snap is None:
+            return False
+        r = snap.record
+        return bool(r.turn) and r.turn_state == phase and (kind is None or r.holder_kind == kind)
+
+    return cond
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is ``pgid`` (zombies excluded)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            rest = _stat_fields(int(entry))
+            if rest is not None and rest[0] != b"Z" and int(rest[2]) == pgid:
+                found.append(int(entry))
+    return found
+
+
+def procs_with_home(home: Path, *, marker: str = "") -> list[int]:
+    """Live processes whose environment says HOME=``home`` (and whose argv contains ``marker``).
+
+    The broker factory gives each test's brokers (and through them, agents and
+    tool children) a HOME of their own, so this finds exactly this test's
+    broker-side processes, whoever their parent is now.
+    """
+    want = f"HOME={home}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        rest = _stat_fields(pid)
+        if want in env and rest is not None and rest[0] != b"Z" and marker.encode() in argv:
+            found.append(pid)
+    return found
+
+
+def sim_agents(home: Path) -> list[int]:
+    """This test's live sim agent processes (tool children included: they share the argv)."""
+    return procs_with_home(home, marker="broker.agents.sim")
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def broker_log(b: BrokerProcess) -> list[dict[str, Any]]:
+    """The broker's JSON log lines so far."""
+    out = []
+    for line in b.log_text().splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+def all_logs(tmp_path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines of every broker this test started (the factory logs to tmp_path/broker<N>.log)."""
+    out = []
+    for p in sorted(tmp_path.glob("broker*.log")):
+        for line in p.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def sim_stats(path: Path) -> dict[str, int]:
+    """The sim's --stats-file counters (of its latest process), or {}."""
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
+
+
+def transcript_entries(home: Path) -> list[dict[str, Any]]:
+    """The sim's transcript entries (every session file under ``home``), in order."""
+    out = []
+    for p in sorted((home / ".sim-claude").glob("*.jsonl")):
+        for line in p.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
+
+
+def turn_outcomes(home: Path) -> list[tuple[str, str]]:
+    """(prompt head, outcome) of every turn the sim began: ``ok``, ``error`` or ``lost`` (no result).
+
+    The sim runs one turn at a time and records a prompt when its turn starts
+    and a result when it ends, so a user entry followed by another user
+    entry is a turn whose process died under it.
+    """
+    out: list[tuple[str, str]] = []
+    pending: str | None = None
+    for e in transcript_entries(home):
+        if e.get("type") == "user":
+            if pending is not None:
+                out.append((pending, "lost"))
+            pending = str(e.get("prompt", ""))
+        elif e.get("type") == "result" and pending is not None:
+            out.append((pending, "error" if e.get("is_error") else "ok"))
+            pending = None
+    if pending is not None:
+        out.append((pending, "lost"))
+    return out
+
+
+def completions(home: Path, token: str) -> int:
+    """How many turns whose prompt has the word ``token`` the agent ran to a successful end."""
+    return sum(1 for prompt, outcome in turn_outcomes(home) if token in prompt.split() and outcome == "ok")
+
+
+def began(home: Path, token: str) -> int:
+    """How many turns whose prompt has the word ``token`` the agent began."""
+    return sum(1 for prompt, _ in turn_outcomes(home) if token in prompt.split())
+
+
+def wait_completed_once(home: Path, token: str) -> None:
+    """Wait until the agent recorded the end of ``token``'s turn (a client may see the result first); fail on 2."""
+    wait_until(lambda: completions(home, token) >= 1, timeout_s=10, what=f"{token}'s turn recorded")
+    assert completions(home, token) == 1, f"{token} ran to completion more than once: {turn_outcomes(home)}"
+
+
+def session_objects(session: str) -> list[str]:
+    """Every shared-memory and queue name of ``session`` that exists now."""
+    prefix = f"turnstile.{session}."
+    found = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    with contextlib.suppress(OSError):
+        found += [n for n in os.listdir("/dev/mqueue") if n.startswith(prefix)]
+    return sorted(found)
+
+
+def home_of(b: BrokerProcess) -> Path:
+    """The HOME the factory gave this broker (its agent's transcripts live under it)."""
+    return Path(b.env["HOME"])
+
+
+# ---------------------------------------------------------------- client death
+
+
+def test_client_sigkill_while_queued_and_while_leasing_between_turns(broker_factory, client, tmp_path):
+    """A queued client and a lease holder idle between its turns both die: neither blocks the next client."""
+    st = tmp_path / "sim-stats.json"
+    b = broker_factory(agent_args=(f"--stats-file={st}",))
+    holder = client("worker", "LEASE-TURN-one", lease=True, lease_idle_s=600, hold_lease=True)
+    assert holder.ev("result")["status"] == "ok"
+    holder.ev("lease_idle")
+    wait_until(lambda: rec(b).lease_client != "" and rec(b).turn == 0, what="lease held, idle between turns")
+    queued = client("worker", "QUEUED-DOOMED-two")
+    queued.ev("submitted")
+    nxt = client("worker", "NEXT-IN-LINE-three")
+    nxt.ev("submitted")
+    wait_until(lambda: rec(b).workers_queued == 2, what="two workers queued behind the lease")
+    queued.kill()
+    wait_until(lambda: rec(b).workers_queued == 1, what="the dead client's request dropped")
+    assert rec(b).lease_client != "", "a queued client's death ended someone else's lease"
+    t_kill = time.monotonic()
+    holder.kill()
+    res = nxt.ev("result")
+    assert res["status"] == "ok" and res["text"] == "sim: NEXT-IN-LINE-three"
+    took_s = res["t"] - t_kill
+    print(f"lease holder SIGKILL between turns -> next worker's result: {took_s * 1000:.1f} ms")
+    assert took_s < 3.0, "the lease of a dead holder was not released promptly"
+    assert nxt.finish() == 0
+    r = rec(b)
+    assert r.lease_client == "" and r.workers_queued == 0
+    home = home_of(b)
+    assert began(home, "QUEUED-DOOMED-two") == 0, "a dead client's queued request reached the agent"
+    assert sim_stats(st)["user_messages"] == 2
+    wait_until(lambda: rec(b).clients == 0, what="dead clients forgotten")
+    wait_until(lambda: not [n for n in session_objects(b.session) if ".mb." in n or ".db." in n],
+               what="no mailbox of the dead clients left")
+
+
+# ---------------------------------------------------------------- broker death
+
+
+def test_broker_sigkill_with_frames_in_the_queue_and_a_turn_in_flight(broker_factory, client, session_name):
+    """Accepted, queued-in-the-mq and in-flight requests all survive a broker SIGKILL, each run once."""
+    # Every turn of this first broker's agent lasts 60 s (a flag, not a directive: the next
+    # broker's agent runs the same prompts at normal speed), so the in-flight turn is still
+    # in flight however slow the machine.
+    b = broker_factory(agent_args=("--turn-ms=60000",))
+    inflight = client("worker", "INFLIGHT-a")
+    in_mq = [client("worker", "IN-MQ-worker-c", go=True), client("webhook", "IN-MQ-webhook-d", go=True)]
+    inflight.ev("event")
+    wait_until(running(b, "worker"), what="the in-flight turn running")
+    accepted = client("worker", "ACCEPTED-b")
+    for c in in_mq:
+        c.ev("connected")
+    accepted.ev("submitted")
+    wait_until(lambda: rec(b).workers_queued == 1, what="the second worker accepted and queued")
+    # Freeze the broker: what the clients send now stays in the request queue.
+    os.kill(b.pid, signal.SIGSTOP)
+    try:
+        rq = rqueue.RequestQueue.open(session_name)
+        try:
+            for c in in_mq:
+                c.send()
+                c.ev("submitted")
+            assert rq.current_messages == 2, "the frozen broker read the queue"
+        finally:
+            rq.close()
+        agent = rec(b).agent_pid
+        b.kill()  # SIGKILL reaches a stopped process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(b.pid, signal.SIGCONT)
+    wait_until(lambda: not group_members(agent), timeout_s=5, what="the old agent group gone")
+    b2 = broker_factory()
+    everyone = [inflight, accepted, *in_mq]
+    for c in everyone:
+        res = c.ev("result")
+        token = c.lines[[o.get("ev") for o in c.lines].index("submitted")]["text"].split()[-1]
+        assert res["status"] == "ok" and token in res["text"], res
+    for c in everyone:
+        assert c.finish() == 0
+        assert len(c.results()) == 1, c.results()
+    home = home_of(b2)
+    for token in ("INFLIGHT-a", "ACCEPTED-b", "IN-MQ-worker-c", "IN-MQ-webhook-d"):
+        wait_completed_once(home, token)
+    # Four distinct requests reached the new broker; resubmissions were recognised, not rerun.
+    r = rec(b2)
+    assert r.counters["requests"] == 4, r.counters
+    assert r.counters["results_ok"] == 4
+
+
+def test_broker_sigkill_while_it_restarts_its_agent(broker_factory, client):
+    """A broker killed in the middle of agent restarts leaves no agent behind; the next broker serves."""
+    b = broker_factory()
+    home = home_of(b)
+    # A worker whose turn kills the agent is rerun (twice) after each restart: the broker
+    # spends the next moments restarting its agent. Kill it right after the first crash.
+    crasher = client("worker", "[sim:die] CRASHER", reconnect_timeout_s=30)
+    wait_until(lambda: rec(b).counters["agent_restarts"] >= 1, what="the first agent restart", poll_s=0.001)
+    agents_before = set(sim_agents(home))
+    b.kill()
+    phase = [e["event"] for e in broker_log(b) if e.get("event", "").startswith("agent.")][-1]
+    print(f"broker SIGKILLed after {phase!r}; agent processes then: {sorted(agents_before)}")
+    wait_until(lambda: not sim_agents(home), timeout_s=5, what="every agent of the dead broker gone")
+    b2 = broker_factory()
+    agent2 = rec(b2).agent_pid
+    # The crasher is resubmitted to the new broker: it dies there too, and ends in a typed error.
+    res = crasher.ev("result", timeout_s=30)
+    assert res["status"] == "error" and res["error_code"] == "agent_restarted", res
+    after = client("webhook", "AFTER-the-restarts")
+    assert after.ev("result")["status"] == "ok"
+    assert crasher.finish() == 0 and after.finish() == 0
+    assert len(crasher.results()) == 1
+    # Only the new broker's current agent runs.
+    wait_until(lambda: set(sim_agents(home)) == {rec(b2).agent_pid}, timeout_s=5,
+               what=f"only the new broker's agent (first {agent2}) left")
+
+
+def test_broker_sigterm_during_a_drain_exits_in_bounded_time(broker_factory, client, session_name):
+    """SIGTERM while a preempted turn that ignores interrupts drains: bounded exit, no orphan, nothing lost."""
+    drain_s, step_s = 2.0, 2.0  # --drain-timeout-s; BrokerConfig.stop_step_s (not a serve option)
+    b = broker_factory(extra_args=(f"--drain-timeout-s={drain_s}",))
+    home = home_of(b)
+    w = client("worker", prompts=[{"text": "[sim:ignore_interrupt] STUBBORN-worker", "resume_prompt": "RESUMED"}],
+               reconnect_timeout_s=60)
+    w.ev("event")
+    wait_until(running(b, "worker"), what="the worker turn running")
+    h = client("webhook", "URGENT-hook", reconnect_timeout_s=60)
+    wait_until(running(b, "worker", phase="interrupting"), what="the worker turn draining")
+    agent = rec(b).agent_pid
+    t0 = time.monotonic()
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGTERM)
+    rc = b.proc.wait(drain_s + 3 * step_s + 5)
+    took_s = time.monotonic() - t0
+    print(f"SIGTERM mid-drain -> exit {rc} in {took_s:.2f} s (drain {drain_s} s, stop step {step_s} s)")
+    assert rc == 0
+    assert took_s < drain_s + 2 * step_s + 2.0
+    assert not group_members(agent), "the agent outlived its broker"
+    assert not sim_agents(home), "an agent (or a restarted one) outlived the broker"
+    log = [e.get("event") for e in broker_log(b)]
+    after_signal = set(log[log.index("broker.signal") :])
+    # A stopping broker decides nothing more: no restart, no requeue, no answer.
+    assert not after_signal & {"agent.restart", "agent.started", "turn.preempted", "request.result"}, log
+    left = session_objects(session_name)
+    assert not [n for n in left if n.endswith((".rq", ".st"))], left
+    # Neither request was answered by the stopped broker; both are served by the next one.
+    assert w.results() == [] and h.results() == []
+    b2 = broker_factory(extra_args=("--drain-timeout-s=0.5",))
+    hres = h.ev("result")
+    assert hres["status"] == "ok" and hres["text"] == "sim: URGENT-hook"
+    # The worker's request reached the new broker too. If the webhook preempted it there, it
+    # was rerun with its resume prompt and ended; otherwise it runs, ignoring interrupts
+    # again: cancel it by turn (the short drain timeout ends it).
+    wait_until(lambda: w.results() or running(b2, "worker")(), what="the worker's request on the new broker")
+    if not w.results():
+        from clients import Client
+
+        r2 = rec(b2)
+        with Client(session_name, "webhook") as c:
+            c.cancel_turn(r2.incarnation, r2.turn)
+    wres = w.ev("result")
+    assert wres["status"] == "cancelled" or (wres["status"] == "ok" and wres["text"] == "sim: RESUMED"), wres
+    for c in (w, h):
+        assert c.finish() == 0
+        assert len(c.results()) == 1
+
+
+# ---------------------------------------------------------------- agent faults
+
+
+def test_agent_sigkill_mid_webhook_turn_fails_it_and_the_next_runs_resumed(broker_factory, client):
+    """The agent killed from outside under a webhook turn: a typed error for it, the queued worker runs next."""
+    b = broker_factory()
+    first = client("webhook", "[sim:history] FIRST")
+    r1 = first.ev("result")
+    assert r1["status"] == "ok" and "[history=0]" in r1["text"]
+    h = client("webhook", "[sim:turn_ms=5000] DOOMED-hook")
+    h.wait_for(lambda o: o.get("ev") == "event" and o["data"].get("type") == "assistant")
+    w = client("worker", "[sim:history] QUEUED-worker")
+    w.ev("submitted")
+    wait_until(lambda: rec(b).workers_queued == 1, what="worker queued behind the webhook")
+    agent = rec(b).agent_pid
+    os.killpg(agent, signal.SIGKILL)
+    hres = h.ev("result")
+    assert hres["status"] == "error" and hres["error_code"] == "agent_restarted", hres
+    wres = w.ev("result")
+    assert wres["status"] == "ok" and wres["session_id"] == r1["session_id"]
+    assert "[history=2]" in wres["text"], "the restarted agent did not resume the conversation"
+    r = rec(b)
+    assert r.agent_pid != agent and r.counters["agent_restarts"] == 1
+    for c in (first, h, w):
+        assert c.finish() == 0
+        assert len(c.results()) == 1
+
+
+def test_cancel_of_a_turn_that_ignores_interrupts_restarts_the_agent(broker_factory, client, session_name):
+    """A cancel the agent never answers: drain timeout, restart, ``cancelled``; the next turn runs."""
+    from clients import Client
+
+    b = broker_factory(extra_args=("--drain-timeout-s=0.5",))
+    pid0 = rec(b).agent_pid
+    w = client("worker", "[sim:ignore_interrupt] DEAF-worker")
+    w.ev("event")
+    wait_until(running(b, "worker"), what="the deaf turn running")
+    r = rec(b)
+    t0 = time.monotonic()
+    with Client(session_name, "webhook") as c:
+        c.cancel_turn(r.incarnation, r.turn)
+    res = w.ev("result")
+    assert res["status"] == "cancelled" and res["turn"] == r.turn, res
+    assert res["t"] - t0 < 0.5 + 4.5, "the drain timeout did not bound the cancel"
+    nxt = client("worker", "NEXT-after-deaf")
+    assert nxt.ev("result")["status"] == "ok"
+    r2 = rec(b)
+    assert r2.counters["drain_timeouts"] == 1 and r2.counters["agent_restarts"] == 1 and r2.agent_pid != pid0
+    assert r2.counters["results_cancelled"] == 1
+    assert w.finish() == 0 and nxt.finish() == 0
+
+
+def test_tool_children_of_every_rerun_are_killed_with_their_groups(broker_factory, client):
+    """A worker turn whose agent dies leaving a tool child on its stdout, three times: no child survives.
+
+    (test_broker_integration.py::test_tool_child_holding_stdout_does_not_wedge_session covers one
+    webhook turn; here the worker's request is rerun after each death, each rerun leaving a child,
+    and every generation's group must go, not just the first.)
+    """
+    b = broker_factory()
+    home = home_of(b)
+    w = client("worker", "[sim:tool_child=60] TOOL-CHILD-worker")
+    res = w.ev("result", timeout_s=30)
+    assert res["status"] == "error" and res["error_code"] == "agent_restarted", res
+    notices = [o for o in w.lines if o.get("ev") == "event" and o["data"].get("subtype") == "preempted"]
+    assert len(notices) == 2, "the worker's request was not rerun after each agent death"
+    # (The new agent shows its argv once it has exec'd: wait for that, not for a fixed time.)
+    wait_until(lambda: set(sim_agents(home)) == {rec(b).agent_pid}, timeout_s=5,
+               what="only the current agent left (no tool child of any dead one)")
+    after = client("webhook", "AFTER-tool-children")
+    assert after.ev("result")["status"] == "ok"
+    assert w.finish() == 0 and after.finish() == 0
+    assert rec(b).counters["agent_restarts"] == 3
+
+
+def test_non_json_and_over_long_agent_lines_are_logged_and_the_broker_stays_up(broker_factory, client, tmp_path):
+    """A garbage line is skipped; a line over --max-line-bytes is dropped, and the turn it broke is restarted."""
+    bound = 64 * 1024
+    st = tmp_path / "sim-stats.json"
+    b = broker_factory(agent_args=(f"--stats-file={st}",), extra_args=(f"--max-line-bytes={bound}",))
+    pid0 = rec(b).agent_pid
+    # Under the bound: garbage is logged, the turn completes.
+    g = client("webhook", "[sim:garbage] [sim:huge=50000] GARBAGE-then-big")
+    gres = g.ev("result")
+    assert gres["status"] == "ok" and len(gres["text"]) > 40_000
+    # Over the bound: the assistant line and the result line (which repeats its text) are
+    # both dropped. The turn's end can no longer be seen, so the broker must not wait for it.
+    t0 = time.monotonic()
+    o = client("webhook", f"[sim:huge={bound * 2}] OVERLONG")
+    ores = o.ev("result", timeout_s=20)
+    print(f"over-long line -> result {ores['status']}/{ores['error_code']} in {ores['t'] - t0:.2f} s")
+    assert ores["status"] == "error" and ores["error_code"] == "agent_restarted", ores
+    after = client("webhook", "AFTER-overlong")
+    assert after.ev("result")["status"] == "ok"
+    for c in (g, o, after):
+        assert c.finish() == 0
+        assert len(c.results()) == 1
+    # Nothing over the bound reached a client.
+    assert all(len(json.dumps(o["data"])) <= bound for c in (g, o) for o in c.lines if o.get("ev") == "event")
+    events = [e.get("event") for e in broker_log(b)]
+    assert "agent.bad_line" in events and "agent.line_dropped" in events
+    r = rec(b)
+    assert b.proc is not None and b.proc.poll() is None
+    assert r.counters["agent_restarts"] == 1 and r.agent_pid != pid0
+    assert sim_stats(st).get("malformed_lines", 0) == 0
+
+
+def test_line_splitter_bounds_a_whole_line_that_arrives_in_one_read():
+    """The bound holds for a complete line in one piece, and for one spread over many."""
+    from broker.agentproc import LineSplitter
+
+    lines: list[bytes] = []
+    dropped: list[int] = []
+    sp = LineSplitter(lines.append, dropped.append, max_line_bytes=10)
+    sp.feed(b"short\n" + b"x" * 11 + b"\nok\n")
+    assert lines == [b"short", b"ok"] and dropped == [11]
+    for _ in range(5):
+        sp.feed(b"y" * 4)
+    sp.feed(b"\nafter\n")
+    assert lines == [b"short", b"ok", b"after"] and dropped == [11, 20]
+
+
+# ---------------------------------------------------------------- request queue full
+
+
+def test_full_request_queue_gives_queue_full_and_loses_nothing_sent_before(broker_factory, client, session_name):
+    """Broker frozen: sends fill the queue, the next one fails typed and bounded; nothing before it is lost."""
+    b = broker_factory()
+    home = home_of(b)
+    f = client("worker", go=True, fill=40, fill_text="FILL", send_timeout_s=1.0, then=[{"text": "TAIL"}])
+    f.ev("connected")
+    wait_until(lambda: rec(b).clients == 1, what="the filler's hello read")
+    rq = rqueue.RequestQueue.open(session_name)
+    try:
+        capacity = rq.max_messages
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            f.send()
+            full = f.ev("queue_full", timeout_s=20)
+            assert rq.current_messages == capacity
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+    finally:
+        rq.close()
+    sent = [o for o in f.lines if o.get("ev") == "submitted"]
+    print(f"queue of {capacity}: {len(sent)} sends went in, the next waited {full['waited_s']:.2f} s: "
+          f"{full['message']}")
+    assert len(sent) == capacity
+    assert full["error"] == "QueueFull" and full["code"] == "queue_full"
+    assert 0.9 <= full["waited_s"] < 3.0, "the send to a full queue did not wait its bounded time"
+    # The broker catches up: every request sent before the overflow gets its one result.
+    for i in range(capacity):
+        res = f.wait_for(lambda o, i=i: o.get("ev") == "result" and o["text"] == f"sim: FILL fill-{i}")
+        assert res["status"] == "ok"
+    assert len(f.results()) == capacity
+    for i in range(capacity):
+        wait_completed_once(home, f"fill-{i}")
+    # The refused request was never sent, and must never be: not even when the client
+    # resubmits what it has in flight to a new broker.
+    assert b.stop() == 0
+    b2 = broker_factory()
+    f.send()  # one more prompt: the client finds the new broker and resubmits what it thinks is in flight
+    tail = f.wait_for(lambda o: o.get("ev") == "result" and o["text"] == "sim: TAIL")
+    assert tail["status"] == "ok"
+    assert began(home, f"fill-{capacity}") == 0, "a request refused with QueueFull ran later"
+    assert rec(b2).counters["requests"] == 1
+    assert f.finish() == 0
+
+
+# ---------------------------------------------------------------- a client that stops reading
+
+#: A client that submits one prompt through a small mailbox, then reads nothing until told.
+SLOW_CLIENT = r"""
+import json, sys, time
+from clients.core import Connection
+from ipc.errors import ClientTooSlow
+
+spec = json.loads(sys.argv[1])
+
+def out(**obj):
+    obj["t"] = time.monotonic()
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+conn = Connection(spec["session"], spec["kind"], mailbox_capacity=spec["capacity"])
+deadline = time.monotonic() + 15
+while not conn.try_attach():
+    assert time.monotonic() < deadline, "no broker"
+    time.sleep(0.01)  # polling for the broker to appear (bounded by the deadline)
+out(ev="connected", client=conn.client_id)
+frame = conn.prompt_frame(spec["text"], model=None, on_preempt=None, resume_prompt=None, request_id=None)
+conn.submit(frame)
+out(ev="submitted", req=frame.req)
+sys.stdin.readline()  # stop reading the mailbox until the test says so
+frames_read = 0
+try:
+    for _ in range(10_000):
+        frames_read += conn.drain_mailbox()
+    out(ev="never_failed", frames=frames_read)
+except ClientTooSlow as exc:
+    out(ev="too_slow", frames=frames_read, error=type(exc).__name__, code=exc.code)
+# A frame sent after the broker gave up on us must not be served.
+late = conn.prompt_frame(spec["late_text"], model=None, on_preempt=None, resume_prompt=None, request_id=None)
+conn.submit(late)
+out(ev="late_sent", req=late.req)
+sys.stdin.readline()
+"""
+
+
+def test_client_that_stops_reading_is_failed_and_others_are_served(broker_factory, client, spawn_client, session_name):
+    """A client whose mailbox stays full is failed with client_too_slow; another client is served meanwhile."""
+    bound = 256 * 1024
+    b = broker_factory(extra_args=(f"--client-buffer-bytes={bound}",))
+    home = home_of(b)
+    spec = {"session": session_name, "kind": "webhook", "capacity": 64 * 1024,
+            "text": "[sim:turn_ms=10000] [sim:chunks=200] [sim:bytes=2000000] SLOW-reader",
+            "late_text": "LATE-after-failure"}
+    slow = ClientProc(spawn_client(SLOW_CLIENT, json.dumps(spec), stdin=subprocess.PIPE))
+    try:
+        slow.ev("submitted")
+        wait_until(running(b, "webhook"), what="the slow reader's turn streaming")
+        t0 = time.monotonic()
+        fast = client("webhook", "FAST-hook")
+        res = fast.ev("result")
+        took_s = res["t"] - t0
+        print(f"client_too_slow -> another webhook's result {took_s * 1000:.0f} ms after it was started")
+        assert res["status"] == "ok" and res["text"] == "sim: FAST-hook"
+        # The slow reader's turn would stream for 10 s; failing it frees the session long before.
+        assert took_s < 7.0
+        r = rec(b)
+        assert r.counters["clients_failed_slow"] == 1
+        assert any(e.get("event") == "client.too_slow" for e in broker_log(b))
+        slow.send()
+        failed = slow.ev("too_slow")
+        assert failed["error"] == "ClientTooSlow" and failed["code"] == "client_too_slow"
+        slow.ev("late_sent")
+        barrier = client("webhook", "BARRIER")
+        assert barrier.ev("result")["status"] == "ok"
+        assert began(home, "LATE-after-failure") == 0, "a failed client's later frame was served"
+        assert rec(b).counters["rejected_frames"] >= 1
+        assert fast.finish() == 0 and barrier.finish() == 0
+    finally:
+        if slow.proc.poll() is None:
+            slow.kill()
+        slow.finish()
+        with contextlib.suppress(BrokenPipeError):
+            slow.close_stdin()
+
+
+# ---------------------------------------------------------------- forged identities
+
+
+def _send_raw(session: str, *fs: frames.RequestFrame) -> None:
+    rq = rqueue.RequestQueue.open(session)
+    try:
+        for f in fs:
+            rq.send_frame(f)
+    finally:
+        rq.close()
+
+
+def _ring_start_time(box: mailbox.MailboxReader, start: int) -> None:
+    """Overwrite the owner start time recorded in a mailbox header (offset: magic, layout, capacity, pid)."""
+    box._mm[24:32] = start.to_bytes(8, "little")
+
+
+def test_a_live_pid_with_the_wrong_start_time_is_not_adopted(broker_factory, client, session_name, tmp_path):
+    """A mailbox (or hello) naming a live pid whose start time does not match is refused: pid reuse."""
+    st = tmp_path / "sim-stats.json"
+    b = broker_factory(agent_args=(f"--stats-file={st}",))
+    home = home_of(b)
+    pid, start = names.self_identity()
+    forged = names.new_client_id()
+    box = mailbox.MailboxReader(session_name, forged)
+    try:
+        _ring_start_time(box, start + 4242)
+        assert mailbox.read_owner(session_name, forged) == (pid, start + 4242)
+        _send_raw(
+            session_name,
+            frames.Hello(client=forged, kind="worker", pid=pid, start_time=start + 4242),
+            frames.Prompt(client=forged, req="forged-1", kind="worker", content="FORGED-start-time"),
+        )
+        barrier = client("worker", "BARRIER")
+        assert barrier.ev("result")["status"] == "ok"
+        assert box.read_frames() == [], "the broker answered a client it should not have adopted"
+        log = broker_log(b)
+        assert any(e.get("event") == "client.hello_refused" and e.get("client") == forged for e in log)
+        assert any(e.get("event") == "frame.unknown_client" and e.get("client") == forged for e in log)
+        assert began(home, "FORGED-start-time") == 0
+        assert sim_stats(st)["user_messages"] == 1
+        assert rec(b).counters["rejected_frames"] >= 1
+        assert barrier.finish() == 0
+    finally:
+        box.close()
+
+
+def test_frames_naming_a_dead_client_are_not_served(broker_factory, client, session_name):
+    """After a client died, frames naming its id are refused, even with a mailbox recreated in its name."""
+    b = broker_factory()
+    home = home_of(b)
+    dead = client("worker", "ALIVE-once", linger=True)
+    assert dead.ev("result")["status"] == "ok"
+    cid, pid = dead.ev("connected")["client"], dead.ev("connected")["pid"]
+    start = names.proc_start_time(pid)
+    assert start is not None
+    dead.kill()
+    wait_until(lambda: mailbox.read_owner(session_name, cid) is None, what="the dead client's mailbox removed")
+    # 1. No mailbox at all: nowhere to answer, nobody to adopt.
+    _send_raw(session_name, frames.Prompt(client=cid, req="ghost-1", kind="worker", content="GHOST-no-mailbox"))
+    # 2. A mailbox recreated under its id, naming the dead process's identity.
+    box = mailbox.MailboxReader(session_name, cid)
+    try:
+        box._mm[16:24] = pid.to_bytes(8, "little")
+        _ring_start_time(box, start)
+        assert mailbox.read_owner(session_name, cid) == (pid, start)
+        _send_raw(
+            session_name,
+            frames.Hello(client=cid, kind="worker", pid=pid, start_time=start),
+            frames.Prompt(client=cid, req="ghost-2", kind="worker", content="GHOST-recreated"),
+        )
+        barrier = client("worker", "BARRIER")
+        assert barrier.ev("result")["status"] == "ok"
+        assert box.read_frames() == []
+        assert began(home, "GHOST-no-mailbox") == 0 and began(home, "GHOST-recreated") == 0
+        unknown = [e for e in broker_log(b) if e.get("event") == "frame.unknown_client" and e.get("client") == cid]
+        assert len(unknown) == 2
+        assert barrier.finish() == 0
+    finally:
+        box.close()
+
+
+def test_a_client_that_died_while_no_broker_ran_leaves_no_mailbox(broker_factory, client, session_name):
+    """The next broker never hears of a client that died while no broker ran: it must still clean up."""
+    b = broker_factory()
+    c = client("worker", "ONCE", linger=True)
+    assert c.ev("result")["status"] == "ok"
+    cid = c.ev("connected")["client"]
+    b.kill()
+    c.kill()  # dies while no broker runs: nobody watches its pidfd
+    assert mailbox.read_owner(session_name, cid) is not None
+    b2 = broker_factory()
+    wait_until(lambda: mailbox.read_owner(session_name, cid) is None, timeout_s=10,
+               what="the dead client's mailbox removed by the next broker")
+    assert [n for n in session_objects(session_name) if cid in n] == []
+    assert b2.stop() == 0
+    assert session_objects(session_name) == []
+
+
+# ---------------------------------------------------------------- memory
+
+
+def test_broker_memory_stays_bounded_over_many_large_replies(broker_factory, session_name):
+    """The broker remembers finished results (to answer a duplicate again) within a byte bound, not only a count."""
+    from clients import Client
+
+    b = broker_factory()
+    n, size = 100, 1_000_000
+    with Client(session_name, "webhook") as c:
+        assert c.prompt("warm-up").result(timeout_s=10).ok
+        rss0 = vm_rss_kib(b.pid)
+        for i in range(n):
+            res = c.prompt(f"[sim:bytes={size}] big-{i}").result(timeout_s=30)
+            assert res.ok and len(res.text) == size
+        rss1 = vm_rss_kib(b.pid)
+    grown_mib = (rss1 - rss0) / 1024
+    print(f"{n} replies of {size} bytes: broker VmRSS {rss0} -> {rss1} KiB (+{grown_mib:.0f} MiB)")
+    # Keeping every result's text and raw line would hold ~2 MB per reply (~190 MiB here).
+    assert grown_mib < 100, f"the broker kept {grown_mib:.0f} MiB after {n} large replies"
