@@ -28,7 +28,7 @@ import copyreg
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from broker import scheduler as s
 from ipc import frames
@@ -918,10 +918,9 @@ class World:
         """Nothing is pending on the agent's side or the clock's."""
         return not self.agent_events()
 
-    def enabled(self, alphabet: Alphabet) -> list[tuple[str, s.SchedEvent, str | None]]:
-        """Every event the alphabet allows now: (label, event, budget to spend or None)."""
-        evs: list[tuple[str, s.SchedEvent, str | None]] = [(lb, ev, None) for lb, ev in self.agent_events()]
-        return evs + alphabet.events(self)
+    def enabled(self, alphabet: Alphabet) -> list[Move]:
+        """Every event the alphabet allows now."""
+        return [Move(lb, ev) for lb, ev in self.agent_events()] + alphabet.events(self)
 
     def fire(self, label: str, ev: s.SchedEvent, budget: str | None = None) -> list[s.Decision]:
         if budget is not None:
@@ -970,6 +969,15 @@ NAMES = {K: "K", K2: "K2", W1: "W1", W2: "W2", W3: "W3"}
 KINDS: dict[str, frames.Kind] = {K: "worker", K2: "worker", W1: "webhook", W2: "webhook", W3: "webhook"}
 
 EventMaker = Callable[[World], s.SchedEvent | None]
+
+
+class Move(NamedTuple):
+    """One enabled event."""
+
+    label: str
+    event: s.SchedEvent
+    budget: str | None = None  # the once-per-path action it uses up
+    free: bool = False  # a line the scheduler must ignore: the state stays as it was
 
 
 @dataclass(frozen=True)
@@ -1071,9 +1079,9 @@ class Alphabet:
     clients: tuple[str, ...]
     actions: tuple[Action, ...]
 
-    def events(self, w: World) -> list[tuple[str, s.SchedEvent, str | None]]:
-        """The alphabet's events enabled in ``w``: (label, event, budget it spends or None)."""
-        out: list[tuple[str, s.SchedEvent, str | None]] = []
+    def events(self, w: World) -> list[Move]:
+        """The alphabet's events enabled in ``w``."""
+        out: list[Move] = []
         for a in self.actions:
             if a.label in w.used or any(x not in w.used for x in a.after):
                 continue
@@ -1081,7 +1089,7 @@ class Alphabet:
                 continue
             ev = a.make(w)
             if ev is not None:
-                out.append((a.label, ev, None if a.free else a.label))
+                out.append(Move(a.label, ev, None if a.free else a.label, a.free))
         return out
 
     def world(self, config: s.Config | None = None) -> World:
@@ -1100,12 +1108,12 @@ def _free(label: str, make: EventMaker, client: str | None = None) -> Action:
 
 
 def small_alphabet() -> Alphabet:
-    """The default bound: a worker with a lease and a model switch, two webhooks, every fault once."""
+    """The default bound: a worker with a lease and model switches, two webhooks, every fault once."""
     acts = (
-        _act("K sub k1", submit(K, "k1"), client=K),
-        _act("K cancel k1", cancel_target(K, "k1"), ("K sub k1",), K),
-        _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1",), K),
-        _act("K sub k2 (model m2, return)", submit(K, "k2", model="m2", on_preempt="return"), ("K sub kL (lease)",), K),
+        _act("K sub k1 (model m2)", submit(K, "k1", model="m2"), client=K),
+        _act("K cancel k1", cancel_target(K, "k1"), ("K sub k1 (model m2)",), K),
+        _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1 (model m2)",), K),
+        _act("K sub k2 (model m1, return)", submit(K, "k2", model="m1", on_preempt="return"), ("K sub kL (lease)",), K),
         _act("K release", lambda w: s.Released(w.now, K), ("K sub kL (lease)",), K),
         _act("W1 sub w1", submit(W1, "w1"), client=W1),
         _act("W2 sub w2", submit(W2, "w2"), client=W2),
@@ -1113,6 +1121,10 @@ def small_alphabet() -> Alphabet:
         _act("agent crashes", crash),
         _free("W1 stale cancel", stale_cancel(W1), W1),
         _free("foreign model answer", wrong_answer),
+        _free("late result", late_result),
+        _free("duplicate init", dup_init),
+        _free("init for a turn still switching", switching_init),
+        _free("late exit", late_exit),
     )
     return Alphabet("default", (K, W1, W2), acts)
 
@@ -1121,16 +1133,12 @@ def large_alphabet() -> Alphabet:
     """``TURNSTILE_EXPLORE=large``: a third webhook with a model and a lease, more cancels and faults."""
     acts = (
         *small_alphabet().actions,
-        _act("K cancel k2", cancel_target(K, "k2"), ("K sub k2 (model m2, return)",), K),
+        _act("K cancel k2", cancel_target(K, "k2"), ("K sub k2 (model m1, return)",), K),
         _act("W1 resubmit w1", submit(W1, "w1"), ("W1 sub w1",), W1),
         _act("W1 cancel running turn", cancel_running(W1), client=W1),
         _act("W3 sub w3 (model m2)", submit(W3, "w3", model="m2"), client=W3),
         _act("W3 sub w3L (lease)", submit(W3, "w3L", op="lease"), ("W3 sub w3 (model m2)",), W3),
         _act("W3 release", lambda w: s.Released(w.now, W3), ("W3 sub w3L (lease)",), W3),
         _act("model refused", model_refused),
-        _free("late result", late_result),
-        _free("duplicate init", dup_init),
-        _free("late exit", late_exit),
-        _free("init for a turn still switching", switching_init),
     )
     return Alphabet("large", (K, W1, W2, W3), acts)

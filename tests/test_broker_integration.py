@@ -809,6 +809,7 @@ def test_library_prompt_of_another_kind_is_refused(broker_factory, session_name)
 # ---------------------------------------------------------------- many clients
 
 
+@pytest.mark.xdist_group("many_queues")  # the system-wide count of queues (256) is shared
 def test_fifty_clients_each_get_only_their_own_events(broker_factory, client):
     b = broker_factory()
     procs = []

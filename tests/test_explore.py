@@ -70,16 +70,21 @@ def explore(alphabet: m.Alphabet, max_depth: int) -> Stats:
         nxt: list[tuple[bytes, Trail]] = []
         for blob, path in frontier:
             parent = pickle.loads(blob)
-            evs = parent.enabled(alphabet)
-            for i, (label, ev, budget) in enumerate(evs):
+            moves = parent.enabled(alphabet)
+            # Lines that must be ignored go first, on the parent itself: World.step checks
+            # that each leaves the state as it was (or fails the run), so no copy is needed.
+            moves.sort(key=lambda mv: not mv.free)
+            for i, (label, ev, budget, free) in enumerate(moves):
                 # The last successor may consume the parent itself: one unpickling saved per state.
-                w = parent if i == len(evs) - 1 else pickle.loads(blob)
+                w = parent if free or i == len(moves) - 1 else pickle.loads(blob)
                 st.transitions += 1
                 try:
                     w.fire(label, ev, budget)
                 except AssertionError as exc:  # InvariantBroken or SchedulerBug
                     trail = "\n    ".join([*_path(path), label])
                     raise AssertionError(f"{exc}\n  path ({depth} events):\n    {trail}") from None
+                if free:
+                    continue
                 k = hash(w.key())
                 if k in seen:
                     continue

@@ -284,6 +284,7 @@ def test_a_reader_that_keeps_up_is_never_failed(pair: tuple[mailbox.MailboxReade
 # ---------------------------------------------------------------- the queue budget
 
 
+@pytest.mark.xdist_group("many_queues")  # the system-wide count of queues (256) is shared
 @pytest.mark.timeout(120)
 def test_200_mailboxes_fit_the_default_queue_budget(session_name: str) -> None:
     # As root the child takes a real uid of its own (keeping euid 0), so the budget it

@@ -529,6 +529,18 @@ def test_set_model_op() -> None:
     assert result(out, W1).status == "ok"
 
 
+# Regression: a system/init naming the id of a turn still waiting for its model
+# switch was taken as that turn's init, and wrote an interrupt for a turn whose
+# user message was never written.
+def test_init_for_a_turn_still_switching_is_ignored() -> None:
+    h = H()
+    h.submit(K, "k1", model="m2")
+    h.submit(W1, "w1")  # asks for a preempt, which waits for the switch to end
+    assert h.init(1) == []
+    out = h.answer(f"ts-{INC}-1", model="m2")
+    assert users(out) and started_req(out) == (W1, "w1")  # k1 steps back, unwritten
+
+
 # ---------------------------------------------------------------- drain and agent death
 
 

@@ -129,6 +129,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         target = "nope" if bogus or not mine else mine[j % len(mine)]
         self.step(s.CancelAsked(self.now, c, target=target))
 
+    @rule()
+    def cancel_holder(self) -> None:
+        """The holder cancels its own request (queued, switching or running) by target."""
+        h = self.w.sched.holder()
+        if h is not None and h[0] in self.t.alive:
+            self.step(s.CancelAsked(self.now, h[0], target=h[2]))
+
     @rule(i=PICK, which=st.sampled_from(["running", "running", "finished", "future", "other_incarnation"]))
     def cancel_turn(self, i: int, which: str) -> None:
         c = self.live(i)

@@ -348,6 +348,7 @@ def _flat(samples: list[tuple[float, int]]) -> tuple[int, int] | None:
     return int(statistics.median(warm[: len(warm) // 3])), max(warm[-3:])
 
 
+@pytest.mark.xdist_group("many_queues")  # the system-wide count of queues (256) is shared
 @pytest.mark.slow
 @pytest.mark.timeout(int(SOAK_S) + 300)
 def test_soak(broker_factory, session_name, tmp_path):
