@@ -178,7 +178,8 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
             for ev in turn.events(timeout_s):
                 if ev.get("type") == "turnstile":
                     if as_json:
-                        emit({"event": ev.get("subtype"), **{k: v for k, v in ev.items() if k not in ("type", "subtype")}})
+                        rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
+                        emit({"event": ev.get("subtype"), **rest})
                     continue
                 if as_json:
                     emit({"event": "agent", "data": ev})

@@ -82,7 +82,7 @@ def _run_client(st: DemoState, session: str, row: Row, text: str) -> None:
                     row.preemptions += 1
                     st.say(f"{row.name} PREEMPTED in turn {ev.get('turn')}; requeued at the head of the worker line")
             row.result = turn.result(timeout_s=120)
-    except Exception as exc:  # noqa: BLE001 - the demo reports every failure in its summary
+    except Exception as exc:
         row.error = f"{type(exc).__name__}: {exc}"
     row.finished_s = time.monotonic() - st.t0
     with st.lock:
@@ -188,7 +188,8 @@ def _view(st: DemoState, broker: BrokerProcess) -> Any:
         r = snap.record
         holder = f"{r.holder_kind} {r.holder_client}" if r.holder_client else "-"
         top.add_row("holder", holder, "turn", f"{r.turn} {r.turn_state}")
-        top.add_row("line", f"{r.webhooks_queued} webhook(s), {r.workers_queued} worker(s)", "model", r.model or "default")
+        line = f"{r.webhooks_queued} webhook(s), {r.workers_queued} worker(s)"
+        top.add_row("line", line, "model", r.model or "default")
         top.add_row("preempt signal", f"{r.latencies['last_preempt_signal_us']} µs",
                     "handoff", f"{r.latencies['last_handoff_us']} µs")
         top.add_row("preempts", str(r.counters["preempts"]), "requeues", str(r.counters["requeues"]))

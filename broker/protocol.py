@@ -58,7 +58,8 @@ def control_success(request_id: str, response: dict[str, Any] | None) -> bytes:
 
 def control_error(request_id: str, error: str) -> bytes:
     """An error answer to a control request the agent sent us."""
-    return _line({"type": "control_response", "response": {"subtype": "error", "request_id": request_id, "error": error}})
+    body = {"subtype": "error", "request_id": request_id, "error": error}
+    return _line({"type": "control_response", "response": body})
 
 
 def parse(line: bytes) -> dict[str, Any]:

@@ -532,7 +532,10 @@ class Broker:
 
     def _answer_default(self, rid: str, subtype: str, req: dict[str, Any]) -> None:
         ok, body = protocol.default_answer(subtype, req)
-        line = protocol.control_success(rid, body) if ok and isinstance(body, dict) else protocol.control_error(rid, str(body))
+        if ok and isinstance(body, dict):
+            line = protocol.control_success(rid, body)
+        else:
+            line = protocol.control_error(rid, str(body))
         self._write(line)
         self.log.info("agent.request_default", request_id=rid, subtype=subtype, ok=ok)
 
@@ -706,7 +709,8 @@ class Broker:
             if frame.error is not None:
                 line = protocol.control_error(relay.request_id, frame.error)
             else:
-                line = protocol.control_success(relay.request_id, protocol.validate_answer(relay.subtype, frame.response))
+                answer = protocol.validate_answer(relay.subtype, frame.response)
+                line = protocol.control_success(relay.request_id, answer)
         except (ValueError, TypeError) as exc:
             raise ProtocolError("invalid", f"answer to {relay.subtype}: {exc}") from None
         del self.relays[frame.request_id]

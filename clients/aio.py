@@ -143,7 +143,9 @@ class AsyncClient:
         return await AsyncTurn(self, st).result(timeout_s)
 
     @contextlib.asynccontextmanager
-    async def lease(self, *, idle_timeout_s: float | None = None, timeout_s: float | None = None) -> AsyncIterator[None]:
+    async def lease(
+        self, *, idle_timeout_s: float | None = None, timeout_s: float | None = None
+    ) -> AsyncIterator[None]:
         """Hold the session across several turns."""
         st = self._conn.submit(frames.Lease(
             client=self._conn.client_id, req=new_request_id(), kind=self.kind, idle_timeout_s=idle_timeout_s,
@@ -183,7 +185,7 @@ class AsyncClient:
             bell = conn.mailbox.fileno()
             died = False
 
-            def on_died() -> None:
+            def on_died(wake: asyncio.Event = wake) -> None:
                 nonlocal died
                 died = True
                 wake.set()

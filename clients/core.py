@@ -9,8 +9,6 @@ request id, when it sees a new broker incarnation; the broker de-duplicates.
 from __future__ import annotations
 
 import contextlib
-
-import msgspec
 import itertools
 import os
 import time
@@ -18,6 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from ipc import frames, mailbox, names, rqueue, state
 from ipc.errors import BrokerUnavailable, IPCError, ProtocolError, TurnstileError
@@ -377,7 +377,7 @@ class Connection:
         else:
             try:
                 response = handler(_json_decode(frame.data))
-            except Exception as exc:  # noqa: BLE001 - a failing user handler must still answer the agent
+            except Exception as exc:
                 error = f"handler raised {type(exc).__name__}: {exc}"
         self._send(frames.ControlAnswer(
             client=self.client_id, req=frame.req, request_id=frame.request_id, response=response, error=error,

@@ -195,7 +195,7 @@ class StateBlock:
                     f"session state {name} belongs to a live broker (pid {rec.broker_pid})",
                     name=name,
                     pid=rec.broker_pid,
-                )
+                ) from None
         _HEAD.pack_into(mm, 0, MAGIC, LAYOUT)
         block = cls(mm, name, writer=True)
         # A dead writer may have left the sequence odd: make it even again.

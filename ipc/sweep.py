@@ -118,9 +118,8 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
                 pass
         elif what == "rq" and (force or sess in sessions_dead or not os.path.exists(
             os.path.join(SHM_DIR, f"{names.PREFIX}.{sess}.st")
-        )):
-            if rqueue.unlink(sess):
-                removed.append(Removed("request_queue", names.request_queue(sess), "no live broker"))
+        )) and rqueue.unlink(sess):
+            removed.append(Removed("request_queue", names.request_queue(sess), "no live broker"))
     if force and session is not None:
         if state.unlink(session):
             removed.append(Removed("state", names.state_block(session), "forced"))

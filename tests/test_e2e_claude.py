@@ -312,7 +312,8 @@ def test_cancel_then_clean_next_turn(claude_broker, api, session_name):
         t1.cancel()
         res1 = t1.result(timeout_s=T)
         assert res1.status == "cancelled", res1
-        assert api.sent_events(rec1)[-1] == CLIENT_GONE
+        # The stream was cut: the fake API notices the CLI's disconnect on its own thread.
+        wait_until(lambda: api.sent_events(rec1)[-1] == CLIENT_GONE, what="the API stream to be cut")
         inc, cancelled_turn = c.incarnation, res1.turn
         # A second cancel naming the finished turn is stale: it must not touch the next one.
         c.cancel_turn(inc, cancelled_turn)
@@ -421,7 +422,10 @@ def test_agent_sigkilled_mid_turn_resumes_same_session(claude_broker, api, sessi
         t_kill = time.perf_counter_ns()
         os.kill(before.agent_pid, signal.SIGKILL)
         # The worker's request is rerun on the restarted agent.
-        rerun = turn_request(api, slow_text, after=rec2.seq)
+        # The rerun carries the resume note before the original text.
+        rerun = api.wait_for(
+            lambda r: r.stream and r.seq > rec2.seq and r.latest.endswith(slow_text) and r.latest != slow_text, T
+        )
         res2 = t2.result(timeout_s=T)
         events = list(t2.events(timeout_s=1))
         after = record(b)
