@@ -1110,10 +1110,10 @@ def _free(label: str, make: EventMaker, client: str | None = None) -> Action:
 def small_alphabet() -> Alphabet:
     """The default bound: a worker with a lease and model switches, two webhooks, every fault once."""
     acts = (
-        _act("K sub k1 (model m2)", submit(K, "k1", model="m2"), client=K),
-        _act("K cancel k1", cancel_target(K, "k1"), ("K sub k1 (model m2)",), K),
-        _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1 (model m2)",), K),
-        _act("K sub k2 (model m1, return)", submit(K, "k2", model="m1", on_preempt="return"), ("K sub kL (lease)",), K),
+        _act("K sub k1", submit(K, "k1"), client=K),
+        _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1",), K),
+        _act("K sub k2 (model m2, return)", submit(K, "k2", model="m2", on_preempt="return"), ("K sub kL (lease)",), K),
+        _act("K cancel k2", cancel_target(K, "k2"), ("K sub k2 (model m2, return)",), K),
         _act("K release", lambda w: s.Released(w.now, K), ("K sub kL (lease)",), K),
         _act("W1 sub w1", submit(W1, "w1"), client=W1),
         _act("W2 sub w2", submit(W2, "w2"), client=W2),
@@ -1133,7 +1133,7 @@ def large_alphabet() -> Alphabet:
     """``TURNSTILE_EXPLORE=large``: a third webhook with a model and a lease, more cancels and faults."""
     acts = (
         *small_alphabet().actions,
-        _act("K cancel k2", cancel_target(K, "k2"), ("K sub k2 (model m1, return)",), K),
+        _act("K cancel k1", cancel_target(K, "k1"), ("K sub k1",), K),
         _act("W1 resubmit w1", submit(W1, "w1"), ("W1 sub w1",), W1),
         _act("W1 cancel running turn", cancel_running(W1), client=W1),
         _act("W3 sub w3 (model m2)", submit(W3, "w3", model="m2"), client=W3),

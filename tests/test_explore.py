@@ -30,7 +30,7 @@ from tests import sched_model as m
 #: (alphabet, depth bound) per mode. The default takes about a minute on one core;
 #: ``make verify`` runs the large one.
 MODES = {
-    "default": (m.small_alphabet, 11),
+    "default": (m.small_alphabet, 13),
     "large": (m.large_alphabet, 10),
 }
 
