@@ -165,7 +165,9 @@ def test_the_sequence_word_never_goes_back(block: state.StateBlock, session_name
                 loads += 1
                 assert time.monotonic() < deadline, "the writer did not finish"
             assert h.result(conn, 30.0, "the writer") == count
-        assert loads > 1000
+        # The reader must have watched the word while it changed; how often depends on the
+        # machine's load (a descheduled reader may see only part of the writes).
+        assert loads > 10
     finally:
         mm.close()
 
