@@ -733,10 +733,6 @@ class Scheduler:
 
     def _dispatch(self, now: float) -> None:
         t = self.turn
-        lease = self.lease
-        if lease is not None and t is not None and t.request.client != lease.client:
-            # A worker lease suspended for webhooks does not age while they run.
-            lease.deadline = max(lease.deadline, now + lease.idle_s)
         if t is not None:
             if t.request.kind == "worker" and self.webhooks and t.reason is None:
                 self.last_preempt_signal_s = now
