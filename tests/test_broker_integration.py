@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,8 @@ import pytest
 
 from broker.launcher import BrokerProcess
 from broker.scheduler import RESUME_NOTE
-from ipc import frames, mailbox, names, rqueue, state
+from ipc import frames, mailbox, names, rqueue
+from tests.support import ClientProc, rec, running, wait_until
 
 # ---------------------------------------------------------------- helpers
 
@@ -87,81 +87,6 @@ out(ev="exit")
 """
 
 
-class ClientProc:
-    """A running client process and the JSON lines it printed so far."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.proc = proc
-        self.lines: list[dict[str, Any]] = []
-        self.stderr = ""
-        self._cv = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._err = threading.Thread(target=self._read_err, daemon=True)
-        self._err.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                obj = {"ev": "junk", "line": line}
-            with self._cv:
-                self.lines.append(obj)
-                self._cv.notify_all()
-        with self._cv:
-            self._cv.notify_all()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr += line
-
-    def wait_for(self, pred: Callable[[dict[str, Any]], bool], timeout_s: float = 15.0) -> dict[str, Any]:
-        """The first line matching ``pred``, waiting up to ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        with self._cv:
-            while True:
-                for obj in self.lines:
-                    if pred(obj):
-                        return obj
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(
-                        f"no matching line in {timeout_s} s; lines: {self.lines}; stderr: {self.stderr[-3000:]}"
-                    )
-                self._cv.wait(min(left, 0.1))
-
-    def ev(self, name: str, timeout_s: float = 15.0) -> dict[str, Any]:
-        return self.wait_for(lambda o: o.get("ev") == name, timeout_s)
-
-    def finish(self, timeout_s: float = 20.0) -> int:
-        """Wait for the process to exit (and its output to be read); returns the exit code."""
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"client did not exit; lines: {self.lines}; stderr: {self.stderr[-3000:]}") from None
-        self._reader.join(5)
-        self._err.join(5)
-        return rc
-
-    def send(self, text: str = "go\n") -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text)
-        self.proc.stdin.flush()
-
-    def close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-
-    def results(self) -> list[dict[str, Any]]:
-        return [o for o in self.lines if o.get("ev") == "result"]
-
-    def events(self) -> list[dict[str, Any]]:
-        return [o["data"] for o in self.lines if o.get("ev") == "event"]
-
-
 @pytest.fixture
 def client(
     spawn_client: Callable[..., subprocess.Popen[str]], session_name: str
@@ -189,37 +114,6 @@ def client(
                 c.proc.stdin.close()
             except BrokenPipeError:
                 pass
-
-
-def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
-
-
-def rec(b: BrokerProcess) -> state.StateRecord:
-    snap = b.snapshot()
-    assert snap is not None, "no state block"
-    return snap.record
-
-
-def running(b: BrokerProcess, kind: str | None = None, phase: str = "running") -> Callable[[], bool]:
-    """A condition: a turn (of ``kind``) is in ``phase`` in the broker's state block."""
-
-    def cond() -> bool:
-        snap = b.snapshot()
-        if snap is None:
-            return False
-        r = snap.record
-        return bool(r.turn) and r.turn_state == phase and (kind is None or r.holder_kind == kind)
-
-    return cond
 
 
 def idle(b: BrokerProcess) -> Callable[[], bool]:

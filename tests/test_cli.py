@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from broker.launcher import BrokerProcess
-from ipc import names, state
+from ipc import names
+from tests.support import rec, running, wait_until
 
 _BIN = Path(sys.executable).with_name("turnstile")
 TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli"]
@@ -65,31 +64,6 @@ def bg() -> Any:
         p.communicate()
 
 
-def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
-
-
-def turn_running(b: BrokerProcess, kind: str | None = None) -> Callable[[], bool]:
-    def cond() -> bool:
-        snap = b.snapshot()
-        return bool(snap and snap.record.turn_state == "running" and (kind is None or snap.record.holder_kind == kind))
-
-    return cond
-
-
-def rec(b: BrokerProcess) -> state.StateRecord:
-    snap = b.snapshot()
-    assert snap is not None
-    return snap.record
-
-
 def json_lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
@@ -126,7 +100,7 @@ def test_prompt_reads_stdin_and_session_from_env(broker_factory, session_name):
 def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", "--json", "[sim:turn_ms=4000] json-worker")
-    wait_until(turn_running(b, "worker"), what="worker running")
+    wait_until(running(b, "worker"), what="worker running")
     hook = ts("prompt", "--session", session_name, "--json", "json-hook")
     assert hook.returncode == 0, hook.stderr
     rc, out, err = finish(w)
@@ -157,7 +131,7 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
 def test_exit_3_preempted_with_on_preempt_return(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", "[sim:turn_ms=8000] w")
-    wait_until(turn_running(b, "worker"), what="worker running")
+    wait_until(running(b, "worker"), what="worker running")
     assert ts("prompt", "--session", session_name, "hook").returncode == 0
     rc, _out, err = finish(w)
     assert rc == 3, err
@@ -167,7 +141,7 @@ def test_exit_3_preempted_with_on_preempt_return(broker_factory, session_name, b
 def test_exit_4_cancelled_by_cli_cancel(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", f"{LONG} cancel-me")
-    wait_until(turn_running(b), what="turn running")
+    wait_until(running(b), what="turn running")
     turn = rec(b).turn
     cp = ts("cancel", "--session", session_name, "--holder")
     assert cp.returncode == 0, cp.stderr
@@ -364,7 +338,7 @@ def test_serve_exit_130_on_second_signal(broker_factory, session_name):
     assert b.proc is not None
     w = ts_bg("prompt", "--session", session_name, "--kind", "worker", "[sim:ignore_interrupt] stuck")
     try:
-        wait_until(turn_running(b), what="stuck turn running")
+        wait_until(running(b), what="stuck turn running")
         agent = rec(b).agent_pid
         b.proc.send_signal(signal.SIGINT)  # drain: the interrupt is ignored, so it waits
         wait_until(lambda: '"broker.signal"' in b.log_text(), what="first signal seen")

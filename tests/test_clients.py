@@ -16,37 +16,11 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import BrokerProcess
 from broker.scheduler import RESUME_NOTE
 from clients import AsyncClient, BrokerUnavailable, Client, TurnResult, TurnstileError
-from ipc import state
+from tests.support import rec, running, wait_until
 
 LONG = "[sim:turn_ms=3000]"
-
-
-def wait_until(cond: Callable[[], Any], timeout_s: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.005)
-
-
-def rec(b: BrokerProcess) -> state.StateRecord:
-    snap = b.snapshot()
-    assert snap is not None
-    return snap.record
-
-
-def turn_running(b: BrokerProcess, kind: str | None = None) -> Callable[[], bool]:
-    def cond() -> bool:
-        snap = b.snapshot()
-        return bool(snap and snap.record.turn_state == "running" and (kind is None or snap.record.holder_kind == kind))
-
-    return cond
 
 
 def started(t: Any) -> dict[str, Any]:
@@ -156,15 +130,15 @@ def test_lease_holds_session_across_turns(broker_factory, session_name):
 def test_cancel_running_and_queued(broker_factory, session_name):
     b = broker_factory()
     with Client(session_name, "worker") as c:
-        running = c.prompt(f"{LONG} long")
+        long_turn = c.prompt(f"{LONG} long")
         queued = c.prompt("queued-behind")
-        wait_until(turn_running(b), what="long turn running")
+        wait_until(running(b), what="long turn running")
         queued.cancel()
         rq = queued.result(timeout_s=10)
         assert rq.status == "cancelled" and rq.turn == 0  # never ran
-        running.cancel()
-        rr = running.result(timeout_s=10)
-        assert rr.status == "cancelled" and rr.turn == running.turn_id
+        long_turn.cancel()
+        rr = long_turn.result(timeout_s=10)
+        assert rr.status == "cancelled" and rr.turn == long_turn.turn_id
         nxt = c.prompt("clean-after").result(timeout_s=10)
     assert nxt.ok and nxt.text == "sim: clean-after"
     assert rec(b).counters["turns"] == 2
@@ -338,7 +312,7 @@ def test_async_on_preempt_return(broker_factory, session_name):
         async with AsyncClient(session_name, "worker", on_preempt="return") as w:
             t = w.prompt(f"{LONG} give-back")
             await t.events().__anext__()
-            await asyncio.get_running_loop().run_in_executor(None, wait_until, turn_running(b, "worker"))
+            await asyncio.get_running_loop().run_in_executor(None, wait_until, running(b, "worker"))
             async with AsyncClient(session_name, "webhook") as h:
                 assert (await h.prompt("hook").result(timeout_s=10)).ok
             return await t.result(timeout_s=10)

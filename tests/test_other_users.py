@@ -24,7 +24,8 @@ import pytest
 from broker.config import RET_IPC
 from ipc import names, shm
 from tests import ipc_helpers as h
-from tests.test_faults import home_of, rec, running, session_objects, sim_stats, wait_until
+from tests.support import rec, running, wait_until
+from tests.test_faults import home_of, session_objects, sim_stats
 
 pytestmark = [
     pytest.mark.root,
@@ -146,10 +147,21 @@ def test_serve_refuses_a_name_squatted_by_another_user(session_name, tmp_path, s
     assert name in cp.stderr and f"owned by uid {h.nobody()[0]}" in cp.stderr
     assert "Traceback" not in cp.stderr
     # The squatter's name is left as it was (not used, not taken over), and nothing of ours is left.
-    path = h.shm_path(name) if what == "state_block" else h.mq_path(name)
-    st = os.stat(path)
+    if what == "state_block":
+        st = os.stat(h.shm_path(name))
+    else:
+        # fstat on the queue descriptor: works whether or not the mqueue file system is mounted.
+        mq = posix_ipc.MessageQueue(name)
+        try:
+            st = os.fstat(mq.mqd)
+        finally:
+            mq.close()
     assert (st.st_uid, st.st_mode & 0o777) == (h.nobody()[0], 0o666)
-    assert session_objects(session_name) == [name.lstrip("/")], "serve left objects of its own behind"
+    ours = [n for n in session_objects(session_name) if n != name.lstrip("/")]
+    assert ours == [], "serve left objects of its own behind"
+    if what == "state_block":
+        with pytest.raises(posix_ipc.ExistentialError):  # serve removed the request queue it had made
+            posix_ipc.MessageQueue(names.request_queue(session_name))
 
 
 # ---------------------------------------------------------------- queue limits
