@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker.launcher import BrokerProcess
+from broker.testing.launcher import BrokerProcess
 from ipc import state, sweep
 
 #: The project root: benchmark modules run as ``python -m benchmarks.X`` from any cwd with it on sys.path.

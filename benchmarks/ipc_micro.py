@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from benchmarks.stats import percentile
 from ipc import frames, mailbox, names, rqueue, sweep
 
 DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ipc_micro.json")
@@ -67,14 +68,6 @@ class Row:
     mean: float | None = None
     value: float | None = None  # throughput rows
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of already sorted values."""
-    if not sorted_values:
-        raise ValueError("no samples")
-    rank = max(1, -(-int(q * len(sorted_values) * 1000) // 1000))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 def distribution(name: str, unit: str, values: list[float], **extra: Any) -> Row:

@@ -32,23 +32,11 @@ from typing import Any
 from benchmarks.harness import StateView, wait_until, workspace
 from benchmarks.scenarios import Progress, _quiet
 from benchmarks.stats import Results
+from broker.testing.offline_env import offline_cli_env, without_inherited_claude_settings
 from clients import Client
 
 MODEL = "claude-sonnet-4-5"
 SLOW_MS = 30_000
-
-
-def offline_env(api_url: str, home: str) -> dict[str, str]:
-    """The environment that keeps the CLI offline and away from the real HOME (as tests/realcli.py)."""
-    return {
-        "ANTHROPIC_BASE_URL": api_url,
-        "ANTHROPIC_API_KEY": "sk-test",
-        "DISABLE_TELEMETRY": "1",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "HOME": home,
-        "TMPDIR": os.path.join(home, "tmp"),
-    }
 
 
 def realtime_offset_ns() -> int:
@@ -125,12 +113,12 @@ def run(res: Results, n: int, warmup: int, progress: Progress = _quiet) -> None:
     broker_pre: list[int] = []
     with workspace("realcli") as ws:
         record = ws.path("api-requests.jsonl")
-        api = ws.spawn([sys.executable, "-m", "broker.offline_api", "--record", str(record)],
+        api = ws.spawn([sys.executable, "-m", "broker.testing.fake_api", "--record", str(record)],
                        stdout=subprocess.PIPE, text=True)
         assert api.stdout is not None
         info = json.loads(api.stdout.readline())
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
-        env.update(offline_env(info["url"], str(ws.home)))
+        given = offline_cli_env(info["url"], str(ws.home))
+        env = {**without_inherited_claude_settings(os.environ, given), **given}
         broker = ws.start_broker(agent="claude", claude_bin=claude, extra_args=["--model", MODEL], replace_env=env,
                                  timeout_s=90)
         api_tail = _Tail(record)

@@ -22,11 +22,12 @@ import sys
 import time
 from typing import Any
 
-from broker.agents import sim as _sim
+from broker.testing.fake_cli import cli as _sim
+from broker.testing.fake_cli.argv import UsageError, parse_argv
 
 
-class StampedSim(_sim.Sim):
-    """:class:`broker.agents.sim.Sim` that also stamps each ``result`` it writes."""
+class StampedSim(_sim.FakeCLI):
+    """:class:`broker.testing.fake_cli.cli.FakeCLI` that also stamps each ``result`` it writes."""
 
     _result_t_ns = 0
     _in_result = False
@@ -49,8 +50,8 @@ class StampedSim(_sim.Sim):
 def main() -> None:
     """Entry point: parse the sim's argv and serve stdin."""
     try:
-        opts = _sim.parse_argv(sys.argv[1:])
-    except _sim.UsageError as exc:
+        opts = parse_argv(sys.argv[1:])
+    except UsageError as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(1)
     StampedSim(opts).run()

@@ -12,19 +12,23 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+N = TypeVar("N", int, float)
 
 QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))
 #: The columns the results table shows (p90 is kept in the JSON and the plots).
 SHOWN = ("p50", "p99", "p999", "max")
 
 
-def percentile(sorted_ns: Sequence[int], q: float) -> int:
-    """Nearest-rank percentile of already sorted samples."""
-    if not sorted_ns:
+def percentile(sorted_values: Sequence[N], q: float) -> N:
+    """Nearest-rank percentile of already sorted samples (the one definition in the benchmarks)."""
+    if not sorted_values:
         raise ValueError("no samples")
-    rank = max(1, math.ceil(q * len(sorted_ns)))
-    return sorted_ns[rank - 1]
+    # Rank = ceil(q * n), with q * n rounded to 1/1000 first: in floating point
+    # 0.07 * 100 is 7.000000000000001, whose ceil would pick the 8th sample.
+    rank = max(1, -(-int(q * len(sorted_values) * 1000) // 1000))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Any
 
 from broker.agents.base import AgentLaunch
 from ipc import names
+from ipc.errors import IPCError
+from ipc.procstat import all_pids, read_proc_stat
 
 PR_SET_PDEATHSIG = 1
 
@@ -178,18 +180,13 @@ def reap_group(pgid: int, not_before: int) -> int:
     never a process that merely reused a pid.
     """
     killed = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in all_pids():
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
+            st = read_proc_stat(pid)
+        except IPCError:
             continue
-        rest = data[data.rindex(b")") + 2 :].split()
-        pgrp, sid, start = int(rest[2]), int(rest[3]), int(rest[19])
-        if pgrp == pgid and sid == pgid and start >= not_before:
+        if st is not None and st.pgrp == pgid and st.session == pgid and st.start_time >= not_before:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 killed += 1
     return killed

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.launcher import BrokerProcess
+from broker.testing.launcher import BrokerProcess
+from broker.testing.offline_env import offline_cli_env, without_inherited_claude_settings
 from clients.client import Client
 from clients.core import TurnResult
 
@@ -97,20 +98,10 @@ def _offline_api(agent: str, home: Path) -> Iterator[tuple[dict[str, str], Any]]
     if agent != "claude":
         yield {}, None
         return
-    from broker.offline_api import OfflineAPI
+    from broker.testing.fake_api import OfflineAPI
 
     with OfflineAPI() as api:
-        yield {
-            "ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": "sk-test", "DISABLE_TELEMETRY": "1",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1", "HOME": str(home),
-        }, api
-
-
-def _offline_only(env: dict[str, str], given: dict[str, str]) -> dict[str, str]:
-    # CLAUDE*/ANTHROPIC* settings inherited from the caller's shell (an API key, a
-    # Bedrock switch, an enclosing Claude Code session) would send the demo's CLI
-    # elsewhere than the offline API.
-    return {k: v for k, v in env.items() if k in given or not k.startswith(("CLAUDE", "ANTHROPIC"))}
+        yield offline_cli_env(api.url, str(home)), api
 
 
 def _wait_worker_streaming(api: Any, worker_text: str, timeout_s: float) -> None:
@@ -139,7 +130,7 @@ def run_demo(*, agent: str = "sim", webhooks: int = 3, worker_ms: int = 3000, pl
             given = {**env, "HOME": str(tmp)}
             broker = BrokerProcess(session, tmp / "state", agent=agent, env=given, cwd=str(tmp))
             if api is not None:
-                broker.env = _offline_only(broker.env, given)
+                broker.env = without_inherited_claude_settings(broker.env, given)
             st.say(f"starting broker (agent: {agent}) on private session {session}")
             broker.start(timeout_s=60)
             st.say("broker ready")

@@ -12,7 +12,8 @@ import re
 import stat
 from typing import Final
 
-from ipc.errors import IPCError, NameSquatted
+from ipc.errors import NameSquatted
+from ipc.procstat import read_proc_stat
 
 PREFIX: Final = "turnstile"
 SESSION_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -83,18 +84,8 @@ def proc_start_time(pid: int) -> int | None:
 
     A pid alone is not an identity: pids are reused. (pid, start time) is.
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    except OSError as exc:
-        raise IPCError(f"cannot read /proc/{pid}/stat: {exc}") from exc
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    if rest[0] == b"Z":
-        return None
-    return int(rest[19])
+    st = read_proc_stat(pid)
+    return None if st is None or st.zombie else st.start_time
 
 
 def is_alive(pid: int, start_time: int) -> bool:

@@ -12,7 +12,7 @@ Messages API behind the real CLI, ``[sim:...]`` for the sim); each ignores the
 other's.  Symbolic ids keep scripts readable: ``"@u1"`` in a user message's
 ``uuid`` becomes a fresh UUID per run, and request ids are used as written.
 
-Only behaviour recorded in ``shared/claude-stream-json.md`` (and checked
+Only behaviour recorded in ``docs/claude-stream-json.md`` (and checked
 against the real binary) is scripted.  Where the real CLI's output depends on
 timing, the script pins the timing down (see :class:`Busy`).
 """

@@ -28,7 +28,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from broker.launcher import BrokerProcess  # noqa: E402
+from broker.testing.launcher import BrokerProcess  # noqa: E402
 
 
 @pytest.fixture

@@ -28,7 +28,8 @@ from typing import IO, Any
 import pytest
 
 from broker.agents.claude import ClaudeAgent, bundled_claude_bin
-from broker.offline_api import OfflineAPI
+from broker.testing.fake_api import OfflineAPI
+from broker.testing.offline_env import offline_cli_env, without_inherited_claude_settings
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
 
@@ -47,19 +48,6 @@ def require_claude_bin() -> str:
     if found is None:
         pytest.skip(_MISSING_REASON)
     return found
-
-
-def offline_env(api_url: str, home: str) -> dict[str, str]:
-    """The environment that keeps the CLI offline and away from the real HOME."""
-    return {
-        "ANTHROPIC_BASE_URL": api_url,
-        "ANTHROPIC_API_KEY": "sk-test",
-        "DISABLE_TELEMETRY": "1",
-        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-        "DISABLE_AUTOUPDATER": "1",
-        "HOME": home,
-        "TMPDIR": os.path.join(home, "tmp"),
-    }
 
 
 @dataclass(frozen=True)
@@ -326,14 +314,14 @@ def real_cli(
         agent = ClaudeAgent(
             bin_path,
             extra_args=extra_args,
-            env={**offline_env(api.url, home), **(env or {})},
+            env={**offline_cli_env(api.url, home), **(env or {})},
             cwd=home,
         )
         launch = agent.launch(session_id=session_id or str(uuid.uuid4()), resume=resume, model=model)
         # Inherited CLAUDE*/ANTHROPIC* settings (say, from a developer's shell
         # or an enclosing Claude Code session) would leak into the test.
-        given = {**offline_env(api.url, home), **(env or {})}
-        run_env = {k: v for k, v in launch.env.items() if k in given or not k.startswith(("CLAUDE", "ANTHROPIC"))}
+        given = {**offline_cli_env(api.url, home), **(env or {})}
+        run_env = without_inherited_claude_settings(launch.env, given)
         proc = spawn(launch.argv, run_env, launch.cwd)
         stack.callback(proc.kill)
         proc.busy_hook = functools.partial(_wait_streaming, api)

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker.launcher import BrokerProcess
+from broker.testing.launcher import BrokerProcess
 from ipc import state
+from ipc.procstat import all_pids, read_proc_stat
 
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition", poll_s: float = 0.005) -> Any:
@@ -44,6 +45,16 @@ def running(b: BrokerProcess, kind: str | None = None, phase: str = "running") -
         return bool(r.turn) and r.turn_state == phase and (kind is None or r.holder_kind == kind)
 
     return cond
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is ``pgid`` (zombies excluded)."""
+    found = []
+    for pid in all_pids():
+        st = read_proc_stat(pid)
+        if st is not None and not st.zombie and st.pgrp == pgid:
+            found.append(pid)
+    return found
 
 
 def _short(obj: Any, limit: int = 4000) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ipc_micro
+from benchmarks import ipc_micro, stats
 from ipc import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +67,10 @@ def test_percentile_is_nearest_rank() -> None:
     assert ipc_micro.percentile(values, 0.99) == 990
     assert ipc_micro.percentile(values, 0.999) == 999
     assert ipc_micro.percentile([7.0], 0.999) == 7
+
+
+def test_percentile_has_no_float_rounding_error() -> None:
+    # 0.07 * 100 is 7.000000000000001 in floating point: a plain ceil gave the 8th value.
+    values = list(range(1, 101))
+    assert [stats.percentile(values, q / 100) for q in (7, 14, 28, 55, 56)] == [7, 14, 28, 55, 56]
+    assert ipc_micro.percentile is stats.percentile

@@ -21,10 +21,10 @@ from typing import Any
 import posix_ipc
 import pytest
 
-from broker.launcher import BrokerProcess
 from broker.scheduler import RESUME_NOTE
+from broker.testing.launcher import BrokerProcess
 from ipc import frames, mailbox, names, rqueue
-from tests.support import ClientProc, rec, running, wait_until
+from tests.support import ClientProc, group_members, rec, running, wait_until
 
 # ---------------------------------------------------------------- helpers
 
@@ -133,23 +133,6 @@ def agent_text(events: list[dict[str, Any]]) -> str:
                 if block.get("type") == "text":
                     out.append(block["text"])
     return "".join(out)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes whose process group is ``pgid`` (zombies excluded)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rindex(b")") + 2 :].split()
-        if rest[0] != b"Z" and int(rest[2]) == pgid:
-            found.append(int(entry))
-    return found
 
 
 def shm_objects(session: str) -> list[str]:

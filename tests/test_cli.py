@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from ipc import names
+from ipc.procstat import read_proc_stat
 from tests.support import rec, running, wait_until
 
 _BIN = Path(sys.executable).with_name("turnstile")
@@ -352,11 +353,8 @@ def test_serve_exit_130_on_second_signal(broker_factory, session_name):
 
 
 def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except OSError:
-        return True
+    st = read_proc_stat(pid)
+    return st is None or st.zombie
 
 
 def test_status_and_sweep_after_broker_sigkill(broker_factory, session_name):

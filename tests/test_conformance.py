@@ -1,4 +1,4 @@
-"""The sim (``python -m broker.agents.sim``) against the real Claude Code CLI.
+"""The sim (``python -m broker.testing.fake_cli``) against the real Claude Code CLI.
 
 Every scripted exchange of :mod:`tests.conformance_script` runs against both,
 each in a fresh process, HOME and session; the normalised outputs (kinds in
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from broker.agents.sim import parse_directives
-from broker.agents.simulated import SimAgent
-from broker.offline_api import OfflineAPI
+from broker.agents.sim import SimAgent
+from broker.testing.fake_api import OfflineAPI
+from broker.testing.fake_cli.script import parse_directives
 from tests.conformance_script import (
     ASPECTS,
     EXCHANGES,

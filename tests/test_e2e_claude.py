@@ -28,12 +28,13 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import BrokerProcess
-from broker.offline_api import CLIENT_GONE, OfflineAPI, RecordedRequest, big_text
 from broker.scheduler import RESUME_NOTE
+from broker.testing.fake_api import CLIENT_GONE, OfflineAPI, RecordedRequest, big_text
+from broker.testing.launcher import BrokerProcess
+from broker.testing.offline_env import offline_cli_env
 from clients import Client
 from ipc import state
-from tests.realcli import needs_claude, offline_env, require_claude_bin
+from tests.realcli import needs_claude, require_claude_bin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60), needs_claude]
 
@@ -110,7 +111,7 @@ def claude_broker(
     def start(agent_args: tuple[str, ...] = (), extra_args: tuple[str, ...] = ()) -> BrokerProcess:
         return broker_factory(
             agent="claude", agent_args=agent_args, extra_args=(*bin_args, *extra_args),
-            env=offline_env(api.url, str(home)), timeout_s=T,
+            env=offline_cli_env(api.url, str(home)), timeout_s=T,
         )
 
     return start

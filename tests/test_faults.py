@@ -30,9 +30,10 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import BrokerProcess
+from broker.testing.launcher import BrokerProcess
 from ipc import frames, mailbox, names, rqueue
-from tests.support import ClientProc, rec, running, wait_until
+from ipc.procstat import read_proc_stat
+from tests.support import ClientProc, group_members, rec, running, wait_until
 
 # ---------------------------------------------------------------- client processes
 
@@ -143,26 +144,6 @@ def client(
 # ---------------------------------------------------------------- observation helpers
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rindex(b")") + 2 :].split()
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes whose process group is ``pgid`` (zombies excluded)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            rest = _stat_fields(int(entry))
-            if rest is not None and rest[0] != b"Z" and int(rest[2]) == pgid:
-                found.append(int(entry))
-    return found
-
-
 def procs_with_home(home: Path, *, marker: str = "") -> list[int]:
     """Live processes whose environment says HOME=``home`` (and whose argv contains ``marker``).
 
@@ -183,15 +164,15 @@ def procs_with_home(home: Path, *, marker: str = "") -> list[int]:
                 argv = f.read().replace(b"\0", b" ")
         except OSError:
             continue
-        rest = _stat_fields(pid)
-        if want in env and rest is not None and rest[0] != b"Z" and marker.encode() in argv:
+        st = read_proc_stat(pid)
+        if want in env and st is not None and not st.zombie and marker.encode() in argv:
             found.append(pid)
     return found
 
 
 def sim_agents(home: Path) -> list[int]:
     """This test's live sim agent processes (tool children included: they share the argv)."""
-    return procs_with_home(home, marker="broker.agents.sim")
+    return procs_with_home(home, marker="broker.testing.fake_cli")
 
 
 def vm_rss_kib(pid: int) -> int:

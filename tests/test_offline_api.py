@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from broker.offline_api import (
+from broker.testing.fake_api import (
     CLIENT_GONE,
     Directives,
     OfflineAPI,
@@ -434,7 +434,7 @@ def test_command_line_entry_serves_records_and_exits_on_signal(tmp_path: Path) -
     record = tmp_path / "requests.jsonl"
     for sig in (signal.SIGTERM, signal.SIGINT):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.offline_api", "--record", str(record)],
+            [sys.executable, "-m", "broker.testing.fake_api", "--record", str(record)],
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -1,7 +1,7 @@
-"""The simulated Claude Code CLI (``broker.agents.sim``) tested as a real subprocess.
+"""The simulated Claude Code CLI (``broker.testing.fake_cli``) tested as a real subprocess.
 
 Other tests use the sim in place of the real CLI, so these pin down that it
-behaves as ``shared/claude-stream-json.md`` says the real one does: a fake
+behaves as ``docs/claude-stream-json.md`` says the real one does: a fake
 that quietly diverged could make a broker test pass for the wrong reason.
 
 Every sim runs in its own process group and temporary directories and is
@@ -240,7 +240,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., SimProc]]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE", "ANTHROPIC"))}
         env["HOME"] = str(home_dir)
         env["PYTHONPATH"] = str(REPO)
-        argv = [sys.executable, "-m", "broker.agents.sim", *(BASE_ARGV if base is None else base)]
+        argv = [sys.executable, "-m", "broker.testing.fake_cli", *(BASE_ARGV if base is None else base)]
         if state_dir:
             argv += ["--sim-state-dir", str(tmp_path / "state")]
         proc = SimProc([*argv, *args], work, env)

@@ -50,7 +50,7 @@ from typing import Any
 
 import pytest
 
-from broker.launcher import BrokerProcess
+from broker.testing.launcher import BrokerProcess
 from tests.test_faults import procs_with_home, session_objects, sim_stats, vm_rss_kib, wait_until
 
 SOAK_S = float(os.environ.get("TURNSTILE_SOAK_S", "60"))

@@ -1,12 +1,13 @@
-"""Agent adapters: how to launch the real Claude Code CLI or the simulated agent.
+"""Agent adapters: how to launch the real Claude Code CLI (``claude``) or the fake one (``sim``).
 
-Kept free of imports at module level: ``python -m broker.agents.sim`` imports
-this package first, and the sim's start-up time counts in every restart.
+The fake CLI itself lives in the test kit, :mod:`broker.testing.fake_cli`;
+:mod:`broker.agents.sim` is only its adapter.  Kept free of imports at module
+level so choosing an adapter loads only that adapter.
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # not from typing: importing typing costs the sim ~5 ms per start
+TYPE_CHECKING = False  # not from typing: keeps this package as cheap to import as it was
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import Any
@@ -38,7 +39,7 @@ def make_agent(
 
         return ClaudeAgent(bin_path=claude_bin, extra_args=extra_args, env=env, cwd=cwd)
     if name == "sim":
-        from broker.agents.simulated import SimAgent
+        from broker.agents.sim import SimAgent
 
         return SimAgent(extra_args=extra_args, env=env, cwd=cwd)
     raise ValueError(f"unknown agent {name!r}: use 'claude' or 'sim'")

@@ -1,90 +1,42 @@
-"""An offline fake of the Anthropic Messages API, for tests and the demo.
+"""The fake Messages API's HTTP server: :class:`OfflineAPI`, on a background thread.
 
 The real Claude Code CLI runs unchanged against it when ``ANTHROPIC_BASE_URL``
 points here, so tests drive turns through the CLI's normal path while the fake
-decides what the "model" says.  Everything is deterministic: the reply is
-derived from the text of the last ``user`` message in the request, without
-the text the CLI injects there (see :func:`prompt_pieces`).
-
-The CLI merges consecutive user messages into one: a prompt left unanswered
-(by an interrupt that came before any reply text, or an API error) is sent
-again in front of the next one.  So the fake answers the *newest piece* of the
-message (its last text or tool_result block), which keeps replies the same
-however the CLI merged.
-
-Default reply: ``"echo: <newest piece>"``.  Directives in the newest piece
-script a turn; several may be combined; when they conflict, status wins over
-hang, hang over tool:
-
-``[api:slow=MS]``
-    Stream the reply as many small deltas spread over about MS milliseconds,
-    long enough to preempt.  The stream stops as soon as the client goes away.
-``[api:tool=NAME:JSON]``
-    Reply with a ``tool_use`` block calling NAME with the JSON object as input.
-    The follow-up request, which carries the ``tool_result``, is answered with
-    text (``"echo: <tool result text>"``, unless a prompt was merged after
-    it); directives are ignored there, so a tool whose output repeats the
-    directive cannot loop forever.
-``[api:status=CODE]``
-    Answer with an error JSON body and that HTTP status.  The response carries
-    ``x-should-retry: false`` so the CLI reports the error at once instead of
-    backing off for minutes (it retries 5xx up to 10 times, 0.6 s to 19 s
-    apart).
-``[api:status=CODE*N]``
-    Fail the first N attempts of this exact request (retryable, no
-    ``x-should-retry`` header), then answer normally: a retry the CLI can win.
-``[api:big=BYTES]``
-    Reply with exactly BYTES bytes of deterministic ASCII text (:func:`big_text`).
-``[api:hang]``
-    Send ``message_start`` and then nothing, until the client disconnects or
-    the server stops.
-
-Run it standalone with ``python -m broker.offline_api [--port N]``: it prints
-one JSON line ``{"url": ..., "port": ...}`` when ready and serves until SIGTERM
-or SIGINT.
+decides what the "model" says.  Everything is deterministic: the default reply
+is ``"echo: <newest piece>"`` of the last user message
+(:mod:`broker.testing.fake_api.recording`), and ``[api:...]`` directives in
+it script the reply (:mod:`broker.testing.fake_api.directives`).  Every
+request is recorded, and a test can wait on what was received and sent.
 """
+
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
-import re
 import select
-import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import IO, Any
 
-__all__ = [
-    "CLIENT_GONE",
-    "Directives",
-    "OfflineAPI",
-    "RecordedRequest",
-    "big_text",
-    "main",
-    "parse_directives",
-    "prompt_pieces",
-    "prompt_text",
-]
-
-# Text the CLI itself adds to user messages (context reminders, the record of
-# a local /model command, interrupt markers).  Dropped so the echo, and the
-# directives, are the client's words only.
-_CLI_INJECTED_RE = re.compile(
-    r"<(system-reminder|local-command-caveat|local-command-stdout|local-command-stderr"
-    r"|command-name|command-message|command-args)>.*?</\1>"
-    r"|^\[Request interrupted by user[^\]\n]*\]$",
-    re.DOTALL | re.MULTILINE,
+from broker.testing.fake_api.directives import Directives, big_text, parse_directives
+from broker.testing.fake_api.recording import (
+    CLIENT_GONE,
+    RecordedRequest,
+    has_tool_result,
+    last_user,
+    prompt_pieces,
 )
-_DIRECTIVE_START = "[api:"
+
+__all__ = ["OfflineAPI", "serve"]
+
 # Spacing of deltas in a slow stream: small enough that an interrupt lands
 # mid-stream, large enough not to flood the CLI with thousands of lines.
 _SLOW_TICK_S = 0.02
@@ -92,175 +44,6 @@ _SLOW_TICK_S = 0.02
 _BIG_CHUNK = 64 * 1024
 # How often a waiting handler re-checks the stop flag when its socket is quiet.
 _POLL_S = 0.05
-#: Pseudo event name in :meth:`OfflineAPI.sent_events`: the client went away
-#: (or the server stopped) before the response was complete.
-CLIENT_GONE = "client_gone"
-_BIG_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-
-
-def big_text(n_bytes: int) -> str:
-    """Return the deterministic ASCII text of ``[api:big=n_bytes]``.
-
-    A repeating alphabet with a newline every 80 characters: easy to eyeball,
-    one byte per character, and nothing but the newline needs JSON escaping.
-    """
-    line = (_BIG_ALPHABET * 2)[:79] + "\n"
-    reps = n_bytes // len(line) + 1
-    return (line * reps)[:n_bytes]
-
-
-def prompt_pieces(content: Any) -> list[str]:
-    """Return the client-written text pieces of one message's ``content``.
-
-    ``content`` is a string or a list of blocks.  Text blocks count, and so do
-    ``tool_result`` blocks (their string content or their text blocks).  Text
-    the CLI injects is dropped so the echo is the client's prompt: the
-    ``<system-reminder>`` blocks it prepends (environment, date, skills), and,
-    because it merges consecutive user messages into one, the record of a
-    ``/model`` switch (``<local-command-stdout>`` and friends) and the
-    ``[Request interrupted by user]`` marker of an earlier aborted turn.
-    """
-    parts: list[str] = []
-    if isinstance(content, str):
-        parts.append(content)
-    elif isinstance(content, list):
-        for block in content:
-            if not isinstance(block, dict):
-                continue
-            kind = block.get("type")
-            if kind == "text" and isinstance(block.get("text"), str):
-                parts.append(block["text"])
-            elif kind == "tool_result":
-                parts.append(prompt_text(block.get("content")))
-    cleaned = (_CLI_INJECTED_RE.sub("", p).strip() for p in parts)
-    return [p for p in cleaned if p]
-
-
-def prompt_text(content: Any) -> str:
-    """Return the prompt text of one message's ``content``: its
-    :func:`prompt_pieces` joined by newlines."""
-    return "\n".join(prompt_pieces(content))
-
-
-def _last_user(messages: Any) -> dict[str, Any] | None:
-    if not isinstance(messages, list):
-        return None
-    for msg in reversed(messages):
-        if isinstance(msg, dict) and msg.get("role") == "user":
-            return msg
-    return None
-
-
-def _has_tool_result(message: dict[str, Any] | None) -> bool:
-    content = message.get("content") if message else None
-    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
-
-
-@dataclass(frozen=True)
-class Directives:
-    """The ``[api:...]`` directives found in one prompt."""
-
-    slow_ms: int | None = None
-    tool: tuple[str, dict[str, Any]] | None = None
-    status: int | None = None
-    # None: fail every attempt (and tell the CLI not to retry).
-    status_times: int | None = None
-    big: int | None = None
-    hang: bool = False
-
-
-def parse_directives(text: str) -> Directives:
-    """Parse every ``[api:NAME]`` / ``[api:NAME=VALUE]`` directive in ``text``.
-
-    Malformed or unknown directives are ignored: the prompt is then echoed,
-    which makes a typo visible in the reply instead of failing the server.
-    """
-    found: dict[str, Any] = {}
-    pos = 0
-    while (start := text.find(_DIRECTIVE_START, pos)) >= 0:
-        pos = start + len(_DIRECTIVE_START)
-        name_end = min((i for i in (text.find("=", pos), text.find("]", pos)) if i >= 0), default=-1)
-        if name_end < 0:
-            break
-        name = text[pos:name_end]
-        if text[name_end] == "]":
-            if name == "hang":
-                found["hang"] = True
-            pos = name_end + 1
-            continue
-        value_start = name_end + 1
-        if name == "tool":
-            # The tool input is JSON and may itself contain "]".
-            colon = text.find(":", value_start)
-            if colon < 0:
-                continue
-            try:
-                value, end = json.JSONDecoder().raw_decode(text, colon + 1)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict) and text.startswith("]", end):
-                found["tool"] = (text[value_start:colon], value)
-                pos = end + 1
-            continue
-        close = text.find("]", value_start)
-        if close < 0:
-            break
-        raw = text[value_start:close]
-        pos = close + 1
-        with contextlib.suppress(ValueError):
-            if name == "slow":
-                found["slow_ms"] = max(0, int(raw))
-            elif name == "big":
-                found["big"] = max(0, int(raw))
-            elif name == "status":
-                code, _, times = raw.partition("*")
-                # Both parsed before either is kept: "500*x" is ignored whole.
-                parsed = (int(code), int(times) if times else None)
-                found["status"], found["status_times"] = parsed
-    return Directives(**found)
-
-
-@dataclass(frozen=True)
-class RecordedRequest:
-    """One request the fake received.
-
-    ``t_ns`` is ``time.perf_counter_ns()`` when the request line arrived.  On
-    Linux that is CLOCK_MONOTONIC, so it compares with ``time.monotonic_ns()``
-    and ``perf_counter_ns()`` taken in other processes of the same machine.
-
-    ``prompt`` is the whole client-written text of the last user message (all
-    of its pieces, newline-joined); ``latest`` is its newest piece, the one the
-    fake answers.  They differ when the CLI merged several prompts into one
-    message, so match on ``latest`` to find "the request for my prompt".
-    """
-
-    method: str
-    path: str
-    model: str | None
-    messages: list[Any]
-    stream: bool
-    t_ns: int
-    prompt: str
-    latest: str
-    body_bytes: int
-    headers: dict[str, str] = field(default_factory=dict)
-    # Arrival index among all requests of this server, for sent_events().
-    seq: int = -1
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the record as a JSON-able dict, without the (large) messages."""
-        return {
-            "method": self.method,
-            "path": self.path,
-            "model": self.model,
-            "stream": self.stream,
-            "t_ns": self.t_ns,
-            "prompt": self.prompt,
-            "latest": self.latest,
-            "message_count": len(self.messages),
-            "body_bytes": self.body_bytes,
-            "seq": self.seq,
-        }
 
 
 class _ClientGone(Exception):
@@ -441,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, path: str, body: dict[str, Any], body_bytes: int) -> RecordedRequest:
         messages = body.get("messages")
         messages = messages if isinstance(messages, list) else []
-        last = _last_user(messages)
+        last = last_user(messages)
         pieces = prompt_pieces(last.get("content")) if last else []
         model = body.get("model")
         rec = RecordedRequest(
@@ -461,10 +244,10 @@ class _Handler(BaseHTTPRequestHandler):
         return rec
 
     def _messages(self, body: dict[str, Any], rec: RecordedRequest) -> None:
-        last = _last_user(rec.messages)
+        last = last_user(rec.messages)
         # A tool_result means the turn is continuing after our tool_use: answer
         # with text, never re-apply the directives of the original prompt.
-        after_tool = _has_tool_result(last)
+        after_tool = has_tool_result(last)
         # Only the newest piece: after an API error the CLI sends the failed
         # prompt again in front of the next one, and reading the whole text
         # would replay an old [api:status=...] forever and wedge the session.
@@ -816,38 +599,3 @@ def serve(host: str = "127.0.0.1", port: int = 0) -> Iterator[OfflineAPI]:
     """Context manager shorthand: ``with serve() as api: ...``."""
     with OfflineAPI(host, port) as api:
         yield api
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry: serve until SIGTERM or SIGINT, then exit 0."""
-    parser = argparse.ArgumentParser(
-        prog="python -m broker.offline_api",
-        description="Offline fake Anthropic Messages API (loopback, deterministic).",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 = ephemeral (default)")
-    parser.add_argument("--record", metavar="FILE", help="append one JSON line per request")
-    parser.add_argument("--verbose", action="store_true", help="log each request to stderr")
-    args = parser.parse_args(argv)
-
-    got_signal = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        # Only record the signal; the main thread does the shutdown.
-        got_signal.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    with contextlib.ExitStack() as stack:
-        record = stack.enter_context(open(args.record, "a", encoding="utf-8")) if args.record else None
-        api = stack.enter_context(OfflineAPI(args.host, args.port, record_file=record, verbose=args.verbose))
-        sys.stdout.write(json.dumps({"url": api.url, "port": api.port}) + "\n")
-        sys.stdout.flush()
-        while not got_signal.wait(1.0):
-            pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
