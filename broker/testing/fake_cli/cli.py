@@ -25,6 +25,7 @@ from broker.testing.fake_cli.stats import StampFile, StatsFile, new_counters
 from broker.testing.fake_cli.transcript import Transcripts, user_messages
 from broker.testing.fake_cli.wire import (
     DEFAULT_MODEL,
+    ERROR_RESULTS,
     MODEL_ALIASES,
     PERMISSION_MODES,
     TOOL_REJECTED,
@@ -704,20 +705,9 @@ class FakeCLI:
                 text=text,
                 api_error_status=outcome["api_error_status"],
             )
-        elif error == "max_turns":
-            self._emit_result(
-                turn,
-                subtype="error_max_turns",
-                terminal_reason="max_turns",
-                errors=["Reached maximum number of turns (1)"],
-            )
-        elif error == "budget":
-            self._emit_result(
-                turn,
-                subtype="error_max_budget_usd",
-                terminal_reason="budget_exhausted",
-                errors=["Reached maximum budget"],
-            )
+        elif error in ERROR_RESULTS:
+            subtype, reason, message = ERROR_RESULTS[error]
+            self._emit_result(turn, subtype=subtype, terminal_reason=reason, errors=[message])
         else:
             self._emit_result(
                 turn, subtype="success", terminal_reason="completed", is_error=False, text=text

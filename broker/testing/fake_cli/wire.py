@@ -66,6 +66,12 @@ TOOL_STOPPED = (
 )
 """Appended to :data:`TOOL_REJECTED` when the tool was already running."""
 
+ERROR_RESULTS = {
+    "max_turns": ("error_max_turns", "max_turns", "Reached maximum number of turns (1)"),
+    "budget": ("error_max_budget_usd", "budget_exhausted", "Reached maximum budget"),
+}
+"""``[sim:error=KIND]`` -> (result subtype, terminal reason, error message) of the real CLI's line."""
+
 
 def new_uuid() -> str:
     """A random version-4 UUID string (``uuid`` is not imported: start-up cost)."""
