@@ -118,7 +118,8 @@ CLI 2.1.330 binary where the notes are silent):
 Every directive and flag, with examples, is in docs/testing-kit.md.  The
 modules: :mod:`.wire` (stdout lines), :mod:`.argv` (command line),
 :mod:`.script` (directives, the turn in flight), :mod:`.transcript`
-(sessions), :mod:`.stats` (what a test observes), :mod:`.cli` (the process).
+(sessions), :mod:`.stats` (what a test observes), :mod:`.control` (control-request
+replies), :mod:`.cli` (the process).
 Nothing is imported here: the package is loaded at every start-up.
 """
 

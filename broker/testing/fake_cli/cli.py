@@ -18,16 +18,23 @@ import sys
 import time
 from collections import deque
 
-from broker.testing.fake_cli import wire
+from broker.testing.fake_cli import control, wire
 from broker.testing.fake_cli.argv import UsageError, parse_argv
-from broker.testing.fake_cli.script import Turn, as_int, base_script, decision, filler, parse_directives, reply_text
+from broker.testing.fake_cli.script import (
+    Turn,
+    as_int,
+    base_script,
+    decision,
+    filler,
+    fork_tool_child,
+    parse_directives,
+    reply_text,
+    split_reply,
+)
 from broker.testing.fake_cli.stats import StampFile, StatsFile, new_counters
 from broker.testing.fake_cli.transcript import Transcripts, user_messages
 from broker.testing.fake_cli.wire import (
-    DEFAULT_MODEL,
     ERROR_RESULTS,
-    MODEL_ALIASES,
-    PERMISSION_MODES,
     TOOL_REJECTED,
     TOOL_STOPPED,
     Stdout,
@@ -299,7 +306,7 @@ class FakeCLI:
         if subtype == "interrupt":
             self._on_interrupt(request_id, request)
         elif subtype == "initialize":
-            self._control_success(request_id, self._initialize_info())
+            self._control_success(request_id, control.initialize_info())
         elif subtype == "set_model":
             model = request.get("model")
             if model is not None and not isinstance(model, str):
@@ -325,7 +332,7 @@ class FakeCLI:
         elif subtype == "get_context_usage":
             self._reply_later(
                 self.context_usage_delay,
-                lambda: self._control_success(request_id, self._context_usage()),
+                lambda: self._control_success(request_id, control.context_usage(self.model, self.history)),
             )
         elif subtype == "mcp_status":
             self._control_success(request_id, {"mcpServers": []})
@@ -335,72 +342,21 @@ class FakeCLI:
             )
 
     def _set_permission_mode(self, request_id: Any, mode: Any) -> None:
-        if not isinstance(mode, str) or mode not in PERMISSION_MODES:
-            self._control_error(request_id, wire.INVALID_MODE, "invalid_mode")
-        elif mode == "auto" and wire.NO_AUTO_MODE.search(self.model):
-            self._control_error(
-                request_id,
-                "Cannot set permission mode to auto: auto mode unavailable for this model",
-                "auto_mode_model",
-            )
-        elif mode == "bypassPermissions" and not self.bypass_allowed:
-            self._control_error(
-                request_id,
-                "Cannot set permission mode to bypassPermissions because the session was not "
-                "launched with --dangerously-skip-permissions",
-                "bypass_not_launched",
-            )
-        else:
-            changed = mode != self.permission_mode
-            self.permission_mode = mode
-            self._control_success(request_id, {"mode": mode})
-            if changed:
-                self.emit(
-                    {
-                        "type": "system",
-                        "subtype": "status",
-                        "status": None,
-                        "permissionMode": mode,
-                        "uuid": new_uuid(),
-                        "session_id": self.session_id,
-                    }
-                )
+        refusal = control.permission_mode_refusal(mode, self.model, self.bypass_allowed)
+        if refusal is not None:
+            self._control_error(request_id, *refusal)
+            return
+        changed = mode != self.permission_mode
+        self.permission_mode = mode
+        self._control_success(request_id, {"mode": mode})
+        if changed:
+            self.emit(control.status_line(self.session_id, mode))
 
     def _reply_later(self, delay: float, fn: Callable[[], None]) -> None:
         if delay > 0:
             self._after(delay, fn)
         else:
             fn()
-
-    def _initialize_info(self) -> dict[str, Any]:
-        return {
-            "commands": [
-                {"name": "compact", "description": "Compact the conversation", "argumentHint": ""},
-                {"name": "context", "description": "Show context usage", "argumentHint": ""},
-                {"name": "model", "description": "Set the model", "argumentHint": "[model]"},
-            ],
-            "agents": [],
-            "output_style": "default",
-            "available_output_styles": ["default"],
-            "models": [
-                {"value": "default", "displayName": "Default", "description": DEFAULT_MODEL},
-                {"value": "opus", "displayName": "Opus", "description": MODEL_ALIASES["opus"]},
-                {"value": "haiku", "displayName": "Haiku", "description": MODEL_ALIASES["haiku"]},
-            ],
-            "account": {},
-            "pid": os.getpid(),
-        }
-
-    def _context_usage(self) -> dict[str, Any]:
-        used = 4000 + 50 * self.history
-        return {
-            "model": self.model,
-            "totalTokens": used,
-            "maxTokens": 200000,
-            "rawMaxTokens": 200000,
-            "percentage": round(100 * used / 200000, 2),
-            "categories": [{"name": "Messages", "tokens": used, "color": "purple"}],
-        }
 
     def _on_interrupt(self, request_id: Any, request: dict[str, Any]) -> None:
         self.stats["interrupts"] += 1
@@ -571,19 +527,7 @@ class FakeCLI:
             allowed, denial = True, ""
             if "permission" in s:
                 turn.perm_id = "sim-perm-" + new_uuid()
-                self.emit(
-                    {
-                        "type": "control_request",
-                        "request_id": turn.perm_id,
-                        "request": {
-                            "subtype": "can_use_tool",
-                            "tool_name": "Bash",
-                            "input": tool_input,
-                            "permission_suggestions": [],
-                            "tool_use_id": tool_id,
-                        },
-                    }
-                )
+                self.emit(wire.can_use_tool(turn.perm_id, "Bash", tool_input, tool_id))
                 answer = yield None
                 allowed, denial = decision(answer)
                 suffix = " [permission: allowed]" if allowed else f" [permission: denied ({denial})]"
@@ -617,10 +561,7 @@ class FakeCLI:
             text = reply_text(turn.prompt, s, history) + suffix
             turn_ms = as_int(s.get("turn_ms"))
             k = max(1, as_int(s.get("chunks"), max(1, turn_ms // 20)))
-            if len(text) < k:
-                text += "." * (k - len(text))
-            bounds = [len(text) * i // k for i in range(k + 1)]
-            chunks = [text[bounds[i] : bounds[i + 1]] for i in range(k)]
+            text, chunks = split_reply(text, k)
             for i, chunk in enumerate(chunks):
                 if turn_ms > 0:
                     # Block i streams over its share of turn_ms; its line is
@@ -634,7 +575,7 @@ class FakeCLI:
         turn.out_chars = len(text)
 
         if "tool_child" in s:
-            self._fork_tool_child(as_int(s["tool_child"], 600))
+            fork_tool_child(as_int(s["tool_child"], 600))
             self._exit(1, "sim: simulated crash with a tool child holding stdout")
         if "die" in s:
             self._die()
@@ -642,20 +583,6 @@ class FakeCLI:
             while True:
                 yield None
         return {"text": text}
-
-    def _fork_tool_child(self, seconds: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the forked child
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                os.close(0)
-                # The child keeps fd 1 (the agent's stdout) open on purpose and
-                # stays in the process group: that is the fault being modelled.
-                time.sleep(seconds)
-            finally:
-                os._exit(0)
 
     # ---------------------------------------------------------------- results
 

@@ -7,6 +7,8 @@ flag.  Only the standard library is imported.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from broker.testing.directives import scan_directives
@@ -65,6 +67,30 @@ def reply_text(prompt: str, script: dict[str, str], history: int) -> str:
         raw = text.encode("utf-8")[:n].decode("utf-8", "ignore")
         text = raw + "." * (n - len(raw.encode("utf-8")))
     return text
+
+
+def split_reply(text: str, k: int) -> tuple[str, list[str]]:
+    """The reply padded with dots to at least ``k`` characters, and cut into ``k`` blocks."""
+    if len(text) < k:
+        text += "." * (k - len(text))
+    bounds = [len(text) * i // k for i in range(k + 1)]
+    return text, [text[bounds[i] : bounds[i + 1]] for i in range(k)]
+
+
+def fork_tool_child(seconds: int) -> None:
+    """``[sim:tool_child]``: fork a child that holds stdout open for ``seconds``, as a tool left running would."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the forked child
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.close(0)
+            # The child keeps fd 1 (the agent's stdout) open on purpose and
+            # stays in the process group: that is the fault being modelled.
+            time.sleep(seconds)
+        finally:
+            os._exit(0)
 
 
 def filler(n: int) -> str:

@@ -42,9 +42,6 @@ TOOLS = ["Task", "Bash", "Glob", "Grep", "Read", "Edit", "Write", "WebFetch", "T
 PERMISSION_MODES = {"default", "acceptEdits", "auto", "bypassPermissions", "plan", "dontAsk"}
 """Modes ``set_permission_mode`` and ``--permission-mode`` accept."""
 
-INVALID_MODE = "Cannot set permission mode: must be one of " + ", ".join(sorted(PERMISSION_MODES))
-"""The error of ``set_permission_mode`` with an unknown mode."""
-
 NO_AUTO_MODE = re.compile(r"-4-5(?:-|$)")
 """Models the real CLI refuses "auto" permission mode for (the 4.5 generation:
 claude-sonnet-4-5, claude-haiku-4-5, claude-opus-4-5, dated or not)."""
@@ -217,6 +214,21 @@ def user(session_id: str, content: Any, **extra: Any) -> dict[str, Any]:
         "uuid": new_uuid(),
         "timestamp": timestamp(),
         **extra,
+    }
+
+
+def can_use_tool(request_id: str, tool_name: str, tool_input: dict[str, Any], tool_id: str) -> dict[str, Any]:
+    """The ``can_use_tool`` control request the CLI sends before running a tool."""
+    return {
+        "type": "control_request",
+        "request_id": request_id,
+        "request": {
+            "subtype": "can_use_tool",
+            "tool_name": tool_name,
+            "input": tool_input,
+            "permission_suggestions": [],
+            "tool_use_id": tool_id,
+        },
     }
 
 
