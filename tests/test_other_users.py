@@ -21,7 +21,7 @@ from typing import Any
 import posix_ipc
 import pytest
 
-from broker.config import RET_IPC
+from broker.exits import RET_IPC
 from ipc import names, shm
 from tests import ipc_helpers as h
 from tests.support import rec, running, wait_until
