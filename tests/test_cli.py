@@ -101,7 +101,7 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", "--json", "[sim:turn_ms=4000] json-worker")
     wait_until(running(b, "worker"), what="worker running")
-    hook = ts("prompt", "--session", session_name, "--json", "json-hook")
+    hook = ts("prompt", "--session", session_name, "--kind", "webhook", "--json", "json-hook")
     assert hook.returncode == 0, hook.stderr
     rc, out, err = finish(w)
     assert rc == 0, err
@@ -128,11 +128,25 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     assert hres["status"] == "ok" and hres["text"] == "sim: json-hook"
 
 
+def test_prompt_defaults_to_worker_and_never_preempts(broker_factory, session_name, bg):
+    """A quick `turnstile prompt` from a shell queues behind a running worker turn instead of preempting it."""
+    b = broker_factory()
+    w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", "[sim:turn_ms=1500] w")
+    wait_until(running(b, "worker"), what="worker running")
+    quick = ts("prompt", "--session", session_name, "--json", "quick")
+    assert quick.returncode == 0, quick.stderr
+    assert json_lines(quick.stdout)[0]["kind"] == "worker"
+    rc, _out, err = finish(w)
+    assert rc == 0, err
+    assert rec(b).counters["preempts"] == 0
+    assert "worker (the default)" in ts("prompt", "--help").stdout
+
+
 def test_exit_3_preempted_with_on_preempt_return(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", "[sim:turn_ms=8000] w")
     wait_until(running(b, "worker"), what="worker running")
-    assert ts("prompt", "--session", session_name, "hook").returncode == 0
+    assert ts("prompt", "--session", session_name, "--kind", "webhook", "hook").returncode == 0
     rc, _out, err = finish(w)
     assert rc == 3, err
     assert "preempted" in err
