@@ -387,6 +387,21 @@ def test_help_of_group_and_sweep():
 # ---------------------------------------------------------------- serve exit codes
 
 
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_serve_cwd_is_the_agents_working_directory(broker_factory, session_name, tmp_path, how):
+    """`serve --cwd DIR` (or TURNSTILE_CWD) starts the agent in DIR, not where serve runs."""
+    work = tmp_path / "work"
+    work.mkdir()
+    if how == "flag":
+        broker_factory(extra_args=("--cwd", str(work)))
+    else:
+        broker_factory(env={"TURNSTILE_CWD": str(work)})
+    cp = ts("prompt", "--session", session_name, "--json", "where are you")
+    assert cp.returncode == 0, cp.stderr
+    init = next(o["data"] for o in json_lines(cp.stdout) if o["event"] == "agent" and o["data"]["subtype"] == "init")
+    assert os.path.realpath(init["cwd"]) == os.path.realpath(work)
+
+
 def test_serve_exit_10_when_session_is_served(broker_factory, session_name):
     b = broker_factory()
     cp = ts("serve", "--session", session_name, "--agent", "sim", "--state-dir", str(b.state_dir), timeout_s=20)
