@@ -49,6 +49,11 @@ class TurnResult:
     turn_ms: float = 0.0
     error_code: str | None = None
     error: str | None = None
+    #: The agent's own ``result`` message that ended the request's last attempt (from the Result frame,
+    #: else the last ``result`` event streamed to the request; a preempted attempt's is the CLI's
+    #: ``error_during_execution``). ``None`` when no agent result belongs to the request: refused or
+    #: failed before the agent answered (``error`` with a broker-side ``error_code``, ``broker_unavailable``),
+    #: cancelled while queued, and lease and set_model acknowledgements.
     raw: dict[str, Any] | None = None
     request_id: str = ""
     preemptions: int = 0
@@ -303,7 +308,7 @@ class Connection:
             on_preempt = "requeue"
         frame = frames.Prompt(
             client=self.client_id, req=request_id or new_request_id(), kind=self.kind, content=content,
-            model=model, on_preempt=on_preempt, resume_prompt=resume_prompt, lease=self.lease_state == "held",
+            model=model, on_preempt=on_preempt, resume_prompt=resume_prompt,
         )
         # Validate here too, so bad input fails in the caller, not in the broker.
         frames.decode_request(frames.encode(frame))

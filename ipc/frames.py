@@ -82,6 +82,8 @@ class Prompt(_Frame, tag="prompt"):
     model: ModelName | None = None
     on_preempt: OnPreempt = "requeue"
     resume_prompt: ShortText | None = None
+    #: Ignored: the broker knows which client holds the lease. Kept (unknown fields are refused)
+    #: so that prompts from clients of an earlier version still decode; current clients omit it.
     lease: bool = False
 
 
