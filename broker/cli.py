@@ -26,7 +26,6 @@ from ipc.errors import (
     TurnstileError,
     TurnTimeout,
 )
-from ipc.frames import MAX_TURN
 
 # Each command's exit codes, generated from the error classes that end it (broker/exits.py).
 SERVE_EXITS = exits.epilog(
@@ -81,6 +80,15 @@ def _check_utf8(_ctx: click.Context, _param: click.Parameter, value: str) -> str
         value.encode()
     except UnicodeEncodeError:
         raise click.BadParameter("is not valid UTF-8") from None
+    return value
+
+
+def _check_turn(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    # The bound is the wire's (a signed 64-bit id); ipc.frames is imported only when a turn is named.
+    from ipc.frames import MAX_TURN
+
+    if value is not None and value > MAX_TURN:
+        raise click.BadParameter(f"{value} is above the largest turn id {MAX_TURN}")
     return value
 
 
@@ -283,7 +291,7 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
 
 @main.command(epilog=CANCEL_EXITS)
 @session_option
-@click.option("--turn", "turn_id", type=click.IntRange(min=1, max=MAX_TURN), default=None,
+@click.option("--turn", "turn_id", type=click.IntRange(min=1), default=None, callback=_check_turn,
               help="Turn id to cancel (of the current broker).")
 @click.option("--holder", is_flag=True, help="Cancel whatever turn runs now.")
 def cancel(session: str, turn_id: int | None, holder: bool) -> None:
