@@ -45,14 +45,11 @@ CANCEL_EXITS = exits.epilog(
     IPCError,
 )
 SWEEP_EXITS = exits.epilog((exits.RET_OK, "swept"), TurnstileError, InvalidArgument)
-ALL_EXITS = "\b\nExit codes of every command:\n" + "\n".join(
-    f"  {code:<3} {meaning}" for code, meaning in exits.EXIT_CODES.items()
+DEMO_EXITS = exits.epilog(
+    (exits.RET_OK, "every request got its result, in the right order"),
+    (exits.RET_ERROR, "a request failed or finished out of order"),
 )
-
-DEMO_EXITS = """\b
-Exit codes:
-  0  every request got its result, in the right order
-  1  a request failed or finished out of order"""
+ALL_EXITS = exits.epilog(*exits.EXIT_CODES.items(), title="Exit codes of every command")
 
 
 def _dumps(obj: Any) -> str:

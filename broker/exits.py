@@ -52,13 +52,13 @@ EXIT_CODES: dict[int, str] = dict(
 Row = type[TurnstileError] | tuple[int, str]
 
 
-def epilog(*rows: Row) -> str:
+def epilog(*rows: Row, title: str = "Exit codes") -> str:
     """A ``--help`` epilog listing ``rows``: error classes, or (code, meaning) for the non-error codes.
 
     Rows are sorted by code; click keeps the block's layout because of the ``\\b`` line.
     """
     pairs = sorted((r.exit_code, r.exit_meaning) if isinstance(r, type) else r for r in rows)
-    return "\b\nExit codes:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in pairs)
+    return f"\b\n{title}:\n" + "\n".join(f"  {code:<3} {meaning}" for code, meaning in pairs)
 
 
 __all__ = [
