@@ -11,48 +11,46 @@ from typing import Any
 
 import click
 
-# `turnstile prompt` exit codes, one table (also in --help).
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_PREEMPTED = 3
-EXIT_CANCELLED = 4
-EXIT_UNAVAILABLE = 5
-EXIT_AGENT_ERROR = 6
-EXIT_TIMEOUT = 7
+from broker import exits
+from ipc import defaults
+from ipc.errors import (
+    AgentError,
+    AgentNotFound,
+    AlreadyRunning,
+    BrokerUnavailable,
+    Cancelled,
+    InvalidArgument,
+    IPCError,
+    Preempted,
+    StateDirError,
+    TurnstileError,
+    TurnTimeout,
+)
 
-PROMPT_EXITS = f"""\b
-Exit codes:
-  {EXIT_OK}  ok
-  {EXIT_USAGE}  usage error (bad arguments or a prompt the agent would refuse)
-  {EXIT_PREEMPTED}  preempted (with --on-preempt return)
-  {EXIT_CANCELLED}  cancelled
-  {EXIT_UNAVAILABLE}  broker unavailable
-  {EXIT_AGENT_ERROR}  agent error (API error, agent restarted mid-turn)
-  {EXIT_TIMEOUT}  --timeout-s ran out
-  {EXIT_ERROR}  any other error"""
+# Each command's exit codes, generated from the error classes that end it (broker/exits.py).
+SERVE_EXITS = exits.epilog(
+    (exits.RET_OK, "clean stop (SIGTERM/SIGINT, turn drained)"), TurnstileError, InvalidArgument,
+    AlreadyRunning, IPCError, AgentNotFound, StateDirError, (exits.RET_SIGNAL, exits.EXIT_CODES[exits.RET_SIGNAL]),
+)
+PROMPT_EXITS = exits.epilog(
+    (exits.RET_OK, "ok"), TurnstileError, InvalidArgument, Preempted, Cancelled, BrokerUnavailable, AgentError,
+    TurnTimeout, IPCError,
+)
+STATUS_EXITS = exits.epilog(
+    (exits.RET_OK, "a live broker serves the session"), InvalidArgument, BrokerUnavailable,
+)
+CANCEL_EXITS = exits.epilog(
+    (exits.RET_OK, "cancel sent (honoured only if that turn still runs)"),
+    (exits.RET_ERROR, "no turn is running (--holder), or any other error"), InvalidArgument, BrokerUnavailable,
+    IPCError,
+)
+SWEEP_EXITS = exits.epilog((exits.RET_OK, "swept"), TurnstileError, InvalidArgument)
+DEMO_EXITS = exits.epilog(
+    (exits.RET_OK, "every request got its result, in the right order"),
+    (exits.RET_ERROR, "a request failed or finished out of order"),
+)
+ALL_EXITS = exits.epilog(*exits.EXIT_CODES.items(), title="Exit codes of every command")
 
-SERVE_EXITS = """\b
-Exit codes:
-  0   clean stop (SIGTERM/SIGINT, turn drained)
-  1   unexpected error
-  2   usage error
-  10  another broker already serves this session
-  11  an IPC object could not be created (squatted name or system limit)
-  12  the agent executable was not found
-  130 stopped at once by a second SIGINT/SIGTERM"""
-
-CANCEL_EXITS = f"""\b
-Exit codes:
-  {EXIT_OK}  cancel sent (honoured only if that turn still runs)
-  {EXIT_ERROR}  no turn is running (--holder)
-  {EXIT_USAGE}  usage error
-  {EXIT_UNAVAILABLE}  no live broker for the session"""
-
-DEMO_EXITS = """\b
-Exit codes:
-  0  every request got its result, in the right order
-  1  a request failed or finished out of order"""
 
 def _dumps(obj: Any) -> str:
     # msgspec is loaded already by the client; the json module would cost start-up time.
@@ -61,13 +59,56 @@ def _dumps(obj: Any) -> str:
     return msgspec.json.encode(obj).decode()
 
 
+def _check_session(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    # Validated while parsing, so a bad name is a usage error before anything is opened or sent.
+    from ipc.names import check_session
+
+    if value is None:
+        return None
+    try:
+        return check_session(value)
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _check_utf8(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    # A non-UTF-8 argument reaches Python as lone surrogates, which no frame can carry.
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise click.BadParameter("is not valid UTF-8") from None
+    return value
+
+
+def _check_turn(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    # The bound is the wire's (a signed 64-bit id); ipc.frames is imported only when a turn is named.
+    from ipc.frames import MAX_TURN
+
+    if value is not None and value > MAX_TURN:
+        raise click.BadParameter(f"{value} is above the largest turn id {MAX_TURN}")
+    return value
+
+
 session_option = click.option(
-    "--session", "-s", default="default", show_default=True, envvar="TURNSTILE_SESSION",
-    help="Session name (env TURNSTILE_SESSION).",
+    "--session", "-s", default=defaults.SESSION, show_default=True, envvar="TURNSTILE_SESSION",
+    callback=_check_session, help="Session name: 1-64 of A-Z a-z 0-9 _ - (env TURNSTILE_SESSION).",
 )
+_positive_s = click.FloatRange(min=0, min_open=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; the one place where an error becomes an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a :class:`TurnstileError` ends it with one line and the error's exit code."""
+        try:
+            return super().invoke(ctx)
+        except TurnstileError as exc:
+            click.echo(f"turnstile: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Main, epilog=ALL_EXITS, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """turnstile: share one coding-agent session among many processes.
 
@@ -81,19 +122,21 @@ def main() -> None:
 
 @main.command(epilog=SERVE_EXITS)
 @session_option
-@click.option("--agent", type=click.Choice(["claude", "sim"]), default="claude", show_default=True,
+@click.option("--agent", type=click.Choice(["claude", "sim"]), default=defaults.AGENT, show_default=True,
               help="The real Claude Code CLI, or the simulated agent.")
 @click.option("--claude-bin", type=click.Path(dir_okay=False), default=None,
               help="Path of the claude binary (default: `claude` on PATH, else the one bundled in claude-agent-sdk).")
 @click.option("--agent-arg", "agent_args", multiple=True, help="Extra argument for the agent (repeatable).")
+@click.option("--cwd", "agent_cwd", type=click.Path(exists=True, file_okay=False), default=None, envvar="TURNSTILE_CWD",
+              help="The agent's working directory (env TURNSTILE_CWD; default: where serve runs).")
 @click.option("--model", default=None, help="Model to start the agent with.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Where the agent session id persists (default: $XDG_STATE_HOME/turnstile).")
-@click.option("--drain-timeout-s", type=float, default=5.0, show_default=True,
+@click.option("--drain-timeout-s", type=_positive_s, default=defaults.DRAIN_TIMEOUT_S, show_default=True,
               help="How long an interrupted turn may take to end before the agent is killed and resumed.")
-@click.option("--model-timeout-s", type=float, default=10.0, show_default=True)
-@click.option("--lease-idle-s", type=float, default=30.0, show_default=True)
-@click.option("--idle-output-timeout-s", type=float, default=1800.0, show_default=True,
+@click.option("--model-timeout-s", type=_positive_s, default=defaults.MODEL_TIMEOUT_S, show_default=True)
+@click.option("--lease-idle-s", type=_positive_s, default=defaults.LEASE_IDLE_S, show_default=True)
+@click.option("--idle-output-timeout-s", type=_positive_s, default=1800.0, show_default=True,
               help="A running turn with no agent output this long restarts the agent.")
 @click.option("--max-line-bytes", type=click.IntRange(min=1024), default=64 * 1024 * 1024, show_default=True,
               help="Longest agent stdout line kept; a longer one is dropped and logged (and restarts a running turn).")
@@ -103,24 +146,17 @@ def main() -> None:
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], model: str | None,
-          state_dir: str | None, drain_timeout_s: float, model_timeout_s: float, lease_idle_s: float,
-          idle_output_timeout_s: float, max_line_bytes: int, client_buffer_bytes: int | None, log_format: str,
-          log_level: str) -> None:
+def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], agent_cwd: str | None,
+          model: str | None, state_dir: str | None, drain_timeout_s: float, model_timeout_s: float,
+          lease_idle_s: float, idle_output_timeout_s: float, max_line_bytes: int, client_buffer_bytes: int | None,
+          log_format: str, log_level: str) -> None:
     """Run the broker for a session in the foreground."""
-    from broker.agents.base import AgentNotFound
-    from broker.config import RET_AGENT_NOT_FOUND, RET_ALREADY_RUNNING, RET_IPC, BrokerConfig
-    from broker.server import AlreadyRunning, run
-    from ipc.errors import IPCError
-    from ipc.names import check_session
+    from broker.config import BrokerConfig
+    from broker.server import run
 
-    try:
-        check_session(session)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
     cfg = BrokerConfig(
-        session=session, agent=agent, claude_bin=claude_bin, agent_args=list(agent_args), model=model,
-        drain_timeout_s=drain_timeout_s, model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
+        session=session, agent=agent, claude_bin=claude_bin, agent_args=list(agent_args), agent_cwd=agent_cwd,
+        model=model, drain_timeout_s=drain_timeout_s, model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
         idle_output_timeout_s=idle_output_timeout_s, max_line_bytes=max_line_bytes, log_format=log_format,
         log_level=log_level,
     )
@@ -130,18 +166,8 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
         from pathlib import Path
 
         cfg.state_dir = Path(state_dir)
-    try:
-        code = run(cfg)
-    except AlreadyRunning as exc:
-        click.echo(f"turnstile: {exc}", err=True)
-        sys.exit(RET_ALREADY_RUNNING)
-    except AgentNotFound as exc:
-        click.echo(f"turnstile: {exc}", err=True)
-        sys.exit(RET_AGENT_NOT_FOUND)
-    except IPCError as exc:
-        click.echo(f"turnstile: {exc}", err=True)
-        sys.exit(RET_IPC)
-    sys.exit(code)
+    cfg.check_state_dir()
+    sys.exit(run(cfg))
 
 
 # ---------------------------------------------------------------- prompt
@@ -149,87 +175,69 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 
 @main.command(epilog=PROMPT_EXITS)
 @session_option
-@click.option("--kind", type=click.Choice(["worker", "webhook"]), default="webhook", show_default=True)
+@click.option("--kind", type=click.Choice(["worker", "webhook"]), default=defaults.PROMPT_KIND, show_default=True,
+              help="worker (the default) waits its turn behind webhooks; webhook preempts a running worker turn.")
 @click.option("--model", default=None)
 @click.option("--on-preempt", type=click.Choice(["requeue", "return"]), default="requeue", show_default=True)
-@click.option("--timeout-s", type=float, default=None, help="Give up after this many seconds (exit 7).")
-@click.option("--connect-timeout-s", type=float, default=5.0, show_default=True)
+@click.option("--timeout-s", type=_positive_s, default=None, help="Give up after this many seconds (exit 7).")
+@click.option("--connect-timeout-s", type=_positive_s, default=defaults.CONNECT_TIMEOUT_S, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: accepted, agent, preempted, result.")
-@click.argument("text")
+@click.argument("text", callback=_check_utf8)
 def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_s: float | None,
            connect_timeout_s: float, as_json: bool, text: str) -> None:
     """Send TEXT (or - for stdin) as one turn and stream the answer."""
     from clients.client import Client
-    from ipc.errors import BrokerUnavailable, ProtocolError, TurnstileError, TurnTimeout
 
     if text == "-":
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.buffer.read().decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"stdin is not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                                  argument="text") from None
     out = sys.stdout
 
     def emit(obj: dict[str, Any]) -> None:
         out.write(_dumps(obj) + "\n")
         out.flush()
 
-    try:
-        with Client(session, kind, connect_timeout_s=connect_timeout_s) as c:  # type: ignore[arg-type]
-            turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
-            if as_json:
-                emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
-            for ev in turn.events(timeout_s):
-                if ev.get("type") == "turnstile":
-                    if as_json:
-                        rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
-                        emit({"event": ev.get("subtype"), **rest})
-                    continue
+    with Client(session, kind, connect_timeout_s=connect_timeout_s) as c:  # type: ignore[arg-type]
+        turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
+        if as_json:
+            emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
+        for ev in turn.events(timeout_s):
+            if ev.get("type") == "turnstile":
                 if as_json:
-                    emit({"event": "agent", "data": ev})
-                elif ev.get("type") == "assistant":
-                    for block in (ev.get("message") or {}).get("content") or []:
-                        if isinstance(block, dict) and block.get("type") == "text":
-                            out.write(block.get("text", ""))
-                            out.flush()
-            res = turn.result(timeout_s)
-    except ProtocolError as exc:
-        click.echo(f"turnstile: refused: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except BrokerUnavailable as exc:
-        click.echo(f"turnstile: {exc}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
-    except TurnTimeout:
-        click.echo(f"turnstile: no result within {timeout_s} s", err=True)
-        sys.exit(EXIT_TIMEOUT)
-    except TurnstileError as exc:
-        click.echo(f"turnstile: {exc}", err=True)
-        sys.exit(EXIT_ERROR)
+                    rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
+                    emit({"event": ev.get("subtype"), **rest})
+                continue
+            if as_json:
+                emit({"event": "agent", "data": ev})
+            elif ev.get("type") == "assistant":
+                for block in (ev.get("message") or {}).get("content") or []:
+                    if isinstance(block, dict) and block.get("type") == "text":
+                        out.write(block.get("text", ""))
+                        out.flush()
+        res = turn.result(timeout_s)
     if as_json:
         emit({"event": "result", **res.as_dict()})
     else:
         out.write("\n")
-        if res.status != "ok":
-            click.echo(f"turnstile: {res.status}: {res.error_code or ''} {res.error or ''}".rstrip(), err=True)
-    code = {"ok": EXIT_OK, "preempted": EXIT_PREEMPTED, "cancelled": EXIT_CANCELLED}.get(res.status)
-    if code is None:
-        code = EXIT_UNAVAILABLE if res.error_code == "broker_unavailable" else EXIT_AGENT_ERROR
-    sys.exit(code)
+    res.raise_for_status()
 
 
 # ---------------------------------------------------------------- status
 
 
-@main.command()
+@main.command(epilog=STATUS_EXITS)
 @session_option
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
-@click.option("--interval-s", type=float, default=0.5, show_default=True)
+@click.option("--interval-s", type=_positive_s, default=0.5, show_default=True)
 def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
-    """Show the holder, the line, the model and the counters (read from shared memory, not the broker).
-
-    Exit 0 when a live broker serves the session, 5 when none does.
-    """
+    """Show the holder, the line, the model and the counters (read from shared memory, not the broker)."""
     import time
 
     from ipc import state
-    from ipc.errors import IPCError
 
     def read() -> dict[str, Any] | None:
         try:
@@ -264,7 +272,7 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
     if not watch:
         d = read()
         show(d)
-        sys.exit(0 if d and d["broker_alive"] else EXIT_UNAVAILABLE)
+        sys.exit(exits.RET_OK if d and d["broker_alive"] else exits.RET_UNAVAILABLE)
     try:
         while True:
             if not as_json:
@@ -280,13 +288,13 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
 
 @main.command(epilog=CANCEL_EXITS)
 @session_option
-@click.option("--turn", "turn_id", type=int, default=None, help="Turn id to cancel (of the current broker).")
+@click.option("--turn", "turn_id", type=click.IntRange(min=1), default=None, callback=_check_turn,
+              help="Turn id to cancel (of the current broker).")
 @click.option("--holder", is_flag=True, help="Cancel whatever turn runs now.")
 def cancel(session: str, turn_id: int | None, holder: bool) -> None:
     """Cancel one turn. A cancel names its turn: it never hits a later one."""
     from clients.core import Connection
     from ipc import state
-    from ipc.errors import IPCError
 
     if (turn_id is None) == (not holder):
         raise click.UsageError("give exactly one of --turn ID or --holder")
@@ -295,17 +303,15 @@ def cancel(session: str, turn_id: int | None, holder: bool) -> None:
         rec = block.read_record()
         block.close()
     except (FileNotFoundError, IPCError):
-        click.echo(f"turnstile: no broker for session {session}", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
+        raise BrokerUnavailable(f"no broker for session {session}", session=session) from None
     target = rec.turn if holder else turn_id
     if not target:
         click.echo("turnstile: no turn is running", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(exits.RET_ERROR)
     conn = Connection(session, "webhook")
     try:
         if not conn.try_attach():
-            click.echo(f"turnstile: no live broker for session {session}", err=True)
-            sys.exit(EXIT_UNAVAILABLE)
+            raise BrokerUnavailable(f"no live broker for session {session}", session=session)
         conn.cancel_turn(rec.incarnation, int(target))
     finally:
         conn.close()
@@ -315,8 +321,8 @@ def cancel(session: str, turn_id: int | None, holder: bool) -> None:
 # ---------------------------------------------------------------- sweep
 
 
-@main.command()
-@click.option("--session", "-s", default=None, help="Only this session.")
+@main.command(epilog=SWEEP_EXITS)
+@click.option("--session", "-s", default=None, callback=_check_session, help="Only this session.")
 @click.option("--json", "as_json", is_flag=True)
 def sweep(session: str | None, as_json: bool) -> None:
     """Remove queues, state blocks and mailboxes whose owner process is gone."""

@@ -1,4 +1,4 @@
-"""Broker settings and the exit-code table."""
+"""Broker settings (their defaults come from :mod:`ipc.defaults`)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ipc import defaults
+from ipc.errors import StateDirError
 from ipc.mailbox import DEFAULT_MAX_PENDING
 
-# Exit codes of `turnstile serve`, one table (documented in --help).
-RET_OK = 0
-RET_ERROR = 1
-RET_USAGE = 2
-RET_ALREADY_RUNNING = 10
-RET_IPC = 11
-RET_AGENT_NOT_FOUND = 12
-RET_SIGNAL = 130
-
-EXIT_CODES = {
-    RET_OK: "clean stop",
-    RET_ERROR: "unexpected error",
-    RET_USAGE: "bad arguments",
-    RET_ALREADY_RUNNING: "another broker serves this session",
-    RET_IPC: "an IPC object could not be created (squatted name or system limit)",
-    RET_AGENT_NOT_FOUND: "the agent executable was not found",
-    RET_SIGNAL: "stopped at once by a second SIGINT/SIGTERM",
-}
+#: One page: the smallest write that a full filesystem refuses.
+_PROBE_BYTES = 4096
 
 
 def default_state_dir() -> Path:
@@ -38,17 +24,17 @@ def default_state_dir() -> Path:
 class BrokerConfig:
     """Everything `turnstile serve` can be told."""
 
-    session: str = "default"
-    agent: str = "sim"
+    session: str = defaults.SESSION
+    agent: str = defaults.AGENT
     claude_bin: str | None = None
     agent_args: list[str] = field(default_factory=list)
     agent_env: dict[str, str] = field(default_factory=dict)
     agent_cwd: str | None = None
     model: str | None = None
     state_dir: Path = field(default_factory=default_state_dir)
-    drain_timeout_s: float = 5.0
-    model_timeout_s: float = 10.0
-    lease_idle_s: float = 30.0
+    drain_timeout_s: float = defaults.DRAIN_TIMEOUT_S
+    model_timeout_s: float = defaults.MODEL_TIMEOUT_S
+    lease_idle_s: float = defaults.LEASE_IDLE_S
     idle_output_timeout_s: float = 1800.0
     agent_request_timeout_s: float = 60.0
     stop_step_s: float = 2.0
@@ -64,3 +50,33 @@ class BrokerConfig:
     def session_dir(self) -> Path:
         """Where this session's persistent state lives (agent session id, lock)."""
         return self.state_dir / self.session
+
+    def check_state_dir(self) -> None:
+        """Create the session's state directory and prove it writable, else :class:`StateDirError`.
+
+        Run before the broker starts, so a read-only filesystem, a path under a
+        regular file or a full disk is one clear error, not a traceback from the
+        middle of start-up. The probe writes a page, because a full tmpfs still
+        lets an empty file be created.
+        """
+        probe = self.session_dir / f".probe-{os.getpid()}"
+        try:
+            self.session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, bytes(_PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StateDirError(
+                f"state directory {str(self.state_dir)!r} is not usable: {reason}. "
+                "Give a writable one with --state-dir.",
+                path=str(self.state_dir), reason=reason,
+            ) from None
+        finally:
+            try:
+                probe.unlink()
+            except OSError:
+                pass

@@ -17,13 +17,16 @@ from typing import Any
 import msgspec
 
 from ipc import frames
+from ipc.errors import AgentError
 
 _json = msgspec.json.Encoder()
 _decode = msgspec.json.Decoder()
 
 
-class BadLine(ValueError):
-    """An agent stdout line that is not one JSON object."""
+class BadLine(AgentError):
+    """An agent stdout line that is not one JSON object (logged and dropped by the broker)."""
+
+    code = "bad_line"
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -67,9 +70,9 @@ def parse(line: bytes) -> dict[str, Any]:
     try:
         obj = _decode.decode(line)
     except msgspec.DecodeError as exc:
-        raise BadLine(str(exc)) from None
+        raise BadLine(str(exc), reason="malformed") from None
     if not isinstance(obj, dict):
-        raise BadLine(f"a JSON {type(obj).__name__}, not an object")
+        raise BadLine(f"a JSON {type(obj).__name__}, not an object", reason="not_an_object")
     return obj
 
 

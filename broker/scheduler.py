@@ -27,7 +27,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ipc import frames
+from ipc import defaults, frames
 
 Op = Literal["prompt", "set_model", "lease"]
 Phase = Literal["switching", "running", "interrupting"]
@@ -275,9 +275,9 @@ class Config:
     """Scheduler settings (all durations in seconds)."""
 
     incarnation: str = "0" * 16
-    drain_timeout_s: float = 5.0
-    model_timeout_s: float = 10.0
-    lease_idle_s: float = 30.0
+    drain_timeout_s: float = defaults.DRAIN_TIMEOUT_S
+    model_timeout_s: float = defaults.MODEL_TIMEOUT_S
+    lease_idle_s: float = defaults.LEASE_IDLE_S
     model: str | None = None
     remembered_results: int = 1024
     #: ... holding at most this many bytes of result text and raw result lines: a reply can be

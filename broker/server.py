@@ -28,7 +28,8 @@ from broker import protocol
 from broker.agentproc import AgentProcess, reap_group
 from broker.agents import make_agent
 from broker.agents.base import AgentAdapter
-from broker.config import RET_ALREADY_RUNNING, RET_OK, RET_SIGNAL, BrokerConfig
+from broker.config import BrokerConfig
+from broker.exits import RET_ALREADY_RUNNING, RET_OK, RET_SIGNAL
 from broker.scheduler import (
     AgentExited,
     AgentStarted,
@@ -53,7 +54,7 @@ from broker.scheduler import (
     WriteUser,
 )
 from ipc import chunks, frames, mailbox, names, rqueue, state, sweep
-from ipc.errors import ClientTooSlow, IPCError, ProtocolError, TurnstileError
+from ipc.errors import AlreadyRunning, ClientTooSlow, IPCError, ProtocolError, TurnstileError
 
 #: Frames handled per wake-up before yielding to the loop (agent output must not starve).
 BATCH = 64
@@ -64,12 +65,6 @@ SWEEP_EVERY = 10
 PUMP_S = 0.001
 #: An agent that exits sooner than this after its start, before any turn, counts towards the restart back-off.
 QUICK_EXIT_S = 5.0
-
-
-class AlreadyRunning(TurnstileError):
-    """Another live broker holds the session's lock."""
-
-    code = "already_running"
 
 
 @dataclass

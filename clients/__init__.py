@@ -8,15 +8,24 @@ from typing import TYPE_CHECKING, Any
 
 from clients.client import Client, Turn
 from clients.core import TurnResult
+
+# Every public error, so bot authors import them from one place.
 from ipc.errors import (
     AgentError,
+    AgentNotFound,
+    AlreadyRunning,
     BrokerUnavailable,
     Cancelled,
     ClientTooSlow,
+    InvalidArgument,
     IPCError,
+    LimitError,
+    NameSquatted,
     Preempted,
     ProtocolError,
     QueueFull,
+    QueueGone,
+    StateDirError,
     TurnstileError,
     TurnTimeout,
 )
@@ -37,6 +46,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AgentError",
+    "AgentNotFound",
+    "AlreadyRunning",
     "AsyncClient",
     "AsyncTurn",
     "BrokerUnavailable",
@@ -44,9 +55,14 @@ __all__ = [
     "Client",
     "ClientTooSlow",
     "IPCError",
+    "InvalidArgument",
+    "LimitError",
+    "NameSquatted",
     "Preempted",
     "ProtocolError",
     "QueueFull",
+    "QueueGone",
+    "StateDirError",
     "Turn",
     "TurnResult",
     "TurnTimeout",

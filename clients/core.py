@@ -19,8 +19,18 @@ from typing import Any
 
 import msgspec
 
-from ipc import frames, mailbox, names, rqueue, state
-from ipc.errors import BrokerUnavailable, IPCError, ProtocolError, TurnstileError
+from ipc import defaults, frames, mailbox, names, rqueue, state
+from ipc.errors import (
+    AgentError,
+    BrokerUnavailable,
+    Cancelled,
+    InvalidArgument,
+    IPCError,
+    Preempted,
+    ProtocolError,
+    QueueGone,
+    TurnstileError,
+)
 
 PermissionHandler = Callable[[dict[str, Any]], dict[str, Any]]
 HookHandler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -39,6 +49,11 @@ class TurnResult:
     turn_ms: float = 0.0
     error_code: str | None = None
     error: str | None = None
+    #: The agent's own ``result`` message that ended the request's last attempt (from the Result frame,
+    #: else the last ``result`` event streamed to the request; a preempted attempt's is the CLI's
+    #: ``error_during_execution``). ``None`` when no agent result belongs to the request: refused or
+    #: failed before the agent answered (``error`` with a broker-side ``error_code``, ``broker_unavailable``),
+    #: cancelled while queued, and lease and set_model acknowledgements.
     raw: dict[str, Any] | None = None
     request_id: str = ""
     preemptions: int = 0
@@ -47,6 +62,27 @@ class TurnResult:
     def ok(self) -> bool:
         """True when the turn completed normally."""
         return self.status == "ok"
+
+    def raise_for_status(self) -> TurnResult:
+        """Return this result if the turn completed, else raise what ended it.
+
+        :class:`Preempted` (``on_preempt="return"``), :class:`Cancelled`,
+        :class:`BrokerUnavailable` (no broker came back for it), or
+        :class:`AgentError` for any other error; ``reason`` carries
+        ``error_code``. Each error's ``exit_code`` is what ``turnstile prompt``
+        exits with.
+        """
+        facts: dict[str, Any] = {"turn": self.turn, "request_id": self.request_id}
+        if self.status == "preempted":
+            raise Preempted(f"turn {self.turn} was preempted", **facts)
+        if self.status == "cancelled":
+            raise Cancelled(f"turn {self.turn} was cancelled", **facts)
+        if self.status == "error":
+            message = f"{self.error_code or 'error'}: {self.error or ''}".rstrip(": ")
+            if self.error_code == BrokerUnavailable.code:
+                raise BrokerUnavailable(message, reason=self.error_code, **facts)
+            raise AgentError(message, reason=self.error_code, **facts)
+        return self
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the CLI's ``result`` event)."""
@@ -102,11 +138,11 @@ class Connection:
         *,
         on_permission: PermissionHandler | None = None,
         on_hook: HookHandler | None = None,
-        send_timeout_s: float = 5.0,
+        send_timeout_s: float = defaults.SEND_TIMEOUT_S,
         mailbox_capacity: int = mailbox.DEFAULT_CAPACITY,
     ) -> None:
         if kind not in frames.KINDS:
-            raise ValueError(f"kind must be 'webhook' or 'worker', not {kind!r}")
+            raise InvalidArgument(f"kind must be 'webhook' or 'worker', not {kind!r}", argument="kind")
         names.check_session(session)
         self.session = session
         self.kind: frames.Kind = kind
@@ -247,11 +283,8 @@ class Connection:
                 self.rq.send_frame(frame, timeout_s=self.send_timeout_s)
             else:  # a small frame (never chunked) at a priority other than its class's
                 self.rq.send_bytes(frames.encode(frame), priority, timeout_s=self.send_timeout_s)
-        except IPCError as exc:
-            if "vanished" in str(exc):
-                self._detach()
-                return
-            raise
+        except QueueGone:
+            self._detach()
 
     def submit(self, frame: frames.RequestFrame) -> RequestState:
         """Record and send a request frame."""
@@ -275,7 +308,7 @@ class Connection:
             on_preempt = "requeue"
         frame = frames.Prompt(
             client=self.client_id, req=request_id or new_request_id(), kind=self.kind, content=content,
-            model=model, on_preempt=on_preempt, resume_prompt=resume_prompt, lease=self.lease_state == "held",
+            model=model, on_preempt=on_preempt, resume_prompt=resume_prompt,
         )
         # Validate here too, so bad input fails in the caller, not in the broker.
         frames.decode_request(frames.encode(frame))
@@ -292,6 +325,9 @@ class Connection:
 
     def cancel_turn(self, incarnation: str, turn: int) -> None:
         """Cancel the turn (incarnation, turn), whoever holds it; honoured only if it is running."""
+        if not 1 <= turn <= frames.MAX_TURN:
+            # Checked before the cancel slot is touched: a failed pack would leave its sequence word odd.
+            raise InvalidArgument(f"turn {turn}: a turn id is 1..{frames.MAX_TURN}", argument="turn")
         if self.block is not None:
             self.block.write_cancel(incarnation, turn)
         self._send(frames.Cancel(client=self.client_id, req=new_request_id(), incarnation=incarnation, turn=turn))

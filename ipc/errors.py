@@ -1,19 +1,31 @@
 """One exception tree for every turnstile error.
 
 Errors carry their facts as attributes (a ``code`` token and the values that
-explain it), not only as a string, and survive pickling: each class keeps the
-constructor arguments in ``args`` order through ``__reduce__``.
+explain it), not only as a string, and survive pickling: each instance keeps its
+message and attributes through ``__reduce__``.
+
+Each class also carries the ``exit_code`` the ``turnstile`` command exits with
+when that error ends it; the exit-code table in ``--help`` is generated from
+these attributes (``broker/exits.py``), so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+#: Exit codes that are not errors (``broker/exits.py`` puts them in the table too).
+EXIT_OK = 0
+EXIT_SIGNAL = 130
+
 
 class TurnstileError(Exception):
     """Base of every error turnstile raises on purpose."""
 
     code: str = "turnstile_error"
+    #: What `turnstile` exits with when this error ends a command.
+    exit_code: int = 1
+    #: The line the exit-code table shows for ``exit_code`` (on the class that introduces it).
+    exit_meaning: str = "any other error"
 
     def __init__(self, message: str, **attrs: Any) -> None:
         super().__init__(message)
@@ -35,16 +47,30 @@ def _rebuild(cls: type[TurnstileError], message: str, attrs: dict[str, Any]) -> 
     return err
 
 
+class InvalidArgument(TurnstileError, ValueError):
+    """An argument is out of range or malformed (a session name, a turn id, a timeout).
+
+    Also a ``ValueError``, so callers that caught the plain ``ValueError`` of
+    earlier versions keep working. ``argument`` names what was wrong.
+    """
+
+    code = "invalid_argument"
+    exit_code = 2
+    exit_meaning = "usage error (bad arguments, or a prompt the broker refuses)"
+
+
 class ProtocolError(TurnstileError):
     """A frame was malformed, oversize, of an unknown type or version, or out of sequence.
 
-    ``code`` names what was wrong (``malformed``, ``invalid``, ``unknown_type``,
+    ``reason`` names what was wrong (``malformed``, ``invalid``, ``unknown_type``,
     ``unsupported_version``, ``oversize``, ``chunk_sequence``, ``chunk_timeout``,
     ``unknown_client``, ``kind_mismatch``, ``bad_content``, ``ring`` for an
-    inconsistent mailbox ring).
+    inconsistent mailbox ring). A refused frame is the caller's input: the same
+    exit code as a usage error.
     """
 
     code = "protocol_error"
+    exit_code = 2
 
     def __init__(self, code: str, message: str, **attrs: Any) -> None:
         super().__init__(f"{code}: {message}", reason=code, **attrs)
@@ -54,6 +80,18 @@ class IPCError(TurnstileError):
     """An operating-system IPC object could not be created, opened or used."""
 
     code = "ipc_error"
+    exit_code = 11
+    exit_meaning = "an IPC object could not be created or used (squatted name, system limit, full queue)"
+
+
+class QueueGone(IPCError):
+    """The request queue's name was removed while a client held it open (RemoveIPC, a sweep).
+
+    The client detaches and reattaches to whatever queue the broker recreates.
+    ``name`` is the queue's name.
+    """
+
+    code = "queue_gone"
 
 
 class NameSquatted(IPCError):
@@ -77,10 +115,50 @@ class QueueFull(IPCError):
     code = "queue_full"
 
 
+class StateDirError(TurnstileError):
+    """The broker's state directory cannot be created or written (read-only, not a directory, disk full).
+
+    ``path`` is the directory, ``reason`` the operating system's words.
+    """
+
+    code = "state_dir"
+    exit_code = 13
+    exit_meaning = "the state directory cannot be created or written (read-only, not a directory, disk full)"
+
+
+class AlreadyRunning(TurnstileError):
+    """Another live broker holds the session's lock."""
+
+    code = "already_running"
+    exit_code = 10
+    exit_meaning = "another broker already serves this session"
+
+
+class AgentNotFound(TurnstileError):
+    """The agent's executable could not be located.
+
+    ``searched`` lists the places tried, in order, so the message can say
+    exactly where the binary was looked for; ``hint`` says how to install it.
+    """
+
+    code = "agent_not_found"
+    exit_code = 12
+    exit_meaning = "the agent executable was not found"
+
+    def __init__(self, searched: list[str], hint: str = "") -> None:
+        where = "; ".join(searched) or "nowhere"
+        message = f"agent executable not found (searched: {where})"
+        if hint:
+            message = f"{message}. {hint}"
+        super().__init__(message, searched=list(searched), hint=hint)
+
+
 class BrokerUnavailable(TurnstileError):
     """No broker serves the session (not started, or died and none came back in time)."""
 
     code = "broker_unavailable"
+    exit_code = 5
+    exit_meaning = "no live broker serves the session"
 
 
 class ClientTooSlow(TurnstileError):
@@ -90,24 +168,38 @@ class ClientTooSlow(TurnstileError):
 
 
 class AgentError(TurnstileError):
-    """The agent failed a turn (API error, restart, crash)."""
+    """The agent failed a turn (API error, restart, crash): raised by ``TurnResult.raise_for_status``.
+
+    ``reason`` is the broker's error code for the turn (``agent_restarted``, ...).
+    """
 
     code = "agent_error"
+    exit_code = 6
+    exit_meaning = "agent error (API error, agent restarted mid-turn)"
 
 
 class Preempted(TurnstileError):
-    """A turn was preempted by a webhook and the client asked to get that back as its result."""
+    """A turn was preempted and its client asked for that back (``on_preempt="return"``).
+
+    Raised by ``TurnResult.raise_for_status``; ``turn`` is the preempted turn.
+    """
 
     code = "preempted"
+    exit_code = 3
+    exit_meaning = "preempted (with --on-preempt return)"
 
 
 class Cancelled(TurnstileError):
-    """A turn was cancelled."""
+    """A turn was cancelled: raised by ``TurnResult.raise_for_status``; ``turn`` is the turn."""
 
     code = "cancelled"
+    exit_code = 4
+    exit_meaning = "cancelled"
 
 
 class TurnTimeout(TurnstileError):
     """A client-side wait for a turn's result ran out."""
 
     code = "timeout"
+    exit_code = 7
+    exit_meaning = "--timeout-s ran out"

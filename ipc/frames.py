@@ -42,7 +42,9 @@ RequestId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")]
 ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:\[\]/@-]{1,128}$")]
 ShortText = Annotated[str, msgspec.Meta(max_length=4096)]
 Token = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
-NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+#: The largest turn id (and any other count a frame carries): a signed 64-bit integer.
+MAX_TURN = 2**63 - 1
+NonNeg = Annotated[int, msgspec.Meta(ge=0, le=MAX_TURN)]
 Incarnation = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
 
 # A content block: a JSON object with a string "type"; anything else is refused
@@ -80,6 +82,8 @@ class Prompt(_Frame, tag="prompt"):
     model: ModelName | None = None
     on_preempt: OnPreempt = "requeue"
     resume_prompt: ShortText | None = None
+    #: Ignored: the broker knows which client holds the lease. Kept (unknown fields are refused)
+    #: so that prompts from clients of an earlier version still decode; current clients omit it.
     lease: bool = False
 
 

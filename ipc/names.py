@@ -12,7 +12,7 @@ import re
 import stat
 from typing import Final
 
-from ipc.errors import NameSquatted
+from ipc.errors import InvalidArgument, NameSquatted
 from ipc.procstat import read_proc_stat
 
 PREFIX: Final = "turnstile"
@@ -20,9 +20,9 @@ SESSION_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def check_session(session: str) -> str:
-    """Return ``session`` if it is a valid session name, else raise ``ValueError``."""
+    """Return ``session`` if it is a valid session name, else raise :class:`InvalidArgument` (a ``ValueError``)."""
     if not SESSION_RE.fullmatch(session):
-        raise ValueError(f"session name {session!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        raise InvalidArgument(f"session name {session!r}: use 1-64 of A-Z a-z 0-9 _ -", argument="session")
     return session
 
 

@@ -14,7 +14,7 @@ from typing import Final
 import posix_ipc
 
 from ipc import chunks, frames, names
-from ipc.errors import IPCError, LimitError, NameSquatted, QueueFull
+from ipc.errors import IPCError, LimitError, NameSquatted, QueueFull, QueueGone
 from ipc.limits import limit_error, mq_limits
 
 DEFAULT_MAX_MESSAGES: Final = 10
@@ -115,7 +115,7 @@ class RequestQueue:
                 timeout_s=timeout_s,
             ) from None
         except posix_ipc.ExistentialError as exc:
-            raise IPCError(f"request queue {self.name} vanished: {exc}", name=self.name) from exc
+            raise QueueGone(f"request queue {self.name} vanished: {exc}", name=self.name) from exc
 
     def send_frame(self, frame: frames.RequestFrame, *, timeout_s: float = 5.0) -> None:
         """Encode and send a frame at its class's priority, chunked if it is large.

@@ -102,7 +102,7 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", "--json", "[sim:turn_ms=4000] json-worker")
     wait_until(running(b, "worker"), what="worker running")
-    hook = ts("prompt", "--session", session_name, "--json", "json-hook")
+    hook = ts("prompt", "--session", session_name, "--kind", "webhook", "--json", "json-hook")
     assert hook.returncode == 0, hook.stderr
     rc, out, err = finish(w)
     assert rc == 0, err
@@ -129,11 +129,25 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     assert hres["status"] == "ok" and hres["text"] == "sim: json-hook"
 
 
+def test_prompt_defaults_to_worker_and_never_preempts(broker_factory, session_name, bg):
+    """A quick `turnstile prompt` from a shell queues behind a running worker turn instead of preempting it."""
+    b = broker_factory()
+    w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", "[sim:turn_ms=1500] w")
+    wait_until(running(b, "worker"), what="worker running")
+    quick = ts("prompt", "--session", session_name, "--json", "quick")
+    assert quick.returncode == 0, quick.stderr
+    assert json_lines(quick.stdout)[0]["kind"] == "worker"
+    rc, _out, err = finish(w)
+    assert rc == 0, err
+    assert rec(b).counters["preempts"] == 0
+    assert "worker (the default)" in ts("prompt", "--help").stdout
+
+
 def test_exit_3_preempted_with_on_preempt_return(broker_factory, session_name, bg):
     b = broker_factory()
     w = bg("prompt", "--session", session_name, "--kind", "worker", "--on-preempt", "return", "[sim:turn_ms=8000] w")
     wait_until(running(b, "worker"), what="worker running")
-    assert ts("prompt", "--session", session_name, "hook").returncode == 0
+    assert ts("prompt", "--session", session_name, "--kind", "webhook", "hook").returncode == 0
     rc, _out, err = finish(w)
     assert rc == 3, err
     assert "preempted" in err
@@ -210,6 +224,82 @@ def test_exit_2_empty_prompt_refused(broker_factory, session_name):
     broker_factory()
     cp = ts("prompt", "--session", session_name, "")
     assert cp.returncode == 2 and "empty prompt" in cp.stderr
+
+
+# ---------------------------------------------------------------- bad input: one line, the documented code
+
+BAD_SESSIONS = ["../x", "", "x" * 65, "sessi\u00f3n", "a b", "a.b"]
+S = "{session}"  # replaced by the test's own session name
+STATE = "{state}"  # replaced by the --state-dir the row's setup made
+
+
+def _not_utf8() -> str:
+    # What a shell hands Python for the bytes ff fe: lone surrogates (argv is decoded with surrogateescape).
+    return os.fsdecode(b"\xff\xfe")
+
+
+def _regular_file(tmp: Path) -> list[str]:
+    (tmp / "file").write_text("x")
+    return []
+
+
+def _tmpfs(options: str, fill: bool) -> Any:
+    # A small tmpfs in a private mount namespace: read-only, or filled up, so a real filesystem says no.
+    def setup(tmp: Path) -> list[str]:
+        if os.geteuid() != 0:
+            pytest.skip("a private tmpfs mount (unshare --mount) needs root")
+        mnt = tmp / "mnt"
+        mnt.mkdir()
+        filler = f"head -c 1048576 /dev/zero > {mnt}/fill 2>/dev/null; " if fill else ""
+        script = f'mount -t tmpfs -o {options} tmpfs {mnt} && {{ {filler}exec "$@"; }}'
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+
+    return setup
+
+
+BAD_INPUT = [
+    *[pytest.param(None, ["status", "--session", b], 2, id=f"status-session-{i}") for i, b in enumerate(BAD_SESSIONS)],
+    *[pytest.param(None, ["prompt", "--session", b, "hi"], 2, id=f"prompt-session-{i}")
+      for i, b in enumerate(BAD_SESSIONS)],
+    *[pytest.param(None, ["cancel", "--session", b, "--turn", "1"], 2, id=f"cancel-session-{i}")
+      for i, b in enumerate(BAD_SESSIONS)],
+    pytest.param(None, ["sweep", "--session", "../x"], 2, id="sweep-session"),
+    pytest.param(None, ["cancel", "--session", S, "--turn", "-1"], 2, id="cancel-turn-negative"),
+    pytest.param(None, ["cancel", "--session", S, "--turn", str(2**64)], 2, id="cancel-turn-2**64"),
+    pytest.param(None, ["prompt", "--session", S, _not_utf8()], 2, id="prompt-not-utf8"),
+    pytest.param("broker", ["prompt", "--session", S, "--timeout-s", "-1", "hi"], 2, id="prompt-timeout-negative"),
+    pytest.param(_regular_file, ["serve", "--agent", "sim", "--session", S, "--state-dir", f"{STATE}/file/state"],
+                 13, id="serve-state-dir-under-file"),
+    pytest.param(_tmpfs("ro,size=64k", fill=False),
+                 ["serve", "--agent", "sim", "--session", S, "--state-dir", f"{STATE}/mnt/state"],
+                 13, id="serve-state-dir-read-only"),
+    pytest.param(_tmpfs("size=64k", fill=True),
+                 ["serve", "--agent", "sim", "--session", S, "--state-dir", f"{STATE}/mnt/state"],
+                 13, id="serve-state-dir-full-disk"),
+]
+
+
+@pytest.mark.parametrize(("setup", "args", "code"), BAD_INPUT)
+def test_bad_input_gives_one_line_and_its_exit_code(setup, args, code, session_name, tmp_path, broker_factory):
+    """Each bad input of the red-team table: no traceback, one message line, the documented exit code."""
+    prefix: list[str] = []
+    broker = None
+    if setup == "broker":
+        broker = broker_factory()
+    elif setup is not None:
+        prefix = setup(tmp_path)
+    argv = [a.replace(S, session_name).replace(STATE, str(tmp_path)) for a in args]
+    cp = subprocess.run([*prefix, *TURNSTILE, *argv], capture_output=True, text=True, timeout=30,
+                        stdin=subprocess.DEVNULL, errors="replace")
+    assert "Traceback" not in cp.stderr, cp.stderr
+    said = [line for line in cp.stderr.splitlines() if line.startswith(("Error:", "turnstile:"))]
+    assert len(said) == 1, cp.stderr
+    assert cp.returncode == code, (cp.returncode, cp.stdout, cp.stderr)
+    if broker is not None:
+        # Refused before anything was sent: the broker never started a turn.
+        assert rec(broker).turn == 0
+    else:  # and nothing was created
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session_name}.")] == []
 
 
 # ---------------------------------------------------------------- status, sweep, help
@@ -296,6 +386,21 @@ def test_help_of_group_and_sweep():
 
 
 # ---------------------------------------------------------------- serve exit codes
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_serve_cwd_is_the_agents_working_directory(broker_factory, session_name, tmp_path, how):
+    """`serve --cwd DIR` (or TURNSTILE_CWD) starts the agent in DIR, not where serve runs."""
+    work = tmp_path / "work"
+    work.mkdir()
+    if how == "flag":
+        broker_factory(extra_args=("--cwd", str(work)))
+    else:
+        broker_factory(env={"TURNSTILE_CWD": str(work)})
+    cp = ts("prompt", "--session", session_name, "--json", "where are you")
+    assert cp.returncode == 0, cp.stderr
+    init = next(o["data"] for o in json_lines(cp.stdout) if o["event"] == "agent" and o["data"]["subtype"] == "init")
+    assert os.path.realpath(init["cwd"]) == os.path.realpath(work)
 
 
 def test_serve_exit_10_when_session_is_served(broker_factory, session_name):

@@ -13,7 +13,7 @@ import posix_ipc
 import pytest
 
 from ipc import chunks, frames, names, rqueue
-from ipc.errors import IPCError, LimitError, NameSquatted, QueueFull
+from ipc.errors import IPCError, LimitError, NameSquatted, QueueFull, QueueGone
 from tests import ipc_helpers as h
 
 CLIENT = "0123456789abcdef"
@@ -220,3 +220,13 @@ def test_unlink_removes_the_name_while_open_handles_keep_working(session_name: s
         q.close()
     with pytest.raises(posix_ipc.ExistentialError):
         posix_ipc.MessageQueue(names.request_queue(session_name))
+
+
+def test_a_send_on_a_gone_queue_is_queue_gone_not_a_string_match(session_name: str) -> None:
+    """The client reattaches on QueueGone; it is its own class, so nobody parses the message."""
+    q = rqueue.RequestQueue.create(session_name, max_message_bytes=SMALL)
+    q.unlink()
+    q.close()
+    with pytest.raises(QueueGone) as gone:
+        q.send_bytes(b"x", 0, timeout_s=0.1)
+    assert isinstance(gone.value, IPCError) and gone.value.name == names.request_queue(session_name)

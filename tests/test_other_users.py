@@ -21,7 +21,7 @@ from typing import Any
 import posix_ipc
 import pytest
 
-from broker.config import RET_IPC
+from broker.exits import RET_IPC
 from ipc import names, shm
 from tests import ipc_helpers as h
 from tests.support import rec, running, wait_until
@@ -191,7 +191,7 @@ def test_serve_and_a_client_over_the_queue_limit_say_which_limit(broker_factory,
         preexec_fn=lambda: _lower_msgqueue_limit(0),
     )
     print(cp.stderr.strip())
-    assert cp.returncode == 1 and "RLIMIT_MSGQUEUE=0" in cp.stderr and "doorbell" in cp.stderr
+    assert cp.returncode == RET_IPC and "RLIMIT_MSGQUEUE=0" in cp.stderr and "doorbell" in cp.stderr
     assert "Traceback" not in cp.stderr
     assert [n for n in session_objects(session_name) if ".mb." in n or ".db." in n] == [], "a half-made mailbox left"
     assert rec(b).counters["requests"] == 0

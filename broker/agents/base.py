@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ipc.errors import AgentNotFound
+
 __all__ = ["AgentAdapter", "AgentLaunch", "AgentNotFound"]
 
 
@@ -20,27 +22,6 @@ class AgentLaunch:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None = None
-
-
-class AgentNotFound(RuntimeError):
-    """The agent's executable could not be located.
-
-    ``searched`` lists the places tried, in order, so the message can say
-    exactly where the binary was looked for.
-    """
-
-    def __init__(self, searched: list[str], hint: str = "") -> None:
-        self.searched = list(searched)
-        self.hint = hint
-        where = "; ".join(self.searched) or "nowhere"
-        message = f"agent executable not found (searched: {where})"
-        if hint:
-            message = f"{message}. {hint}"
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[type[AgentNotFound], tuple[list[str], str]]:
-        # Keep the attributes across pickling (multiprocessing, xdist workers).
-        return (type(self), (self.searched, self.hint))
 
 
 class AgentAdapter(Protocol):

@@ -1,0 +1,28 @@
+"""Every default timeout and choice turnstile ships with, in one place.
+
+The broker's config, the scheduler, the ``turnstile`` command and the clients
+all read their defaults from here, so ``--help``, the library and the docs
+cannot disagree. It lives in ``ipc`` because both the broker and the clients
+import from ``ipc`` and from nothing above it.
+"""
+
+from __future__ import annotations
+
+#: The agent ``turnstile serve`` runs unless told otherwise: the real Claude Code CLI.
+AGENT = "claude"
+#: The session a command or client uses unless told otherwise.
+SESSION = "default"
+#: How long an interrupted turn may take to end before the agent is killed and resumed.
+DRAIN_TIMEOUT_S = 5.0
+#: How long a ``set_model`` may wait for its control response before the agent is restarted on the model.
+MODEL_TIMEOUT_S = 10.0
+#: A lease with no request for this long ends.
+LEASE_IDLE_S = 30.0
+#: How long a client waits for a broker to appear when it connects.
+CONNECT_TIMEOUT_S = 5.0
+#: How long a client waits for a new broker after the one it used died.
+RECONNECT_TIMEOUT_S = 30.0
+#: How long a client waits for room in a full request queue before ``QueueFull``.
+SEND_TIMEOUT_S = 5.0
+#: The kind ``turnstile prompt`` submits as: a quick shell test must not preempt the worker.
+PROMPT_KIND = "worker"
