@@ -1,39 +1,35 @@
-"""The asyncio client: the same shape as :class:`clients.Client`, awaitable.
+"""The asyncio client: the same shape as :class:`clients.Client`, awaitable, shareable between tasks.
 
 It waits on the mailbox doorbell and the broker's pidfd with
-``loop.add_reader`` (both are pollable descriptors), never in a thread.
+``loop.add_reader`` (both are pollable descriptors), never in a thread. One
+:class:`Waiters` per client owns the two readers: when the doorbell rings it
+drains the mailbox once, applies every frame to its request, and wakes only
+the tasks waiting on a request whose state changed. So any number of
+concurrent tasks can share one ``AsyncClient`` (as a web server shares one
+HTTP client) and each wakes on its own frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from clients.core import Connection, HookHandler, PermissionHandler, RequestState, TurnResult, monotonic, new_request_id
+from clients.base import BaseClient, BaseTurn
+from clients.core import POLL_S, Connection, RequestState, TurnResult, monotonic
 from ipc import frames
-from ipc.errors import BrokerUnavailable, TurnTimeout
+from ipc.errors import TurnstileError, TurnTimeout
 
-POLL_S = 0.25
+__all__ = ["POLL_S", "AsyncClient", "AsyncTurn", "Waiters"]
 
 
-class AsyncTurn:
+class AsyncTurn(BaseTurn):
     """One submitted prompt: ``async for`` its events, ``await result()``."""
 
     def __init__(self, client: AsyncClient, st: RequestState) -> None:
+        super().__init__(client._conn, st)
         self._client = client
-        self._st = st
-
-    @property
-    def request_id(self) -> str:
-        """The id this request travels under."""
-        return self._st.req
-
-    @property
-    def turn_id(self) -> int:
-        """The broker's turn id once the turn started (0 before)."""
-        return self._st.turn
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self.events()
@@ -47,57 +43,134 @@ class AsyncTurn:
                 yield st.events.popleft()
             if st.done:
                 return
-            await self._client._wait(deadline, lambda: bool(st.events) or st.done)
+            await self._client._wait(st, deadline, lambda: bool(st.events) or st.done)
 
     async def result(self, timeout_s: float | None = None) -> TurnResult:
-        """Wait for the terminal result."""
+        """Wait for the terminal result.
+
+        Raises :class:`~clients.handlers.HandlerError` (carrying the result) if
+        an ``on_permission``/``on_hook`` handler failed during the turn.
+        """
         deadline = None if timeout_s is None else monotonic() + timeout_s
         st = self._st
         while st.result is None:
-            await self._client._wait(deadline, lambda: st.done)
-        return st.result
-
-    def cancel(self) -> None:
-        """Cancel this request only."""
-        if not self._st.done:
-            self._client._conn.cancel(self._st)
+            await self._client._wait(st, deadline, lambda: st.done)
+        return self._outcome()
 
 
-class AsyncClient:
-    """An asyncio connection to one session's broker. Use ``async with AsyncClient(...) as c``."""
+class Waiters:
+    """One reader per descriptor (doorbell, broker pidfd) for every task waiting on one connection.
 
-    def __init__(
-        self,
-        session: str = "default",
-        kind: frames.Kind = "worker",
-        *,
-        connect_timeout_s: float = 5.0,
-        reconnect_timeout_s: float = 30.0,
-        on_preempt: frames.OnPreempt = "requeue",
-        on_permission: PermissionHandler | None = None,
-        on_hook: HookHandler | None = None,
-    ) -> None:
-        self.session = session
-        self.kind = kind
-        self.on_preempt: frames.OnPreempt = on_preempt
-        self.connect_timeout_s = connect_timeout_s
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook)
-        self._wake: asyncio.Event | None = None
+    Invariant: a task waits only on a future registered under its request id,
+    and every drain of the mailbox is followed by waking the futures of the
+    requests it changed (all of them when the broker died), so no task can
+    sleep through a frame for its request; the poll timeout is a backstop only.
+    """
 
-    @property
-    def client_id(self) -> str:
-        """This client's id."""
-        return self._conn.client_id
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.bell: int | None = None  # the descriptors with a reader installed now
+        self.pidfd: int | None = None
+        conn.on_detach = self.unwatch_broker  # the pidfd's reader goes before the fd is closed
 
-    @property
-    def incarnation(self) -> str:
-        """The incarnation id of the broker this client is attached to."""
-        return self._conn.incarnation
+    def watch(self) -> None:
+        """Install the readers for the connection's descriptors on the running loop (idempotent)."""
+        loop = asyncio.get_running_loop()
+        if self.loop is not loop:
+            self.unwatch()  # a new event loop (another asyncio.run): move the readers to it
+            self.loop = loop
+        if self.bell is None:
+            self.bell = self.conn.mailbox.fileno()
+            loop.add_reader(self.bell, self._on_bell)
+        pidfd = self.conn.broker_pidfd
+        if pidfd is not None and self.pidfd != pidfd:
+            self.unwatch_broker()
+            self.pidfd = pidfd
+            loop.add_reader(pidfd, self._on_broker_died)
 
-    def cancel_turn(self, incarnation: str, turn: int) -> None:
-        """Cancel a turn by (incarnation, turn id), whoever holds it."""
-        self._conn.cancel_turn(incarnation, turn)
+    def unwatch_broker(self) -> None:
+        """Remove the pidfd's reader (before the connection closes the fd)."""
+        if self.pidfd is not None and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.pidfd)
+        self.pidfd = None
+
+    def unwatch(self) -> None:
+        """Remove both readers."""
+        self.unwatch_broker()
+        if self.bell is not None and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.bell)
+        self.bell = None
+
+    def drain(self) -> None:
+        """Read the mailbox once and wake the tasks whose requests changed."""
+        try:
+            self.conn.drain_mailbox()
+        finally:
+            self.wake(self.conn.take_changed())
+
+    def wake(self, reqs: set[str]) -> None:
+        """Wake every task waiting on one of ``reqs``."""
+        for req in reqs:
+            for fut in self.waiting.pop(req, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def wake_all(self) -> None:
+        """Wake every waiting task (the broker died, or the mailbox failed)."""
+        self.wake(set(self.waiting))
+
+    def add(self, req: str, fut: asyncio.Future[None]) -> None:
+        """Register a task's future under its request."""
+        self.waiting.setdefault(req, []).append(fut)
+
+    def discard(self, req: str, fut: asyncio.Future[None]) -> None:
+        """Forget a future (woken, timed out or cancelled)."""
+        futs = self.waiting.get(req)
+        if futs is not None and fut in futs:
+            futs.remove(fut)
+            if not futs:
+                del self.waiting[req]
+
+    def _on_bell(self) -> None:
+        self.conn.mailbox.clear_bell()  # before reading the ring: a later frame rings again
+        try:
+            self.drain()
+        except TurnstileError:
+            # A failed mailbox (client_too_slow, a broken ring): every waiter drains for
+            # itself on waking and gets the error raised in its own task.
+            self.wake_all()
+
+    def _on_broker_died(self) -> None:
+        self.unwatch_broker()
+        try:
+            self.conn.broker_dead()  # reads what the broker wrote before it died
+        except TurnstileError:
+            pass  # raised again to each waiter by its own drain
+        finally:
+            self.conn.take_changed()
+            self.wake_all()  # every waiter reattaches (or gives up) on its own deadline
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class AsyncClient(BaseClient):
+    """An asyncio connection to one session's broker. Use ``async with AsyncClient(...) as c``.
+
+    One client can be shared by any number of concurrent tasks of one event
+    loop (a web server's handlers, say): each request wakes on its own frames.
+    ``on_permission=`` / ``on_hook=`` may be plain functions or ``async def``.
+    """
+
+    def _setup(self) -> None:
+        self._waiters = Waiters(self._conn)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lost_at: float | None = None  # when the broker was first seen gone (shared by all waiters)
+        self._conn.run_async = self._spawn
 
     async def connect(self) -> AsyncClient:
         """Attach to the broker, waiting up to ``connect_timeout_s``."""
@@ -107,6 +180,7 @@ class AsyncClient:
                 self._conn.close()
                 raise self._conn.unavailable(self.connect_timeout_s)
             await asyncio.sleep(0.02)
+        self._waiters.watch()  # frames are handled from now on, waited for or not
         return self
 
     async def __aenter__(self) -> AsyncClient:
@@ -117,6 +191,9 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Leave."""
+        for task in list(self._tasks):
+            task.cancel()
+        self._waiters.unwatch()
         self._conn.close()
 
     def prompt(
@@ -129,76 +206,71 @@ class AsyncClient:
         request_id: str | None = None,
     ) -> AsyncTurn:
         """Submit a prompt; returns at once."""
-        frame = self._conn.prompt_frame(
-            content, model=model, on_preempt=on_preempt or self.on_preempt, resume_prompt=resume_prompt,
-            request_id=request_id,
-        )
-        return AsyncTurn(self, self._conn.submit(frame))
+        return AsyncTurn(self, self._submit_prompt(content, model, on_preempt, resume_prompt, request_id))
 
     async def set_model(self, model: str, *, timeout_s: float | None = None) -> TurnResult:
         """Switch the session's model (in line with other requests)."""
-        st = self._conn.submit(frames.SetModel(
-            client=self._conn.client_id, req=new_request_id(), kind=self.kind, model=model,
-        ))
-        return await AsyncTurn(self, st).result(timeout_s)
+        return await AsyncTurn(self, self._conn.set_model(model)).result(timeout_s)
 
     @contextlib.asynccontextmanager
     async def lease(
         self, *, idle_timeout_s: float | None = None, timeout_s: float | None = None
     ) -> AsyncIterator[None]:
         """Hold the session across several turns."""
-        st = self._conn.submit(frames.Lease(
-            client=self._conn.client_id, req=new_request_id(), kind=self.kind, idle_timeout_s=idle_timeout_s,
-        ))
-        res = await AsyncTurn(self, st).result(timeout_s)
-        if not st.granted:
-            raise BrokerUnavailable(f"lease not granted: {res.error_code or res.status}")
+        st = self._conn.lease(idle_timeout_s)
+        self._conn.lease_granted(st, await AsyncTurn(self, st).result(timeout_s))
         try:
             yield
         finally:
-            if not self._conn.closed:
-                self._conn._send(frames.Release(client=self._conn.client_id, req=new_request_id(), kind=self.kind))
-                self._conn.lease_state = "none"
+            self._conn.release()
 
-    async def _wait(self, deadline: float | None, ready: Callable[[], bool]) -> None:
+    # ------------------------------------------------------------ async handlers
+
+    def _spawn(self, answer: Awaitable[None]) -> None:
+        async def run() -> None:
+            await answer
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed send: the broker's relay timeout answers the agent instead
+        self._waiters.wake(self._conn.take_changed())
+
+    # ------------------------------------------------------------ waiting
+
+    async def _wait(self, st: RequestState, deadline: float | None, ready: Callable[[], bool]) -> None:
         conn = self._conn
+        waiters = self._waiters
         loop = asyncio.get_running_loop()
-        lost_at: float | None = None
         while True:
-            conn.drain_mailbox()
+            waiters.drain()  # frames already in the ring (the backstop for a missed wake-up)
             if ready():
                 return
             now = monotonic()
             if deadline is not None and now >= deadline:
                 raise TurnTimeout("no result in time", session=self.session)
-            pidfd = conn.broker_pidfd
-            if pidfd is None:
-                lost_at = lost_at if lost_at is not None else now
+            if conn.broker_pidfd is None:
+                self._lost_at = self._lost_at if self._lost_at is not None else now
                 if conn.try_attach():
-                    lost_at = None
+                    self._lost_at = None
                     continue
-                if now - lost_at >= self.reconnect_timeout_s:
+                if now - self._lost_at >= self.reconnect_timeout_s:
+                    self._lost_at = None  # every request ended with the error: a later wait starts afresh
                     raise conn.lost(self.reconnect_timeout_s)
                 await asyncio.sleep(0.02)
                 continue
-            wake = asyncio.Event()
-            bell = conn.mailbox.fileno()
-            died = False
-
-            def on_died(wake: asyncio.Event = wake) -> None:
-                nonlocal died
-                died = True
-                wake.set()
-
-            loop.add_reader(bell, wake.set)
-            loop.add_reader(pidfd, on_died)
+            self._lost_at = None
+            waiters.watch()
+            fut: asyncio.Future[None] = loop.create_future()
+            waiters.add(st.req, fut)
+            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
+            timer = loop.call_later(wait, _settle, fut)
             try:
-                wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), wait)
+                await fut
             finally:
-                loop.remove_reader(bell)
-                loop.remove_reader(pidfd)
-            conn.mailbox.clear_bell()
-            if died:
-                conn.broker_dead()  # reads what the broker wrote before it died
+                timer.cancel()
+                waiters.discard(st.req, fut)

@@ -13,41 +13,30 @@ from __future__ import annotations
 
 import contextlib
 import select
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from clients.core import (
-    Connection,
-    HookHandler,
-    PermissionHandler,
-    RequestState,
-    TurnResult,
-    monotonic,
-    new_request_id,
-)
+from clients.base import BaseClient, BaseTurn
+from clients.core import POLL_S, RequestState, TurnResult, monotonic
 from ipc import frames
-from ipc.errors import BrokerUnavailable, TurnTimeout
+from ipc.errors import TurnstileError, TurnTimeout
 
-#: Longest single wait: a backstop in case a doorbell or pidfd wake-up is missed.
-POLL_S = 0.25
+__all__ = ["POLL_S", "Client", "ConcurrentUse", "Turn"]
 
 
-class Turn:
+class ConcurrentUse(TurnstileError):
+    """A second thread called into a blocking :class:`Client` while another thread was using it."""
+
+    code = "concurrent_use"
+
+
+class Turn(BaseTurn):
     """One submitted prompt: iterate for its events, ``result()`` for its end."""
 
     def __init__(self, client: Client, st: RequestState) -> None:
+        super().__init__(client._conn, st)
         self._client = client
-        self._st = st
-
-    @property
-    def request_id(self) -> str:
-        """The id this request travels under (stable across broker restarts)."""
-        return self._st.req
-
-    @property
-    def turn_id(self) -> int:
-        """The broker's turn id once the turn started (0 before)."""
-        return self._st.turn
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.events()
@@ -64,53 +53,43 @@ class Turn:
             self._client._wait(deadline, lambda: bool(st.events) or st.done)
 
     def result(self, timeout_s: float | None = None) -> TurnResult:
-        """Wait for the terminal result (events not yet read are kept for iteration)."""
+        """Wait for the terminal result (events not yet read are kept for iteration).
+
+        Raises :class:`~clients.handlers.HandlerError` (carrying the result) if
+        an ``on_permission``/``on_hook`` handler failed during the turn.
+        """
         deadline = None if timeout_s is None else monotonic() + timeout_s
         st = self._st
         while st.result is None:
             self._client._wait(deadline, lambda: st.done)
-        return st.result
+        return self._outcome()
 
     def cancel(self) -> None:
         """Cancel this request only (whichever turn runs it; a no-op once it ended)."""
-        if not self._st.done:
-            self._client._conn.cancel(self._st)
+        with self._client._exclusive():
+            super().cancel()
 
 
-class Client:
-    """A blocking connection to one session's broker."""
+class Client(BaseClient):
+    """A blocking connection to one session's broker.
 
-    def __init__(
-        self,
-        session: str = "default",
-        kind: frames.Kind = "worker",
-        *,
-        connect_timeout_s: float = 5.0,
-        reconnect_timeout_s: float = 30.0,
-        on_preempt: frames.OnPreempt = "requeue",
-        on_permission: PermissionHandler | None = None,
-        on_hook: HookHandler | None = None,
-    ) -> None:
-        self.session = session
-        self.kind = kind
-        self.on_preempt: frames.OnPreempt = on_preempt
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook)
+    One thread at a time: a client is not shared by threads that use it at
+    once (its mailbox has one reader). A call from a second thread while
+    another is inside the client (waiting for a result, say) raises
+    :class:`ConcurrentUse`; give each thread its own ``Client``, or share one
+    :class:`~clients.AsyncClient` between concurrent tasks.
+    """
+
+    def _setup(self) -> None:
+        # Which thread is inside the client now, and how deep (a handler may call back in).
+        self._guard = threading.Lock()
+        self._user: int | None = None
+        self._depth = 0
         try:
-            self._connect(connect_timeout_s)
+            self._connect(self.connect_timeout_s)
         except BaseException:
             self._conn.close()
             raise
-
-    @property
-    def client_id(self) -> str:
-        """This client's id."""
-        return self._conn.client_id
-
-    @property
-    def incarnation(self) -> str:
-        """The incarnation id of the broker this client is attached to."""
-        return self._conn.incarnation
 
     def _connect(self, timeout_s: float) -> None:
         start = monotonic()
@@ -120,6 +99,27 @@ class Client:
             # Nothing to wait on before a broker exists: poll its state block.
             select.select([], [], [], min(0.02, timeout_s))
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the client for this thread; raise :class:`ConcurrentUse` if another thread holds it."""
+        me = threading.get_ident()
+        with self._guard:
+            if self._user is not None and self._user != me:
+                raise ConcurrentUse(
+                    "this Client is in use by another thread: a blocking Client serves one thread at a time "
+                    "(give each thread its own Client, or share an AsyncClient between tasks)",
+                    session=self.session,
+                )
+            self._user = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._user = None
+
     def __enter__(self) -> Client:
         return self
 
@@ -128,7 +128,8 @@ class Client:
 
     def close(self) -> None:
         """Leave: the broker drops anything of ours still queued."""
-        self._conn.close()
+        with self._exclusive():
+            self._conn.close()
 
     # ------------------------------------------------------------ requests
 
@@ -142,47 +143,44 @@ class Client:
         request_id: str | None = None,
     ) -> Turn:
         """Submit a prompt; returns at once with a :class:`Turn`."""
-        frame = self._conn.prompt_frame(
-            content, model=model, on_preempt=on_preempt or self.on_preempt, resume_prompt=resume_prompt,
-            request_id=request_id,
-        )
-        return Turn(self, self._conn.submit(frame))
+        with self._exclusive():
+            return Turn(self, self._submit_prompt(content, model, on_preempt, resume_prompt, request_id))
 
     def set_model(self, model: str, *, timeout_s: float | None = None) -> TurnResult:
         """Switch the session's model (in line with other requests)."""
-        st = self._conn.submit(frames.SetModel(
-            client=self._conn.client_id, req=new_request_id(), kind=self.kind, model=model,
-        ))
-        return Turn(self, st).result(timeout_s)
+        with self._exclusive():
+            return Turn(self, self._conn.set_model(model)).result(timeout_s)
 
     @contextlib.contextmanager
     def lease(self, *, idle_timeout_s: float | None = None, timeout_s: float | None = None) -> Iterator[None]:
         """Hold the session across several turns (a worker lease yields to webhooks between turns)."""
-        st = self._conn.submit(frames.Lease(
-            client=self._conn.client_id, req=new_request_id(), kind=self.kind, idle_timeout_s=idle_timeout_s,
-        ))
-        res = Turn(self, st).result(timeout_s)
-        if not st.granted:
-            raise BrokerUnavailable(f"lease not granted: {res.error_code or res.status}")
+        with self._exclusive():
+            st = self._conn.lease(idle_timeout_s)
+            self._conn.lease_granted(st, Turn(self, st).result(timeout_s))
         try:
             yield
         finally:
-            if not self._conn.closed:
-                self._conn._send(frames.Release(client=self._conn.client_id, req=new_request_id(), kind=self.kind))
-                self._conn.lease_state = "none"
+            with self._exclusive():
+                self._conn.release()
 
     def cancel_turn(self, incarnation: str, turn: int) -> None:
         """Cancel a turn by (incarnation, turn id), whoever holds it."""
-        self._conn.cancel_turn(incarnation, turn)
+        with self._exclusive():
+            super().cancel_turn(incarnation, turn)
 
     # ------------------------------------------------------------ waiting
 
-    def _wait(self, deadline: float | None, ready: Any) -> None:
+    def _wait(self, deadline: float | None, ready: Callable[[], bool]) -> None:
         """Wait for mailbox frames until ``ready()``; reattach across broker restarts."""
+        with self._exclusive():
+            self._wait_here(deadline, ready)
+
+    def _wait_here(self, deadline: float | None, ready: Callable[[], bool]) -> None:
         conn = self._conn
         lost_at: float | None = None
         while True:
             conn.drain_mailbox()
+            conn.take_changed()  # only the asyncio client wakes waiters selectively
             if ready():
                 return
             now = monotonic()

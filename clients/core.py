@@ -1,126 +1,41 @@
-"""What the blocking and the asyncio client share: the connection and the request table.
+"""The connection core the blocking and the asyncio client share: everything but waiting.
 
-Sans waiting: this module sends frames and digests reply frames; the two
-front ends only differ in how they wait for the doorbell and the broker's
-pidfd. A client resubmits every request that has no result yet, with the same
-request id, when it sees a new broker incarnation; the broker de-duplicates.
+This module attaches to the broker, builds and sends every request frame
+(prompt, set_model, lease, release, cancel), digests reply frames into the
+request table and answers the agent's requests with the caller's handlers.
+The two front ends (:mod:`clients.client`, :mod:`clients.aio`) only differ in
+how they wait for the mailbox doorbell and the broker's pidfd. A client
+resubmits every request that has no result yet, with the same request id,
+when it sees a new broker incarnation; the broker de-duplicates.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
+from clients import handlers
+from clients.handlers import Handler
+from clients.requests import RequestState, TurnResult, new_request_id
 from ipc import defaults, frames, mailbox, names, rqueue, state
-from ipc.errors import (
-    AgentError,
-    BrokerUnavailable,
-    Cancelled,
-    InvalidArgument,
-    IPCError,
-    Preempted,
-    ProtocolError,
-    QueueGone,
-    TurnstileError,
-)
+from ipc.errors import BrokerUnavailable, InvalidArgument, IPCError, ProtocolError, QueueGone, TurnstileError
 
-PermissionHandler = Callable[[dict[str, Any]], dict[str, Any]]
-HookHandler = Callable[[dict[str, Any]], dict[str, Any]]
+#: The handler types, by the constructor argument they are given as.
+PermissionHandler = Handler
+HookHandler = Handler
 
+#: Longest single wait: a backstop in case a doorbell or pidfd wake-up is missed.
+POLL_S = 0.25
 
-@dataclass
-class TurnResult:
-    """How a request ended."""
-
-    status: frames.Status
-    text: str = ""
-    session_id: str | None = None
-    model: str | None = None
-    turn: int = 0
-    queued_ms: float = 0.0
-    turn_ms: float = 0.0
-    error_code: str | None = None
-    error: str | None = None
-    #: The agent's own ``result`` message that ended the request's last attempt (from the Result frame,
-    #: else the last ``result`` event streamed to the request; a preempted attempt's is the CLI's
-    #: ``error_during_execution``). ``None`` when no agent result belongs to the request: refused or
-    #: failed before the agent answered (``error`` with a broker-side ``error_code``, ``broker_unavailable``),
-    #: cancelled while queued, and lease and set_model acknowledgements.
-    raw: dict[str, Any] | None = None
-    request_id: str = ""
-    preemptions: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """True when the turn completed normally."""
-        return self.status == "ok"
-
-    def raise_for_status(self) -> TurnResult:
-        """Return this result if the turn completed, else raise what ended it.
-
-        :class:`Preempted` (``on_preempt="return"``), :class:`Cancelled`,
-        :class:`BrokerUnavailable` (no broker came back for it), or
-        :class:`AgentError` for any other error; ``reason`` carries
-        ``error_code``. Each error's ``exit_code`` is what ``turnstile prompt``
-        exits with.
-        """
-        facts: dict[str, Any] = {"turn": self.turn, "request_id": self.request_id}
-        if self.status == "preempted":
-            raise Preempted(f"turn {self.turn} was preempted", **facts)
-        if self.status == "cancelled":
-            raise Cancelled(f"turn {self.turn} was cancelled", **facts)
-        if self.status == "error":
-            message = f"{self.error_code or 'error'}: {self.error or ''}".rstrip(": ")
-            if self.error_code == BrokerUnavailable.code:
-                raise BrokerUnavailable(message, reason=self.error_code, **facts)
-            raise AgentError(message, reason=self.error_code, **facts)
-        return self
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the CLI's ``result`` event)."""
-        return {
-            "status": self.status, "turn": self.turn, "text": self.text, "session_id": self.session_id,
-            "model": self.model, "queued_ms": self.queued_ms, "turn_ms": self.turn_ms,
-            "error_code": self.error_code, "error": self.error, "request_id": self.request_id,
-            "preemptions": self.preemptions,
-        }
-
-
-@dataclass
-class RequestState:
-    """One request the client sent and has no result for yet (or just got one)."""
-
-    req: str
-    frame: frames.RequestFrame
-    events: deque[dict[str, Any]] = field(default_factory=deque)
-    accepted: bool = False
-    incarnation: str = ""
-    turn: int = 0
-    preemptions: int = 0
-    result: TurnResult | None = None
-    granted: bool = False  # lease requests
-    last_result: dict[str, Any] | None = None  # the turn's result line, from the event stream
-    cancelled: bool = False  # the client asked to cancel it (sent again after a resubmission)
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None
-
-
-_req_counter = itertools.count(1)
-
-
-def new_request_id() -> str:
-    """A request id unique to this client."""
-    return f"{next(_req_counter)}-{os.urandom(4).hex()}"
+__all__ = [
+    "POLL_S", "Connection", "HookHandler", "PermissionHandler", "RequestState", "TurnResult", "monotonic",
+    "new_request_id", "start_command",
+]
 
 
 def start_command(session: str) -> str:
@@ -160,6 +75,13 @@ class Connection:
         self.requests: dict[str, RequestState] = {}
         self.lease_state: str = "none"  # none | waiting | held
         self.closed = False
+        # Ids of requests whose state changed since the last take_changed(): the asyncio
+        # front end wakes only those requests' waiters.
+        self.changed: set[str] = set()
+        #: Called before the broker's pidfd is closed, so a waiter can stop watching it first.
+        self.on_detach: Callable[[], None] | None = None
+        #: Runs an async handler's answer (the asyncio front end sets it; the blocking one cannot).
+        self.run_async: Callable[[Awaitable[None]], None] | None = None
 
     # ------------------------------------------------------------ broker discovery
 
@@ -216,6 +138,8 @@ class Connection:
 
     def _detach(self) -> None:
         if self.broker_pidfd is not None:
+            if self.on_detach is not None:
+                self.on_detach()
             with contextlib.suppress(OSError):
                 os.close(self.broker_pidfd)
             self.broker_pidfd = None
@@ -314,6 +238,38 @@ class Connection:
         frames.decode_request(frames.encode(frame))
         return frame
 
+    def prompt(
+        self, content: str | list[dict[str, Any]], *, model: str | None, on_preempt: frames.OnPreempt | None,
+        resume_prompt: str | None, request_id: str | None,
+    ) -> RequestState:
+        """Build, validate and send a prompt."""
+        return self.submit(self.prompt_frame(content, model=model, on_preempt=on_preempt,
+                                             resume_prompt=resume_prompt, request_id=request_id))
+
+    def set_model(self, model: str) -> RequestState:
+        """Ask for the session's model to change (in line with other requests)."""
+        return self.submit(frames.SetModel(client=self.client_id, req=new_request_id(), kind=self.kind, model=model))
+
+    def lease(self, idle_timeout_s: float | None) -> RequestState:
+        """Ask for the session across several turns; :meth:`lease_granted` reads the answer."""
+        st = self.submit(frames.Lease(client=self.client_id, req=new_request_id(), kind=self.kind,
+                                      idle_timeout_s=idle_timeout_s))
+        self.lease_state = "waiting"
+        return st
+
+    def lease_granted(self, st: RequestState, res: TurnResult) -> None:
+        """Check a lease request's answer: raise :class:`BrokerUnavailable` unless it was granted."""
+        if not st.granted:
+            if self.lease_state == "waiting":
+                self.lease_state = "none"
+            raise BrokerUnavailable(f"lease not granted: {res.error_code or res.status}", session=self.session)
+
+    def release(self) -> None:
+        """Give the lease back (a no-op once the connection is closed: Bye ended it)."""
+        if not self.closed:
+            self._send(frames.Release(client=self.client_id, req=new_request_id(), kind=self.kind))
+        self.lease_state = "none"
+
     def cancel(self, st: RequestState) -> None:
         """Cancel one of our requests (queued or running)."""
         st.cancelled = True
@@ -398,30 +354,51 @@ class Connection:
                     st.result = TurnResult(status="cancelled", error_code=frame.reason, request_id=frame.req)
             case frames.AgentRequest():
                 self._answer(frame)
+        if st is not None:
+            self.changed.add(st.req)
         if st is not None and st.result is not None:
             # Finished: the Turn keeps its state; the table keeps only what may need resubmitting,
             # so a long-lived client does not grow by one entry per turn.
             self.requests.pop(st.req, None)
 
+    def take_changed(self) -> set[str]:
+        """Ids of the requests whose state changed since the last call."""
+        out, self.changed = self.changed, set()
+        return out
+
     def _answer(self, frame: frames.AgentRequest) -> None:
+        st = self.requests.get(frame.req)  # the running request (kept: the answer may come after it ended)
         handler = self.on_permission if frame.subtype == "can_use_tool" else (
             self.on_hook if frame.subtype == "hook_callback" else None)
-        response: dict[str, Any] | None = None
-        error: str | None = None
         if handler is None:
-            error = f"no handler for {frame.subtype}"
+            self._send_answer(frame, st, handlers.Answer(error=f"no handler for {frame.subtype}"))
+            return
+        try:
+            request = _json_decode(frame.data)
+        except (ValueError, msgspec.DecodeError):
+            request = {}
+        outcome = handlers.call(handler, frame.subtype, request)
+        if isinstance(outcome, handlers.Answer):
+            self._send_answer(frame, st, outcome)
+        elif self.run_async is not None:
+            self.run_async(self._answer_later(frame, st, outcome))
         else:
-            try:
-                response = handler(_json_decode(frame.data))
-            except Exception as exc:
-                error = f"handler raised {type(exc).__name__}: {exc}"
-        self._send(frames.ControlAnswer(
-            client=self.client_id, req=frame.req, request_id=frame.request_id, response=response, error=error,
-        ))
+            self._send_answer(frame, st, handlers.not_awaited(outcome, frame.subtype))
 
-    def forget(self, req: str) -> None:
-        """Drop a finished request from the table."""
-        self.requests.pop(req, None)
+    async def _answer_later(self, frame: frames.AgentRequest, st: RequestState | None, pending: Awaitable[Any]) -> None:
+        self._send_answer(frame, st, await handlers.settle(pending, frame.subtype))
+
+    def _send_answer(self, frame: frames.AgentRequest, st: RequestState | None, answer: handlers.Answer) -> None:
+        if answer.failure is not None and st is not None:
+            st.handler_failures.append(answer.failure)
+            st.events.append({"type": "turnstile", "subtype": "handler_error", "turn": frame.turn,
+                              "request": frame.subtype, "handler": answer.failure.handler,
+                              "error": answer.failure.reason})
+            self.changed.add(st.req)
+        self._send(frames.ControlAnswer(
+            client=self.client_id, req=frame.req, request_id=frame.request_id, response=answer.response,
+            error=answer.error,
+        ))
 
     # ------------------------------------------------------------ closing
 

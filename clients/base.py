@@ -1,0 +1,88 @@
+"""What ``Client`` and ``AsyncClient`` (and their turns) share above the connection: all but waiting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clients import handlers
+from clients.core import Connection, HookHandler, PermissionHandler
+from clients.requests import RequestState, TurnResult
+from ipc import frames
+
+
+class BaseClient:
+    """The constructor, identity and request-building half of both clients; subclasses add waiting."""
+
+    def __init__(
+        self,
+        session: str = "default",
+        kind: frames.Kind = "worker",
+        *,
+        connect_timeout_s: float = 5.0,
+        reconnect_timeout_s: float = 30.0,
+        on_preempt: frames.OnPreempt = "requeue",
+        on_permission: PermissionHandler | None = None,
+        on_hook: HookHandler | None = None,
+    ) -> None:
+        self.session = session
+        self.kind = kind
+        self.on_preempt: frames.OnPreempt = on_preempt
+        self.connect_timeout_s = connect_timeout_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook)
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a front end does once the connection exists (the blocking client attaches here)."""
+
+    @property
+    def client_id(self) -> str:
+        """This client's id."""
+        return self._conn.client_id
+
+    @property
+    def incarnation(self) -> str:
+        """The incarnation id of the broker this client is attached to."""
+        return self._conn.incarnation
+
+    def cancel_turn(self, incarnation: str, turn: int) -> None:
+        """Cancel a turn by (incarnation, turn id), whoever holds it."""
+        self._conn.cancel_turn(incarnation, turn)
+
+    def _submit_prompt(
+        self, content: str | list[dict[str, Any]], model: str | None, on_preempt: frames.OnPreempt | None,
+        resume_prompt: str | None, request_id: str | None,
+    ) -> RequestState:
+        return self._conn.prompt(content, model=model, on_preempt=on_preempt or self.on_preempt,
+                                 resume_prompt=resume_prompt, request_id=request_id)
+
+
+class BaseTurn:
+    """A submitted request's identity, cancel and outcome; subclasses add waiting for it."""
+
+    def __init__(self, conn: Connection, st: RequestState) -> None:
+        self._conn = conn
+        self._st = st
+
+    @property
+    def request_id(self) -> str:
+        """The id this request travels under (stable across broker restarts)."""
+        return self._st.req
+
+    @property
+    def turn_id(self) -> int:
+        """The broker's turn id once the turn started (0 before)."""
+        return self._st.turn
+
+    def cancel(self) -> None:
+        """Cancel this request only (whichever turn runs it; a no-op once it ended)."""
+        if not self._st.done:
+            self._conn.cancel(self._st)
+
+    def _outcome(self) -> TurnResult:
+        """The ended request's result; raises :class:`~clients.handlers.HandlerError` if a handler failed in it."""
+        res = self._st.result
+        assert res is not None, "only called once the request ended"
+        if self._st.handler_failures:
+            raise handlers.error_for(self._st.handler_failures, res)
+        return res
