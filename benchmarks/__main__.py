@@ -6,8 +6,8 @@ table, writes ``results.json`` and PNG plots to the output directory, and
 after a full run of every scenario into the default directory, rewrites the
 generated section of ``benchmarks/RESULTS.md``.
 
-Scenarios (in run order): floor, ipc_micro (benchmarks.ipc_micro's rows), preempt, threaded, per_turn, throughput,
-scale, startup, real_cli. ``floor`` always runs: every ratio needs it.
+Scenarios (in run order): floor, ipc_micro (benchmarks.ipc_micro's rows), preempt, threaded, per_turn,
+shared_client, throughput, scale, startup, real_cli. ``floor`` always runs: every ratio needs it.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class Sizes:
     startup_warmup: int
     realcli_n: int
     realcli_warmup: int
+    shared_rounds: int
+    shared_warmup: int
+    shared_concurrent: int
 
 
 FULL = Sizes(
@@ -63,6 +66,7 @@ FULL = Sizes(
     scale_points=(2, 10, 50, 200), scale_n=1_000, scale_warmup=50, scale_fill=1_100,
     startup_n=30, startup_warmup=3,
     realcli_n=50, realcli_warmup=3,
+    shared_rounds=40, shared_warmup=2, shared_concurrent=50,
 )
 QUICK = Sizes(
     floor_n=5_000, floor_warmup=500,
@@ -73,6 +77,7 @@ QUICK = Sizes(
     scale_points=(2, 10, 50, 200), scale_n=100, scale_warmup=10, scale_fill=1_100,
     startup_n=5, startup_warmup=1,
     realcli_n=5, realcli_warmup=1,
+    shared_rounds=10, shared_warmup=1, shared_concurrent=50,
 )
 SMOKE = Sizes(
     floor_n=200, floor_warmup=20,
@@ -83,14 +88,16 @@ SMOKE = Sizes(
     scale_points=(2, 10), scale_n=10, scale_warmup=2, scale_fill=20,
     startup_n=2, startup_warmup=0,
     realcli_n=1, realcli_warmup=0,
+    shared_rounds=2, shared_warmup=0, shared_concurrent=10,
 )
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
-SCENARIOS = ("floor", "ipc_micro", "preempt", "threaded", "per_turn", "throughput", "scale", "startup", "real_cli")
+SCENARIOS = ("floor", "ipc_micro", "preempt", "threaded", "per_turn", "shared_client", "throughput", "scale", "startup",
+             "real_cli")
 
 
 def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], None]], None]]:
-    from benchmarks import floor, real_cli, scenarios, threaded_baseline
+    from benchmarks import floor, real_cli, scenarios, shared_client, threaded_baseline
 
     return {
         "floor": lambda res, p: floor.run(res, sz.floor_n, sz.floor_warmup, tmp),
@@ -98,6 +105,8 @@ def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], No
         "preempt": lambda res, p: scenarios.preempt(res, sz.preempt_n, sz.preempt_warmup, p),
         "threaded": lambda res, p: threaded_baseline.run(res, sz.preempt_n, sz.preempt_warmup, p),
         "per_turn": lambda res, p: scenarios.per_turn(res, sz.turn_n, sz.turn_warmup, p),
+        "shared_client": lambda res, p: shared_client.run(res, sz.shared_rounds, sz.shared_warmup,
+                                                          sz.shared_concurrent, p),
         "throughput": lambda res, p: scenarios.throughput(res, sz.tput_bytes, sz.tput_reps, sz.tput_huge,
                                                           sz.tput_clients, p),
         "scale": lambda res, p: scenarios.scale(res, list(sz.scale_points), sz.scale_n, sz.scale_warmup, p,

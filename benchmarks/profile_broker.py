@@ -77,14 +77,12 @@ def main() -> int:
                     for _ in range(args.n):
                         t = c.prompt(scenarios.PING_PROMPT)
                         t.result(timeout_s=30)
-                        c._conn.forget(t.request_id)
             else:
                 with Client(ws.session, "worker") as c:
                     for _ in range(max(1, args.n // 1000)):
                         t = c.prompt("[sim:bytes=16777216][sim:chunks=16384] throughput")
                         for _ev in t.events(timeout_s=300):
                             pass
-                        c._conn.forget(t.request_id)
         finally:
             el = time.perf_counter() - t0
             rec.send_signal(2)

@@ -130,12 +130,21 @@ def _startup(res: Results) -> tuple[str, bool | None]:
     return f"p50 {fmt_us(p)}", _verdict(p <= 150_000, p)
 
 
+def _shared_client(res: Results) -> tuple[str, bool | None]:
+    s, o = _lat(res, "shared.one_client"), _lat(res, "shared.client_per_request")
+    s99, o99 = _lat(res, "shared.one_client", "p99"), _lat(res, "shared.client_per_request", "p99")
+    return (f"p50 {fmt_us(s)} vs {fmt_us(o)} one client per request (p99 {fmt_us(s99)} vs {fmt_us(o99)})",
+            _verdict(s - o <= 2000, s, o))
+
+
 TARGETS = [
     Target("preempt vs RTT", "preempt p50 ≤ 2× queue RTT", _preempt_rtt),
     Target("preempt p99", "preempt p99 ≤ 1 ms", _preempt_p99),
     Target("preempt vs threaded", "preempt p50 below the threaded design's p50", _preempt_threaded),
     Target("handoff", "handoff p50 ≤ 1× queue RTT", _handoff),
     Target("per-turn overhead", "per-turn overhead p50 ≤ 250 µs each way", _per_turn),
+    Target("shared AsyncClient", "concurrent requests on one AsyncClient: overhead p50 within 2 ms of "
+           "one client per request", _shared_client),
     Target("throughput", "to one client ≥ 50% of read-alone", _tput),
     Target("scale p99", "at 200 clients preempt p99 ≤ 2 ms", _scale_p99),
     Target("RSS per client", "≤ 1 MiB broker RSS per idle client", _rss),

@@ -98,9 +98,6 @@ class PreemptRig:
             wr = wt.result(timeout_s=30)
             if hr.status != "ok" or wr.status != "preempted":
                 raise RuntimeError(f"iteration {i}: webhook {hr.status}, worker {wr.status} (expected ok, preempted)")
-            # Clients keep every request they sent until told to forget it.
-            self.hook._conn.forget(ht.request_id)
-            self.worker._conn.forget(wt.request_id)
             rec = self.state.wait(
                 lambda r, k=i: r.counters["results_ok"] >= ok0 + k + 1
                 and r.counters["results_preempted"] >= pre0 + k + 1 and r.turn_state == "idle",
@@ -179,7 +176,6 @@ def per_turn(res: Results, n: int, warmup: int, progress: Progress = _quiet) -> 
                 t1 = pc()
                 if r.status != "ok":
                     raise RuntimeError(f"turn {i}: {r.status} {r.error}")
-                c._conn.forget(turn.request_id)
                 u, seen = stamps.wait_for(lambda s: s.kind == "result_written", 10, "result stamp")
                 t_user = first(seen, "user", t0)
                 if t_user is None:
@@ -367,7 +363,6 @@ def _one_client(session: str, prompt: str, nbytes: int, reps: int) -> float:
             t1 = time.perf_counter_ns()
             if r.status != "ok" or nev < 2:
                 raise RuntimeError(f"throughput turn: {r.status} {r.error_code} {r.error}")
-            c._conn.forget(turn.request_id)
             best = max(best, _mbps(nbytes, t1 - t0))
     return best
 
@@ -413,7 +408,6 @@ def scale(res: Results, points: list[int], n: int, warmup: int, progress: Progre
             for _ in range(fill):
                 t = rig.hook.prompt(PING_PROMPT)
                 t.result(timeout_s=30)
-                rig.hook._conn.forget(t.request_id)
             connected = rig.clients_connected()
             rss0 = None
             for target in points:

@@ -1,13 +1,15 @@
 """turnstile clients: what bot authors import.
 
 ``Client`` (blocking) and ``AsyncClient`` (asyncio) have the same shape; every
-error they raise is a :class:`TurnstileError`.
+error they raise is a :class:`TurnstileError`. An ``AsyncClient`` may be shared
+by concurrent tasks; a ``Client`` serves one thread at a time.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from clients.client import Client, Turn
-from clients.core import TurnResult
+from clients.client import Client, ConcurrentUse, Turn
+from clients.handlers import HandlerError
+from clients.requests import TurnResult
 
 # Every public error, so bot authors import them from one place.
 from ipc.errors import (
@@ -54,6 +56,8 @@ __all__ = [
     "Cancelled",
     "Client",
     "ClientTooSlow",
+    "ConcurrentUse",
+    "HandlerError",
     "IPCError",
     "InvalidArgument",
     "LimitError",

@@ -18,7 +18,6 @@ from typing import Any
 
 from clients.base import BaseClient, BaseTurn
 from clients.core import POLL_S, Connection, RequestState, TurnResult, monotonic
-from ipc import frames
 from ipc.errors import TurnstileError, TurnTimeout
 
 __all__ = ["POLL_S", "AsyncClient", "AsyncTurn", "Waiters"]
@@ -27,9 +26,7 @@ __all__ = ["POLL_S", "AsyncClient", "AsyncTurn", "Waiters"]
 class AsyncTurn(BaseTurn):
     """One submitted prompt: ``async for`` its events, ``await result()``."""
 
-    def __init__(self, client: AsyncClient, st: RequestState) -> None:
-        super().__init__(client._conn, st)
-        self._client = client
+    _client: AsyncClient
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self.events()
@@ -158,7 +155,7 @@ def _settle(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class AsyncClient(BaseClient):
+class AsyncClient(BaseClient[AsyncTurn]):
     """An asyncio connection to one session's broker. Use ``async with AsyncClient(...) as c``.
 
     One client can be shared by any number of concurrent tasks of one event
@@ -196,17 +193,8 @@ class AsyncClient(BaseClient):
         self._waiters.unwatch()
         self._conn.close()
 
-    def prompt(
-        self,
-        content: str | list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        on_preempt: frames.OnPreempt | None = None,
-        resume_prompt: str | None = None,
-        request_id: str | None = None,
-    ) -> AsyncTurn:
-        """Submit a prompt; returns at once."""
-        return AsyncTurn(self, self._submit_prompt(content, model, on_preempt, resume_prompt, request_id))
+    def _turn(self, st: RequestState) -> AsyncTurn:
+        return AsyncTurn(self, st)
 
     async def set_model(self, model: str, *, timeout_s: float | None = None) -> TurnResult:
         """Switch the session's model (in line with other requests)."""

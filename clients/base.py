@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 from clients import handlers
 from clients.core import Connection, HookHandler, PermissionHandler
 from clients.requests import RequestState, TurnResult
 from ipc import frames
 
+TurnT = TypeVar("TurnT", bound="BaseTurn")
 
-class BaseClient:
+
+class BaseClient(Generic[TurnT]):
     """The constructor, identity and request-building half of both clients; subclasses add waiting."""
 
     def __init__(
@@ -45,23 +49,43 @@ class BaseClient:
         """The incarnation id of the broker this client is attached to."""
         return self._conn.incarnation
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Around every call into the connection: the blocking client refuses a second thread here."""
+        yield
+
+    def _turn(self, st: RequestState) -> TurnT:
+        """The front end's turn object for a request."""
+        raise NotImplementedError
+
     def cancel_turn(self, incarnation: str, turn: int) -> None:
         """Cancel a turn by (incarnation, turn id), whoever holds it."""
-        self._conn.cancel_turn(incarnation, turn)
+        with self._exclusive():
+            self._conn.cancel_turn(incarnation, turn)
 
-    def _submit_prompt(
-        self, content: str | list[dict[str, Any]], model: str | None, on_preempt: frames.OnPreempt | None,
-        resume_prompt: str | None, request_id: str | None,
-    ) -> RequestState:
-        return self._conn.prompt(content, model=model, on_preempt=on_preempt or self.on_preempt,
-                                 resume_prompt=resume_prompt, request_id=request_id)
+    def prompt(
+        self,
+        content: str | list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        on_preempt: frames.OnPreempt | None = None,
+        resume_prompt: str | None = None,
+        request_id: str | None = None,
+    ) -> TurnT:
+        """Submit a prompt; returns at once with its turn (iterate it for events, ask it for the result)."""
+        with self._exclusive():
+            return self._turn(self._conn.prompt(
+                content, model=model, on_preempt=on_preempt or self.on_preempt, resume_prompt=resume_prompt,
+                request_id=request_id,
+            ))
 
 
 class BaseTurn:
     """A submitted request's identity, cancel and outcome; subclasses add waiting for it."""
 
-    def __init__(self, conn: Connection, st: RequestState) -> None:
-        self._conn = conn
+    def __init__(self, client: BaseClient[Any], st: RequestState) -> None:
+        self._client = client
+        self._conn = client._conn
         self._st = st
 
     @property
@@ -76,8 +100,9 @@ class BaseTurn:
 
     def cancel(self) -> None:
         """Cancel this request only (whichever turn runs it; a no-op once it ended)."""
-        if not self._st.done:
-            self._conn.cancel(self._st)
+        with self._client._exclusive():
+            if not self._st.done:
+                self._conn.cancel(self._st)
 
     def _outcome(self) -> TurnResult:
         """The ended request's result; raises :class:`~clients.handlers.HandlerError` if a handler failed in it."""

@@ -19,7 +19,6 @@ from typing import Any
 
 from clients.base import BaseClient, BaseTurn
 from clients.core import POLL_S, RequestState, TurnResult, monotonic
-from ipc import frames
 from ipc.errors import TurnstileError, TurnTimeout
 
 __all__ = ["POLL_S", "Client", "ConcurrentUse", "Turn"]
@@ -34,9 +33,7 @@ class ConcurrentUse(TurnstileError):
 class Turn(BaseTurn):
     """One submitted prompt: iterate for its events, ``result()`` for its end."""
 
-    def __init__(self, client: Client, st: RequestState) -> None:
-        super().__init__(client._conn, st)
-        self._client = client
+    _client: Client
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.events()
@@ -64,13 +61,8 @@ class Turn(BaseTurn):
             self._client._wait(deadline, lambda: st.done)
         return self._outcome()
 
-    def cancel(self) -> None:
-        """Cancel this request only (whichever turn runs it; a no-op once it ended)."""
-        with self._client._exclusive():
-            super().cancel()
 
-
-class Client(BaseClient):
+class Client(BaseClient[Turn]):
     """A blocking connection to one session's broker.
 
     One thread at a time: a client is not shared by threads that use it at
@@ -133,18 +125,8 @@ class Client(BaseClient):
 
     # ------------------------------------------------------------ requests
 
-    def prompt(
-        self,
-        content: str | list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        on_preempt: frames.OnPreempt | None = None,
-        resume_prompt: str | None = None,
-        request_id: str | None = None,
-    ) -> Turn:
-        """Submit a prompt; returns at once with a :class:`Turn`."""
-        with self._exclusive():
-            return Turn(self, self._submit_prompt(content, model, on_preempt, resume_prompt, request_id))
+    def _turn(self, st: RequestState) -> Turn:
+        return Turn(self, st)
 
     def set_model(self, model: str, *, timeout_s: float | None = None) -> TurnResult:
         """Switch the session's model (in line with other requests)."""
@@ -162,11 +144,6 @@ class Client(BaseClient):
         finally:
             with self._exclusive():
                 self._conn.release()
-
-    def cancel_turn(self, incarnation: str, turn: int) -> None:
-        """Cancel a turn by (incarnation, turn id), whoever holds it."""
-        with self._exclusive():
-            super().cancel_turn(incarnation, turn)
 
     # ------------------------------------------------------------ waiting
 

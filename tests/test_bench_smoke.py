@@ -25,6 +25,7 @@ EXPECTED_LATENCIES = {
     "preempt": ["preempt.turnstile", "preempt.turnstile_broker", "handoff.turnstile", "handoff.turnstile_broker"],
     "threaded": ["preempt.threaded", "handoff.threaded"],
     "per_turn": ["turn.submit_turnstile", "turn.submit_direct", "turn.return_turnstile", "turn.return_direct"],
+    "shared_client": ["shared.one_client", "shared.client_per_request"],
     "scale": ["scale.preempt_2", "scale.preempt_10"],
     "startup": ["startup.to_agent", "startup.to_queue", "startup.whole"],
     "real_cli": ["realcli.webhook_to_api", "realcli.broker_share", "realcli.cli_interrupt_to_result",
@@ -70,7 +71,7 @@ def _assert_numbers(doc: dict[str, Any], scenarios: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_every_sim_scenario_produces_numbers(tmp_path: Path) -> None:
-    scenarios = ["floor", "preempt", "threaded", "per_turn", "throughput", "scale", "startup"]
+    scenarios = ["floor", "preempt", "threaded", "per_turn", "shared_client", "throughput", "scale", "startup"]
     doc, stdout = _run(tmp_path, *scenarios[1:], plots=True)
     _assert_numbers(doc, scenarios)
     assert "target" in stdout and "verdict" in stdout  # the table and the targets were printed

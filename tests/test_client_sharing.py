@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 from typing import Any
 
 import pytest
 
-from clients import AsyncClient, Client, TurnResult, TurnstileError
-from clients.handlers import HandlerError
+from clients import AsyncClient, Client, ConcurrentUse, HandlerError, TurnResult, TurnstileError
+from tests.support import wait_until
 
 N_CONCURRENT = 50
 
@@ -51,35 +52,22 @@ def test_one_async_client_many_concurrent_requests_each_wake_on_their_own_frames
 def test_blocking_client_used_from_two_threads_at_once_is_refused(broker_factory, session_name):
     # The blocking Client is one thread's at a time: a second thread gets a clear error, not a
     # mailbox read from under the first (see Client's docstring).
-    import threading
-
-    from clients.client import ConcurrentUse
-
     broker_factory()
     with Client(session_name, "worker") as c:
         t = c.prompt("[sim:turn_ms=3000] held by the first thread")
         first = next(iter(t.events(timeout_s=15)))
         assert first.get("subtype") == "init"
         box: dict[str, Any] = {}
-        waiting = threading.Event()
 
         def waiter() -> None:
-            waiting.set()
             box["result"] = t.result(timeout_s=20)
 
         th = threading.Thread(target=waiter, daemon=True)
         th.start()
-        waiting.wait(5)
-        # The first thread is (about to be) inside result(); poll until the guard sees it.
-        deadline = time.monotonic() + 10
-        err: ConcurrentUse | None = None
-        while err is None and time.monotonic() < deadline:
-            try:
-                c.prompt("from a second thread")
-            except ConcurrentUse as exc:
-                err = exc
-            else:
-                pytest.fail("a second thread's prompt() was accepted while another thread waits")
+        wait_until(lambda: c._user == th.ident, 10, "the other thread inside result()")
+        with pytest.raises(ConcurrentUse) as info:
+            c.prompt("from a second thread")
+        err = info.value
         assert isinstance(err, TurnstileError) and "thread" in str(err)
         th.join(20)
         assert box["result"].ok
