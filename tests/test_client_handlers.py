@@ -1,0 +1,73 @@
+"""The pure part of answering the agent's requests: what a handler's return value turns into."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from typing import Any
+
+from clients import HandlerError, TurnResult, TurnstileError, handlers
+
+
+def test_a_good_permission_answer_goes_through_unchanged():
+    ans = handlers.check("can_use_tool", {"behavior": "allow", "updatedInput": {"a": 1}})
+    assert ans == handlers.Answer(response={"behavior": "allow", "updatedInput": {"a": 1}})
+
+
+def test_unusable_permission_answers_become_a_deny_that_names_the_handler():
+    for value, why in [
+        (["allow"], "not a dict"),
+        ({"behavior": "allow", "updatedInput": {"x": object()}}, "cannot be encoded"),
+        ({"behavior": "maybe"}, "not 'allow' or 'deny'"),
+    ]:
+        ans = handlers.check("can_use_tool", value)
+        assert ans.response is not None and ans.response["behavior"] == "deny", value
+        assert ans.response["message"].startswith("turnstile: the on_permission handler failed: ")
+        assert ans.failure is not None and why in ans.failure.reason and ans.error is None
+
+
+def test_a_failing_hook_handler_answers_an_error_not_a_response():
+    def boom(req: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("x")
+
+    ans = handlers.call(boom, "hook_callback", {})
+    assert isinstance(ans, handlers.Answer)
+    assert ans.response is None and ans.error is not None and "on_hook" in ans.error
+    assert ans.failure is not None and ans.failure.handler == "on_hook" and "KeyError" in ans.failure.reason
+
+
+def test_an_async_handler_is_awaited_and_checked():
+    async def allow(req: dict[str, Any]) -> dict[str, Any]:
+        return {"behavior": "allow"}
+
+    pending = handlers.call(allow, "can_use_tool", {})
+    assert not isinstance(pending, handlers.Answer)
+    ans = asyncio.run(handlers.settle(pending, "can_use_tool"))
+    assert ans.response == {"behavior": "allow"} and ans.failure is None
+
+
+def test_an_async_handler_the_blocking_client_cannot_run_is_closed_and_denied():
+    async def allow(req: dict[str, Any]) -> dict[str, Any]:
+        return {"behavior": "allow"}
+
+    pending = handlers.call(allow, "can_use_tool", {})
+    ans = handlers.not_awaited(pending, "can_use_tool")
+    assert ans.response is not None and ans.response["behavior"] == "deny" and "AsyncClient" in ans.response["message"]
+    assert pending.cr_frame is None  # type: ignore[attr-defined]  # closed: no "never awaited" warning
+
+
+def test_a_long_reason_is_cut_to_fit_the_frame():
+    ans = handlers.failed("can_use_tool", "x" * 10_000)
+    assert ans.response is not None and len(ans.response["message"]) < 1200
+
+
+def test_handler_error_carries_the_result_and_survives_pickling():
+    failure = handlers.failed("can_use_tool", "it raised RuntimeError: bug").failure
+    assert failure is not None
+    res = TurnResult(status="ok", text="done", turn=3)
+    err = handlers.error_for([failure, failure], res)
+    assert isinstance(err, HandlerError) and isinstance(err, TurnstileError)
+    assert "and 1 more" in str(err) and err.code == "handler_error"
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is HandlerError and back.result == res and back.failures == [failure, failure]
+    assert back.subtype == "can_use_tool" and back.handler == "on_permission"
