@@ -152,13 +152,16 @@ class Connection:
 
     def broker_dead(self) -> None:
         """The broker's pidfd fired: read what it left, forget it until a new one is attached."""
-        self.drain_mailbox()
-        # A broker that died while streaming a large frame into our ring published
-        # only its head; the next broker writes its frames right after those bytes,
-        # so the head would swallow them. The dead broker's complete frames were
-        # read just now: what is left can never complete.
-        self.mailbox.discard_partial()
-        self._detach()
+        try:
+            self.drain_mailbox()
+        finally:
+            # A broker that died while streaming a large frame into our ring published
+            # only its head; the next broker writes its frames right after those bytes,
+            # so the head would swallow them. The dead broker's complete frames were
+            # read just now: what is left can never complete. Detached even if the
+            # read failed, so nobody waits on a dead pidfd.
+            self.mailbox.discard_partial()
+            self._detach()
 
     def _resubmit(self) -> None:
         # A new broker knows nothing of what the old one accepted: send again every
