@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 from clients import handlers
 from clients.core import Connection, HookHandler, PermissionHandler
 from clients.requests import RequestState, TurnResult
-from ipc import frames
+from ipc import defaults, frames
 
 TurnT = TypeVar("TurnT", bound="BaseTurn")
 
@@ -19,11 +19,11 @@ class BaseClient(Generic[TurnT]):
 
     def __init__(
         self,
-        session: str = "default",
+        session: str = defaults.SESSION,
         kind: frames.Kind = "worker",
         *,
-        connect_timeout_s: float = 5.0,
-        reconnect_timeout_s: float = 30.0,
+        connect_timeout_s: float = defaults.CONNECT_TIMEOUT_S,
+        reconnect_timeout_s: float = defaults.RECONNECT_TIMEOUT_S,
         on_preempt: frames.OnPreempt = "requeue",
         on_permission: PermissionHandler | None = None,
         on_hook: HookHandler | None = None,
