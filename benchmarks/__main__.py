@@ -1,10 +1,11 @@
-"""The benchmark suite: ``python -m benchmarks [--quick | --smoke] [--only NAME ...] [--out DIR]``.
+"""The benchmark suite: ``python -m benchmarks [--quick | --smoke] [--only NAME ...] [--out DIR] [--publish]``.
 
 Every scenario runs in this one invocation, one after another, so the ratios
 to the floor are taken side by side on the same (noisy) machine. Prints a
-table, writes ``results.json`` and PNG plots to the output directory, and
-after a full run of every scenario into the default directory, rewrites the
-generated section of ``benchmarks/RESULTS.md``.
+table and writes ``results.json`` and PNG plots to the output directory
+(``benchmarks/out/``, git-ignored, unless ``--out`` says otherwise). Only
+``--publish`` (a full run of every scenario) refreshes the committed copy:
+``benchmarks/results/`` and the generated section of ``benchmarks/RESULTS.md``.
 
 Scenarios (in run order): floor, ipc_micro (benchmarks.ipc_micro's rows), preempt, threaded, per_turn,
 shared_client, throughput, scale, startup, real_cli. ``floor`` always runs: every ratio needs it.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results"
+#: Where runs write (git-ignored): a user's `make bench` leaves the tree clean.
+DEFAULT_OUT = HERE / "out"
+#: The committed copy RESULTS.md shows, rewritten only by ``--publish``.
+PUBLISHED = HERE / "results"
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,37 @@ def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], No
     }
 
 
+def out_dir(mode_name: str, given: Path | None) -> Path:
+    """Where a run of ``mode_name`` writes: ``given``, else under the ignored ``DEFAULT_OUT``."""
+    if given is not None:
+        return given
+    return DEFAULT_OUT if mode_name == "full" else DEFAULT_OUT / mode_name
+
+
+def publish(out: Path, plot_files: list[str], generated: str, dest: Path = PUBLISHED,
+            results_md: Path = HERE / "RESULTS.md") -> list[Path]:
+    """Copy a run's ``results.json`` and plots from ``out`` into ``dest`` and rewrite RESULTS.md's generated part.
+
+    Returns the files written. Stale plots in ``dest`` that this run did not
+    make are removed, so RESULTS.md never shows a picture of another run.
+    """
+    from benchmarks import report
+
+    dest.mkdir(parents=True, exist_ok=True)
+    names = ["results.json", *(Path(p).name for p in plot_files)]
+    for old in dest.glob("*.png"):
+        if old.name not in names:
+            old.unlink()
+    written = []
+    for name in names:
+        target = dest / name
+        shutil.copyfile(out / name, target)
+        written.append(target)
+    report.update_results_md(results_md, generated)
+    written.append(results_md)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns 0 unless a scenario failed (a missed target is not a failure)."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
@@ -126,9 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=SCENARIOS, metavar="NAME",
                     help=f"run only these scenarios (floor always runs): {', '.join(SCENARIOS)}")
     ap.add_argument("--out", type=Path, default=None,
-                    help="output directory (default: benchmarks/results, or a quick/ subdirectory for --quick)")
+                    help="output directory (default: benchmarks/out, git-ignored; quick/ or smoke/ inside it)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--publish", action="store_true",
+                    help="after a full run of every scenario, refresh benchmarks/results/ and RESULTS.md (tracked)")
     args = ap.parse_args(argv)
+    if args.publish and (args.quick or args.smoke or args.only or args.no_plots):
+        ap.error("--publish needs a full run of every scenario with plots (no --quick, --smoke, --only, --no-plots)")
 
     # Children run `python -m benchmarks.*`: make the project importable from any cwd.
     root = str(HERE.parent)
@@ -139,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mode_name = "quick" if args.quick else "smoke" if args.smoke else "full"
     sz = MODES[mode_name]
-    out = args.out or (DEFAULT_OUT if mode_name == "full" else DEFAULT_OUT / mode_name)
+    out = out_dir(mode_name, args.out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in SCENARIOS if s == "floor" or not args.only or s in args.only]
     meta: dict[str, Any] = {"mode": mode_name, "scenarios": chosen, "sizes": asdict(sz),
@@ -170,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.terminal(res, meta))
     print(f"\nresults: {out / 'results.json'}" + (f"; plots: {len(written)} PNG files in {out}" if written else ""))
-    if mode_name == "full" and not args.only and out.resolve() == DEFAULT_OUT.resolve():
-        report.update_results_md(HERE / "RESULTS.md", report.markdown(res, meta, written))
-        print(f"updated {HERE / 'RESULTS.md'}")
+    if args.publish:
+        for path in publish(out, written, report.markdown(res, meta, written)):
+            print(f"published {path.relative_to(HERE.parent)}")
     return 1 if res.errors and any(not v.startswith("skipped") for v in res.errors.values()) else 0
 
 

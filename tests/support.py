@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from broker.testing.launcher import BrokerProcess
@@ -32,6 +34,39 @@ def rec(b: BrokerProcess) -> state.StateRecord:
     snap = b.snapshot()
     assert snap is not None, "no state block"
     return snap.record
+
+
+def published(
+    b: BrokerProcess, cond: Callable[[state.StateRecord], Any], what: str = "the state block to show it",
+    timeout_s: float = 20.0,
+) -> state.StateRecord:
+    """The state record once ``cond`` holds for it.
+
+    The broker publishes its state block after the hot path (coalesced, on the
+    next loop pass), so a client can see a result before the block counts it:
+    a test reads a count or a lease the last step changed through this wait.
+    """
+
+    def settled() -> state.StateRecord | None:
+        snap = b.snapshot()
+        return snap.record if snap is not None and cond(snap.record) else None
+
+    return wait_until(settled, timeout_s, what)
+
+
+def processes_under(root: Path) -> list[int]:
+    """Pids of live processes whose cwd is ``root`` or below it (a broker's agent and its tools run in HOME)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue  # gone, or a zombie
+        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
+            found.append(int(entry))
+    return found
 
 
 def running(b: BrokerProcess, kind: str | None = None, phase: str = "running") -> Callable[[], bool]:

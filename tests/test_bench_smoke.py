@@ -87,3 +87,34 @@ def test_real_cli_scenario_produces_numbers(tmp_path: Path) -> None:
         pytest.skip("the Claude Code CLI bundled in claude_agent_sdk is missing (pip install 'turnstile[claude]')")
     doc, _ = _run(tmp_path, "real_cli", plots=False)
     _assert_numbers(doc, ["floor", "real_cli"])
+
+
+def test_runs_write_only_to_an_ignored_folder() -> None:
+    """Without ``--out`` a run of any mode writes under a git-ignored folder, never the published copy."""
+    from benchmarks.__main__ import MODES, PUBLISHED, out_dir
+
+    for mode in MODES:
+        out = out_dir(mode, None)
+        assert PUBLISHED not in (out, *out.parents), f"{mode} writes into the committed copy"
+        probe = out / "results.json"
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT, capture_output=True)
+        assert ignored.returncode == 0, f"{probe.relative_to(ROOT)} is not git-ignored"
+
+
+def test_publish_copies_the_run_and_rewrites_the_generated_section(tmp_path: Path) -> None:
+    """``--publish`` copies results.json and this run's plots, drops stale plots, keeps RESULTS.md's notes."""
+    from benchmarks import report
+    from benchmarks.__main__ import publish
+
+    out, dest, md = tmp_path / "out", tmp_path / "results", tmp_path / "RESULTS.md"
+    out.mkdir()
+    dest.mkdir()
+    (out / "results.json").write_text("{}\n")
+    (out / "scale.png").write_bytes(b"png")
+    (dest / "old.png").write_bytes(b"stale")
+    md.write_text(f"# notes\n\n{report.GENERATED_BEGIN}\nold\n{report.GENERATED_END}\n\nmore notes\n")
+    generated = f"{report.GENERATED_BEGIN}\nnew\n{report.GENERATED_END}"
+    written = publish(out, [str(out / "scale.png")], generated, dest=dest, results_md=md)
+    assert sorted(p.name for p in written) == ["RESULTS.md", "results.json", "scale.png"]
+    assert sorted(p.name for p in dest.iterdir()) == ["results.json", "scale.png"]
+    assert md.read_text() == f"# notes\n\n{generated}\n\nmore notes\n"

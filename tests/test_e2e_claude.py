@@ -33,8 +33,9 @@ from broker.testing.fake_api import CLIENT_GONE, OfflineAPI, RecordedRequest, bi
 from broker.testing.launcher import BrokerProcess
 from broker.testing.offline_env import offline_cli_env
 from clients import Client
-from ipc import state
 from tests.realcli import needs_claude, require_claude_bin
+from tests.support import processes_under, published, wait_until
+from tests.support import rec as record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60), needs_claude]
 
@@ -43,21 +44,6 @@ T = 30.0
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-def processes_under(root: Path) -> list[int]:
-    """Pids of live processes whose cwd is ``root`` or below it (the CLI and its tools run in HOME)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue  # gone, or a zombie
-        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
-            found.append(int(entry))
-    return found
 
 
 @pytest.fixture(autouse=True)
@@ -115,24 +101,6 @@ def claude_broker(
         )
 
     return start
-
-
-def record(b: BrokerProcess) -> state.StateRecord:
-    snap = b.snapshot()
-    assert snap is not None, "no state block"
-    return snap.record
-
-
-def wait_until(cond: Callable[[], Any], timeout_s: float = T, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = cond()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.01)  # a polling interval, not a synchronisation
 
 
 def turn_request(api: OfflineAPI, text: str, timeout_s: float = T, after: int = -1) -> RecordedRequest:
@@ -314,7 +282,7 @@ def test_cancel_then_clean_next_turn(claude_broker, api, session_name):
         res1 = t1.result(timeout_s=T)
         assert res1.status == "cancelled", res1
         # The stream was cut: the fake API notices the CLI's disconnect on its own thread.
-        wait_until(lambda: api.sent_events(rec1)[-1] == CLIENT_GONE, what="the API stream to be cut")
+        wait_until(lambda: api.sent_events(rec1)[-1] == CLIENT_GONE, T, what="the API stream to be cut")
         inc, cancelled_turn = c.incarnation, res1.turn
         # A second cancel naming the finished turn is stale: it must not touch the next one.
         c.cancel_turn(inc, cancelled_turn)
@@ -327,8 +295,9 @@ def test_cancel_then_clean_next_turn(claude_broker, api, session_name):
     assert res2.turn > cancelled_turn
     rec2 = turn_request(api, "after the cancel: say something", 5)
     assert "message_stop" in api.sent_events(rec2)
-    counters = wait_until(lambda: (r := record(b)).counters["stale_cancels"] >= 1 and r.counters,
-                          what="the stale cancel to be counted")
+    # Both results are counted when the broker publishes, which may be after the client saw them.
+    counters = published(b, lambda r: r.counters["stale_cancels"] >= 1 and r.counters["results_ok"] >= 1,
+                         timeout_s=T, what="the stale cancel and the second result to be counted").counters
     assert counters["results_cancelled"] == 1 and counters["results_ok"] == 1
 
 
@@ -543,7 +512,7 @@ def test_webhook_preempts_worker_during_a_tool_call(claude_broker, api, session_
         wt = w.prompt(worker_text, resume_prompt=resume_text)
         wrec = turn_request(api, worker_text)
         api.wait_for_sent(wrec, "message_stop", T)
-        tool_pids = wait_until(lambda: tool_processes(tool_cmd), what="the tool to run")
+        tool_pids = wait_until(lambda: tool_processes(tool_cmd), T, what="the tool to run")
         t_submit = time.perf_counter_ns()
         hres = h.prompt(hook_text).result(timeout_s=T)
         hrec = turn_request(api, hook_text, 5)
