@@ -8,7 +8,7 @@ scheduler itself fails the test too: none of the sequences below may trigger
 one.
 
 The ``test_regression_*`` tests replay the bugs of the threaded design this
-replaces (see the pull-request thread beside DESIGN.md).
+replaces (told in docs/architecture.md, "The historical bugs").
 """
 
 from __future__ import annotations
