@@ -1,14 +1,35 @@
-"""Shared fixtures: unique names per test, cleanup that runs even when a test fails."""
+"""Shared fixtures: unique names per test, and factories that clean up what they made even when a test fails.
+
+- ``session_name``: a session unique to the test; its IPC objects are swept after.
+- ``broker_factory``: real broker processes on that session (sim agent by default).
+- ``client``: client processes running ``tests/client_proc.py`` (see its docstring for the spec).
+- ``spawn_client``: any ``python -c CODE`` process, for the odd script a test needs.
+- ``api``: the fake Messages API, in this process.
+
+Helpers (waiting, the state block, /proc) are in ``tests/support.py``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from broker.testing.fake_api import OfflineAPI
+from broker.testing.launcher import BrokerProcess
 from ipc import sweep
+from tests.support import ClientProc
+
+#: The client program the ``client`` fixture runs, as a file (a real process, a real traceback).
+CLIENT_PROC = Path(__file__).with_name("client_proc.py")
 
 
 @pytest.fixture
@@ -20,15 +41,6 @@ def session_name() -> Iterator[str]:
 
 
 # ---------------------------------------------------------------- brokers
-
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from broker.testing.launcher import BrokerProcess  # noqa: E402
 
 
 @pytest.fixture
@@ -96,3 +108,36 @@ def spawn_client(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]
         for f in (p.stdout, p.stderr):
             if f is not None:
                 f.close()
+
+
+@pytest.fixture
+def client(session_name: str, tmp_path: Path) -> Iterator[Callable[..., ClientProc]]:
+    """Start client processes on this test's session: ``client(kind, "prompt", ...)`` or
+    ``client(kind, prompts=[{...}], **spec)`` (spec keys: ``tests/client_proc.py``).
+
+    Every process started is killed (if still running) and reaped at teardown,
+    its output readers joined, even when the test fails.
+    """
+    started: list[ClientProc] = []
+
+    def start(kind: str, *texts: str, prompts: list[dict[str, Any]] | None = None, **spec: Any) -> ClientProc:
+        ps = list(prompts or []) + [{"text": t} for t in texts]
+        full = {"session": session_name, "kind": kind, "prompts": ps, **spec}
+        p = subprocess.Popen(
+            [sys.executable, str(CLIENT_PROC), json.dumps(full)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
+        )
+        c = ClientProc(p)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.close()
+
+
+@pytest.fixture
+def api() -> Iterator[OfflineAPI]:
+    """The fake Messages API, in this process, for one test (stopped at teardown)."""
+    with OfflineAPI() as server:
+        yield server

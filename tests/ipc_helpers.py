@@ -28,6 +28,7 @@ import posix_ipc
 
 from ipc import frames, mailbox, names, rqueue, shm, state, sweep
 from ipc.errors import IPCError, LimitError
+from tests.support import wait_until
 
 SPAWN = multiprocessing.get_context("spawn")
 Conn = multiprocessing.connection.Connection
@@ -36,16 +37,7 @@ Conn = multiprocessing.connection.Connection
 DEFAULT_RLIMIT_MSGQUEUE = 819_200
 
 
-# ---------------------------------------------------------------- waiting
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.0005) -> None:
-    """Poll ``predicate`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(poll_s)
+# ---------------------------------------------------------------- waiting (wait_until: tests.support)
 
 
 def recv(conn: Conn, timeout_s: float, what: str = "the child") -> tuple[str, Any]:

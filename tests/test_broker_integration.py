@@ -1,7 +1,7 @@
 """Broker integration: a real broker process, the simulated agent and real client processes.
 
-Every client here is a separate process (``spawn_client``) running
-:data:`CLIENT`, which prints one JSON line per thing it saw, stamped with
+Every client here is a separate process (the ``client`` fixture) running
+``tests/client_proc.py``, which prints one JSON line per thing it saw, stamped with
 ``time.monotonic()`` (one clock for every process on the machine, so orders
 and delays can be compared across processes). The tests wait for conditions
 with deadlines, never for fixed times.
@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,97 +24,9 @@ import pytest
 from broker.scheduler import RESUME_NOTE
 from broker.testing.launcher import BrokerProcess
 from ipc import frames, mailbox, names, rqueue
-from tests.support import ClientProc, group_members, rec, running, wait_until
+from tests.support import broker_log, group_members, rec, running, shm_objects, sim_stats, wait_until
 
 # ---------------------------------------------------------------- helpers
-
-#: A client process. argv[1] is a JSON spec:
-#: session, kind, prompts [{text, model?, on_preempt?, cancel_after_event?}], lease (bool),
-#: lease_idle_s, permission (allow|deny|None), go (wait for a line on stdin before submitting),
-#: reconnect_timeout_s, connect_timeout_s, linger (wait for stdin EOF before leaving),
-#: lease_go (wait for a line once the lease is granted), hold_lease (wait for a line before releasing).
-CLIENT = r"""
-import json, os, sys, time
-from clients import Client
-
-spec = json.loads(sys.argv[1])
-
-def out(**obj):
-    obj["t"] = time.monotonic()
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-perm = None
-if spec.get("permission") == "allow":
-    perm = lambda req: {"behavior": "allow", "updatedInput": req.get("input", {})}
-elif spec.get("permission") == "deny":
-    perm = lambda req: {"behavior": "deny", "message": "no-from-test"}
-
-def run(c):
-    for p in spec["prompts"]:
-        turn = c.prompt(p["text"], model=p.get("model"), on_preempt=p.get("on_preempt"),
-                        resume_prompt=p.get("resume_prompt"))
-        out(ev="submitted", req=turn.request_id)
-        n = 0
-        for e in turn.events(timeout_s=p.get("timeout_s", 60)):
-            out(ev="event", req=turn.request_id, data=e)
-            n += 1
-            if p.get("cancel_after_event") == n:
-                turn.cancel()
-                out(ev="cancel_sent", req=turn.request_id)
-        r = turn.result(timeout_s=p.get("timeout_s", 60))
-        out(ev="result", req=turn.request_id, **r.as_dict())
-
-with Client(spec["session"], spec["kind"], connect_timeout_s=spec.get("connect_timeout_s", 15),
-            reconnect_timeout_s=spec.get("reconnect_timeout_s", 30), on_permission=perm) as c:
-    out(ev="connected", client=c.client_id, pid=os.getpid(), incarnation=c.incarnation)
-    if spec.get("go"):
-        sys.stdin.readline()
-    if spec.get("lease"):
-        with c.lease(idle_timeout_s=spec.get("lease_idle_s")):
-            out(ev="lease_granted")
-            if spec.get("lease_go"):
-                sys.stdin.readline()
-            run(c)
-            if spec.get("hold_lease"):
-                sys.stdin.readline()
-        out(ev="lease_released")
-    else:
-        run(c)
-    if spec.get("linger"):
-        sys.stdin.read()
-out(ev="exit")
-"""
-
-
-@pytest.fixture
-def client(
-    spawn_client: Callable[..., subprocess.Popen[str]], session_name: str
-) -> Iterator[Callable[..., ClientProc]]:
-    """Start a client process: client(kind, "prompt", ...) or client(kind, prompts=[{...}], **spec)."""
-    started: list[ClientProc] = []
-
-    def start(kind: str, *texts: str, prompts: list[dict[str, Any]] | None = None, **spec: Any) -> ClientProc:
-        ps = list(prompts or []) + [{"text": t} for t in texts]
-        spec = {"session": session_name, "kind": kind, "prompts": ps, **spec}
-        p = spawn_client(CLIENT, json.dumps(spec), stdin=subprocess.PIPE)
-        c = ClientProc(p)
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        if c.proc.poll() is None:
-            c.proc.kill()
-        c.proc.wait()
-        c._reader.join(5)
-        c._err.join(5)
-        if c.proc.stdin is not None and not c.proc.stdin.closed:
-            try:
-                c.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-
 
 def idle(b: BrokerProcess) -> Callable[[], bool]:
     def cond() -> bool:
@@ -133,27 +45,6 @@ def agent_text(events: list[dict[str, Any]]) -> str:
                 if block.get("type") == "text":
                     out.append(block["text"])
     return "".join(out)
-
-
-def shm_objects(session: str) -> list[str]:
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session}.")]
-
-
-def stats(path: Path) -> dict[str, int]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def broker_log(b: BrokerProcess) -> list[dict[str, Any]]:
-    out = []
-    for line in b.log_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 LONG = "[sim:turn_ms=5000]"
@@ -503,7 +394,7 @@ def test_client_sigkill_while_queued_never_runs(broker_factory, client, tmp_path
     after = client("worker", "after-both")
     assert after.ev("result")["status"] == "ok"
     assert a.finish() == 0 and after.finish() == 0
-    assert stats(st)["user_messages"] == 2
+    assert sim_stats(st)["user_messages"] == 2
     assert "QUEUED-TOKEN" not in b.log_text()
     sim_state = Path(b.env["HOME"]) / ".sim-claude"
     assert not any("QUEUED-TOKEN" in f.read_text() for f in sim_state.glob("*.jsonl"))
@@ -666,8 +557,8 @@ def test_bad_frames_are_rejected_and_broker_stays_up(broker_factory, client, ses
     w = client("worker", "still-serving")
     assert w.ev("result")["status"] == "ok"
     assert w.finish() == 0
-    assert stats(st)["user_messages"] == 1
-    assert stats(st)["malformed_lines"] == 0
+    assert sim_stats(st)["user_messages"] == 1
+    assert sim_stats(st)["malformed_lines"] == 0
     assert b.proc.poll() is None
 
 

@@ -38,12 +38,6 @@ from tests.realcli import DEFAULT_MODEL, StdioProcess, real_cli, require_claude_
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def api() -> Iterator[OfflineAPI]:
-    with OfflineAPI() as server:
-        yield server
-
-
 def _let_stderr_drain(proc: StdioProcess) -> None:
     """Once the agent has exited, let its stderr reader reach EOF.
 

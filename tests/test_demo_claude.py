@@ -19,24 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.realcli import needs_claude
+from tests.support import processes_under
 
 _BIN = Path(sys.executable).with_name("turnstile")
 TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli"]
-
-
-def processes_under(root: Path) -> list[int]:
-    """Pids of live processes whose cwd is ``root`` or below it."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
-            found.append(int(entry))
-    return found
 
 
 @pytest.mark.e2e

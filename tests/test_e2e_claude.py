@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -34,7 +33,7 @@ from broker.testing.launcher import BrokerProcess
 from broker.testing.offline_env import offline_cli_env
 from clients import Client
 from tests.realcli import needs_claude, require_claude_bin
-from tests.support import processes_under, published, wait_until
+from tests.support import ClientProc, processes_under, published, wait_until
 from tests.support import rec as record
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60), needs_claude]
@@ -50,7 +49,7 @@ T = 30.0
 def nothing_left_behind(session_name: str, tmp_path: Path) -> Iterator[None]:
     """After the brokers stopped (and before the session sweep): no CLI, no tool child, no IPC name left.
 
-    Set up before ``broker_factory`` and ``spawn_client``, so torn down after them; it
+    Set up before ``broker_factory`` and ``client``, so torn down after them; it
     depends on ``session_name``, so it checks before that fixture's forced sweep.
     """
     yield
@@ -64,13 +63,6 @@ def nothing_left_behind(session_name: str, tmp_path: Path) -> Iterator[None]:
     names_left = [n for n in os.listdir("/dev/shm") if n.startswith(f"turnstile.{session_name}.")]
     assert not left, f"processes left behind in the agent's HOME: {left}"
     assert not names_left, f"shared-memory objects left behind: {names_left}"
-
-
-@pytest.fixture
-def api() -> Iterator[OfflineAPI]:
-    """The fake Messages API, in this process, for one test."""
-    with OfflineAPI() as server:
-        yield server
 
 
 @pytest.fixture
@@ -139,28 +131,10 @@ def tool_result_text(block: dict[str, Any]) -> str:
     return ""
 
 
-def run_client(spawn_client: Callable[..., subprocess.Popen[str]], spec: dict[str, Any]) -> subprocess.Popen[str]:
-    """A client in its own process: submits one prompt, prints its events and result as JSON lines."""
-    return spawn_client(CLIENT, json.dumps(spec))
-
-
-CLIENT = r"""
-import json, sys
-from clients import Client
-spec = json.loads(sys.argv[1])
-with Client(spec["session"], spec["kind"], connect_timeout_s=10) as c:
-    turn = c.prompt(spec["text"], resume_prompt=spec.get("resume_prompt"))
-    print(json.dumps({"submitted": turn.request_id}), flush=True)
-    for e in turn.events(timeout_s=50):
-        print(json.dumps({"event": e}), flush=True)
-    print(json.dumps({"result": turn.result(timeout_s=5).as_dict()}), flush=True)
-"""
-
-
-def client_output(p: subprocess.Popen[str], timeout_s: float = T) -> list[dict[str, Any]]:
-    out, err = p.communicate(timeout=timeout_s)
-    assert p.returncode == 0, f"client failed (rc {p.returncode}): {err[-3000:]}"
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
+def client_output(p: ClientProc, timeout_s: float = T) -> None:
+    """Wait for a client process to finish; it must exit 0."""
+    rc = p.finish(timeout_s)
+    assert rc == 0, f"client failed (rc {rc}): {p.stderr[-3000:]}"
 
 
 def report(**figures: Any) -> None:
@@ -233,14 +207,13 @@ def milestones(b: BrokerProcess, t_submit_ns: int, worker_turn: int, hook_turn: 
 # ---------------------------------------------------------------- 2. FIFO
 
 
-def test_three_webhooks_fifo_ahead_of_worker(claude_broker, api, session_name, spawn_client):
+def test_three_webhooks_fifo_ahead_of_worker(claude_broker, api, session_name, client):
     """Three webhooks submitted in a row while a worker streams run first-in first-out; the worker ends last."""
     b = claude_broker()
     worker_text = "[api:slow=3000] worker: write the release notes"
     # The rerun need not stream slowly again: the client gives a resume prompt.
     resume_text = "worker: continue the release notes"
-    wproc = run_client(spawn_client, {"session": session_name, "kind": "worker", "text": worker_text,
-                                      "resume_prompt": resume_text})
+    wproc = client("worker", prompts=[{"text": worker_text, "resume_prompt": resume_text}])
     wrec = streaming(api, worker_text)
     hook_texts = [f"webhook {i}: CI failed on build {i}" for i in (1, 2, 3)]
     with Client(session_name, "webhook") as h1, Client(session_name, "webhook") as h2, \
@@ -248,8 +221,8 @@ def test_three_webhooks_fifo_ahead_of_worker(claude_broker, api, session_name, s
         t_submit = time.perf_counter_ns()
         turns = [c.prompt(text) for c, text in zip((h1, h2, h3), hook_texts, strict=True)]
         results = [t.result(timeout_s=T) for t in turns]
-    lines = client_output(wproc)
-    wres = lines[-1]["result"]
+    client_output(wproc)
+    wres = wproc.results()[-1]
 
     hook_recs = [turn_request(api, text, 5) for text in hook_texts]
     rerun = turn_request(api, resume_text, 5)
@@ -259,7 +232,7 @@ def test_three_webhooks_fifo_ahead_of_worker(claude_broker, api, session_name, s
     assert [r.turn for r in results] == sorted(r.turn for r in results)
     assert wrec.seq < hook_recs[0].seq < hook_recs[1].seq < hook_recs[2].seq < rerun.seq
     # Only the first webhook preempted; the worker ran last and completed.
-    preempts = [ln["event"] for ln in lines if ln.get("event", {}).get("type") == "turnstile"]
+    preempts = [e for e in wproc.events() if e.get("type") == "turnstile"]
     assert [e["subtype"] for e in preempts] == ["preempted"]
     assert wres["status"] == "ok" and wres["text"] == f"echo: {resume_text}", wres
     assert wres["turn"] > results[-1].turn
@@ -546,14 +519,13 @@ def tool_processes(command: str) -> list[int]:
     return found
 
 
-def test_client_killed_mid_turn_then_next_turn_is_clean(claude_broker, api, session_name, spawn_client):
+def test_client_killed_mid_turn_then_next_turn_is_clean(claude_broker, api, session_name, client):
     """A client SIGKILLed while its turn streams: the turn is interrupted, the next client's turn is clean."""
     b = claude_broker()
     doomed = "[api:slow=5000] a turn whose client dies"
-    p = run_client(spawn_client, {"session": session_name, "kind": "worker", "text": doomed})
+    p = client("worker", doomed)
     rec = streaming(api, doomed)
     p.kill()
-    p.wait()
     with Client(session_name, "worker") as c:
         res = c.prompt("the next client's turn").result(timeout_s=T)
     assert res.ok and res.text == "echo: the next client's turn", res

@@ -11,8 +11,9 @@ stopped while it drains, a tool child holding the agent's stdout, an
 over-long agent line, a full request queue, a client that stops reading, and
 forged client identities.
 
-Every client here is a separate process running :data:`FCLIENT`, which
-prints one JSON line per thing it saw, stamped with ``time.monotonic()``.
+Every client here is a separate process (the ``client`` fixture) running
+``tests/client_proc.py``, which prints one JSON line per thing it saw,
+stamped with ``time.monotonic()``.
 Waits are on conditions with deadlines, never on fixed times.
 """
 
@@ -22,259 +23,23 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
-import pytest
-
-from broker.testing.launcher import BrokerProcess
 from ipc import frames, mailbox, names, rqueue
-from ipc.procstat import read_proc_stat
-from tests.support import ClientProc, group_members, rec, running, wait_until
-
-# ---------------------------------------------------------------- client processes
-
-#: A client process. argv[1] is a JSON spec: session, kind, prompts [{text, model?, on_preempt?,
-#: resume_prompt?, cancel_after_event?, timeout_s?}], lease (bool), lease_idle_s, hold_lease (wait for a
-#: line on stdin before releasing), go (wait for a line on stdin before submitting), linger (wait for stdin
-#: EOF before leaving), then (prompts run after a line on stdin, once the rest is done), reconnect_timeout_s,
-#: send_timeout_s, fill (submit up to N prompts "<fill_text> fill-<i>" until QueueFull, then wait for
-#: their results).
-FCLIENT = r"""
-import json, os, sys, time
-from clients import Client, QueueFull
-
-spec = json.loads(sys.argv[1])
-
-def out(**obj):
-    obj["t"] = time.monotonic()
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-def submit(c, p):
-    turn = c.prompt(p["text"], model=p.get("model"), on_preempt=p.get("on_preempt"),
-                    resume_prompt=p.get("resume_prompt"))
-    out(ev="submitted", req=turn.request_id, text=p["text"])
-    return turn
-
-def finish(turn, p):
-    n = 0
-    for e in turn.events(timeout_s=p.get("timeout_s", 60)):
-        out(ev="event", req=turn.request_id, data=e)
-        n += 1
-        if p.get("cancel_after_event") == n:
-            turn.cancel()
-            out(ev="cancel_sent", req=turn.request_id)
-    r = turn.result(timeout_s=p.get("timeout_s", 60))
-    out(ev="result", req=turn.request_id, **r.as_dict())
-
-def run(c):
-    if spec.get("fill"):
-        turns = []
-        for i in range(spec["fill"]):
-            t0 = time.monotonic()
-            try:
-                turns.append(submit(c, {"text": f"{spec['fill_text']} fill-{i}"}))
-            except QueueFull as exc:
-                out(ev="queue_full", waited_s=time.monotonic() - t0, error=type(exc).__name__, code=exc.code,
-                    message=str(exc))
-                break
-        for t in turns:
-            finish(t, {})
-        return
-    for p in spec["prompts"]:
-        finish(submit(c, p), p)
-
-with Client(spec["session"], spec["kind"], connect_timeout_s=spec.get("connect_timeout_s", 15),
-            reconnect_timeout_s=spec.get("reconnect_timeout_s", 30)) as c:
-    if "send_timeout_s" in spec:
-        c._conn.send_timeout_s = spec["send_timeout_s"]  # the bounded wait of a send to a full queue
-    out(ev="connected", client=c.client_id, pid=os.getpid(), incarnation=c.incarnation)
-    if spec.get("go"):
-        sys.stdin.readline()
-    if spec.get("lease"):
-        with c.lease(idle_timeout_s=spec.get("lease_idle_s")):
-            out(ev="lease_granted")
-            run(c)
-            out(ev="lease_idle")
-            if spec.get("hold_lease"):
-                sys.stdin.readline()
-        out(ev="lease_released")
-    else:
-        run(c)
-    if spec.get("then"):
-        sys.stdin.readline()
-        for p in spec["then"]:
-            finish(submit(c, p), p)
-    if spec.get("linger"):
-        sys.stdin.read()
-out(ev="exit")
-"""
-
-
-@pytest.fixture
-def client(
-    spawn_client: Callable[..., subprocess.Popen[str]], session_name: str
-) -> Iterator[Callable[..., ClientProc]]:
-    """Start a client process: client(kind, "prompt", ...) or client(kind, prompts=[{...}], **spec)."""
-    started: list[ClientProc] = []
-
-    def start(kind: str, *texts: str, prompts: list[dict[str, Any]] | None = None, **spec: Any) -> ClientProc:
-        ps = list(prompts or []) + [{"text": t} for t in texts]
-        spec = {"session": session_name, "kind": kind, "prompts": ps, **spec}
-        c = ClientProc(spawn_client(FCLIENT, json.dumps(spec), stdin=subprocess.PIPE))
-        started.append(c)
-        return c
-
-    yield start
-    for c in started:
-        if c.proc.poll() is None:
-            c.proc.kill()
-        c.proc.wait()
-        c._reader.join(5)
-        c._err.join(5)
-        if c.proc.stdin is not None and not c.proc.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                c.proc.stdin.close()
-
-
-# ---------------------------------------------------------------- observation helpers
-
-
-def procs_with_home(home: Path, *, marker: str = "") -> list[int]:
-    """Live processes whose environment says HOME=``home`` (and whose argv contains ``marker``).
-
-    The broker factory gives each test's brokers (and through them, agents and
-    tool children) a HOME of their own, so this finds exactly this test's
-    broker-side processes, whoever their parent is now.
-    """
-    want = f"HOME={home}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().replace(b"\0", b" ")
-        except OSError:
-            continue
-        st = read_proc_stat(pid)
-        if want in env and st is not None and not st.zombie and marker.encode() in argv:
-            found.append(pid)
-    return found
-
-
-def sim_agents(home: Path) -> list[int]:
-    """This test's live sim agent processes (tool children included: they share the argv)."""
-    return procs_with_home(home, marker="broker.testing.fake_cli")
-
-
-def vm_rss_kib(pid: int) -> int:
-    """Resident set size of ``pid`` in KiB (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def broker_log(b: BrokerProcess) -> list[dict[str, Any]]:
-    """The broker's JSON log lines so far."""
-    out = []
-    for line in b.log_text().splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
-
-
-def all_logs(tmp_path: Path) -> list[dict[str, Any]]:
-    """The JSON log lines of every broker this test started (the factory logs to tmp_path/broker<N>.log)."""
-    out = []
-    for p in sorted(tmp_path.glob("broker*.log")):
-        for line in p.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def sim_stats(path: Path) -> dict[str, int]:
-    """The sim's --stats-file counters (of its latest process), or {}."""
-    try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return {}
-
-
-def transcript_entries(home: Path) -> list[dict[str, Any]]:
-    """The sim's transcript entries (every session file under ``home``), in order."""
-    out = []
-    for p in sorted((home / ".sim-claude").glob("*.jsonl")):
-        for line in p.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-    return out
-
-
-def turn_outcomes(home: Path) -> list[tuple[str, str]]:
-    """(prompt head, outcome) of every turn the sim began: ``ok``, ``error`` or ``lost`` (no result).
-
-    The sim runs one turn at a time and records a prompt when its turn starts
-    and a result when it ends, so a user entry followed by another user
-    entry is a turn whose process died under it.
-    """
-    out: list[tuple[str, str]] = []
-    pending: str | None = None
-    for e in transcript_entries(home):
-        if e.get("type") == "user":
-            if pending is not None:
-                out.append((pending, "lost"))
-            pending = str(e.get("prompt", ""))
-        elif e.get("type") == "result" and pending is not None:
-            out.append((pending, "error" if e.get("is_error") else "ok"))
-            pending = None
-    if pending is not None:
-        out.append((pending, "lost"))
-    return out
-
-
-def completions(home: Path, token: str) -> int:
-    """How many turns whose prompt has the word ``token`` the agent ran to a successful end."""
-    return sum(1 for prompt, outcome in turn_outcomes(home) if token in prompt.split() and outcome == "ok")
-
-
-def began(home: Path, token: str) -> int:
-    """How many turns whose prompt has the word ``token`` the agent began."""
-    return sum(1 for prompt, _ in turn_outcomes(home) if token in prompt.split())
-
-
-def wait_completed_once(home: Path, token: str) -> None:
-    """Wait until the agent recorded the end of ``token``'s turn (a client may see the result first); fail on 2."""
-    wait_until(lambda: completions(home, token) >= 1, timeout_s=10, what=f"{token}'s turn recorded")
-    assert completions(home, token) == 1, f"{token} ran to completion more than once: {turn_outcomes(home)}"
-
-
-def session_objects(session: str) -> list[str]:
-    """Every shared-memory and queue name of ``session`` that exists now."""
-    prefix = f"turnstile.{session}."
-    found = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    with contextlib.suppress(OSError):
-        found += [n for n in os.listdir("/dev/mqueue") if n.startswith(prefix)]
-    return sorted(found)
-
-
-def home_of(b: BrokerProcess) -> Path:
-    """The HOME the factory gave this broker (its agent's transcripts live under it)."""
-    return Path(b.env["HOME"])
-
+from tests.support import (
+    began,
+    broker_log,
+    group_members,
+    home_of,
+    rec,
+    running,
+    session_objects,
+    sim_agents,
+    sim_stats,
+    vm_rss_kib,
+    wait_completed_once,
+    wait_until,
+)
 
 # ---------------------------------------------------------------- client death
 
@@ -614,82 +379,37 @@ def test_full_request_queue_gives_queue_full_and_loses_nothing_sent_before(broke
 
 # ---------------------------------------------------------------- a client that stops reading
 
-#: A client that submits one prompt through a small mailbox, then reads nothing until told.
-SLOW_CLIENT = r"""
-import json, sys, time
-from clients.core import Connection
-from ipc.errors import ClientTooSlow
-
-spec = json.loads(sys.argv[1])
-
-def out(**obj):
-    obj["t"] = time.monotonic()
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-conn = Connection(spec["session"], spec["kind"], mailbox_capacity=spec["capacity"])
-deadline = time.monotonic() + 15
-while not conn.try_attach():
-    assert time.monotonic() < deadline, "no broker"
-    time.sleep(0.01)  # polling for the broker to appear (bounded by the deadline)
-out(ev="connected", client=conn.client_id)
-frame = conn.prompt_frame(spec["text"], model=None, on_preempt=None, resume_prompt=None, request_id=None)
-conn.submit(frame)
-out(ev="submitted", req=frame.req)
-sys.stdin.readline()  # stop reading the mailbox until the test says so
-frames_read = 0
-try:
-    for _ in range(10_000):
-        frames_read += conn.drain_mailbox()
-    out(ev="never_failed", frames=frames_read)
-except ClientTooSlow as exc:
-    out(ev="too_slow", frames=frames_read, error=type(exc).__name__, code=exc.code)
-# A frame sent after the broker gave up on us must not be served.
-late = conn.prompt_frame(spec["late_text"], model=None, on_preempt=None, resume_prompt=None, request_id=None)
-conn.submit(late)
-out(ev="late_sent", req=late.req)
-sys.stdin.readline()
-"""
-
-
-def test_client_that_stops_reading_is_failed_and_others_are_served(broker_factory, client, spawn_client, session_name):
+def test_client_that_stops_reading_is_failed_and_others_are_served(broker_factory, client):
     """A client whose mailbox stays full is failed with client_too_slow; another client is served meanwhile."""
     bound = 256 * 1024
     b = broker_factory(extra_args=(f"--client-buffer-bytes={bound}",))
     home = home_of(b)
-    spec = {"session": session_name, "kind": "webhook", "capacity": 64 * 1024,
-            "text": "[sim:turn_ms=10000] [sim:chunks=200] [sim:bytes=2000000] SLOW-reader",
-            "late_text": "LATE-after-failure"}
-    slow = ClientProc(spawn_client(SLOW_CLIENT, json.dumps(spec), stdin=subprocess.PIPE))
-    try:
-        slow.ev("submitted")
-        wait_until(running(b, "webhook"), what="the slow reader's turn streaming")
-        t0 = time.monotonic()
-        fast = client("webhook", "FAST-hook")
-        res = fast.ev("result")
-        took_s = res["t"] - t0
-        print(f"client_too_slow -> another webhook's result {took_s * 1000:.0f} ms after it was started")
-        assert res["status"] == "ok" and res["text"] == "sim: FAST-hook"
-        # The slow reader's turn would stream for 10 s; failing it frees the session long before.
-        assert took_s < 7.0
-        r = rec(b)
-        assert r.counters["clients_failed_slow"] == 1
-        assert any(e.get("event") == "client.too_slow" for e in broker_log(b))
-        slow.send()
-        failed = slow.ev("too_slow")
-        assert failed["error"] == "ClientTooSlow" and failed["code"] == "client_too_slow"
-        slow.ev("late_sent")
-        barrier = client("webhook", "BARRIER")
-        assert barrier.ev("result")["status"] == "ok"
-        assert began(home, "LATE-after-failure") == 0, "a failed client's later frame was served"
-        assert rec(b).counters["rejected_frames"] >= 1
-        assert fast.finish() == 0 and barrier.finish() == 0
-    finally:
-        if slow.proc.poll() is None:
-            slow.kill()
-        slow.finish()
-        with contextlib.suppress(BrokenPipeError):
-            slow.close_stdin()
+    # A bare connection with a small mailbox, reading nothing until told (the client fixture reaps it).
+    slow = client("webhook", role="slow_reader", capacity=64 * 1024,
+                  text="[sim:turn_ms=10000] [sim:chunks=200] [sim:bytes=2000000] SLOW-reader",
+                  late_text="LATE-after-failure")
+    slow.ev("submitted")
+    wait_until(running(b, "webhook"), what="the slow reader's turn streaming")
+    t0 = time.monotonic()
+    fast = client("webhook", "FAST-hook")
+    res = fast.ev("result")
+    took_s = res["t"] - t0
+    print(f"client_too_slow -> another webhook's result {took_s * 1000:.0f} ms after it was started")
+    assert res["status"] == "ok" and res["text"] == "sim: FAST-hook"
+    # The slow reader's turn would stream for 10 s; failing it frees the session long before.
+    assert took_s < 7.0
+    r = rec(b)
+    assert r.counters["clients_failed_slow"] == 1
+    assert any(e.get("event") == "client.too_slow" for e in broker_log(b))
+    slow.send()
+    failed = slow.ev("too_slow")
+    assert failed["error"] == "ClientTooSlow" and failed["code"] == "client_too_slow"
+    slow.ev("late_sent")
+    barrier = client("webhook", "BARRIER")
+    assert barrier.ev("result")["status"] == "ok"
+    assert began(home, "LATE-after-failure") == 0, "a failed client's later frame was served"
+    assert rec(b).counters["rejected_frames"] >= 1
+    assert fast.finish() == 0 and barrier.finish() == 0
 
 
 # ---------------------------------------------------------------- forged identities

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from ipc import frames, mailbox, names, rqueue
 from ipc.errors import ProtocolError
-from tests.test_faults import rec, sim_stats, vm_rss_kib, wait_until
+from tests.support import rec, sim_stats, vm_rss_kib, wait_until
 
 #: Codes a refused frame's Error may carry (ipc.errors.ProtocolError and the broker's own).
 ERROR_CODES = {

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-@pytest.fixture
-def api() -> Iterator[OfflineAPI]:
-    with OfflineAPI() as server:
-        yield server
 
 
 def user(content: Any) -> dict[str, Any]:

@@ -24,8 +24,7 @@ import pytest
 from broker.exits import RET_IPC
 from ipc import names, shm
 from tests import ipc_helpers as h
-from tests.support import rec, running, wait_until
-from tests.test_faults import home_of, session_objects, sim_stats
+from tests.support import home_of, rec, running, session_objects, sim_stats, wait_until
 
 pytestmark = [
     pytest.mark.root,

@@ -51,7 +51,7 @@ from typing import Any
 import pytest
 
 from broker.testing.launcher import BrokerProcess
-from tests.test_faults import procs_with_home, session_objects, sim_stats, vm_rss_kib, wait_until
+from tests.support import procs_with_home, session_objects, sim_stats, vm_rss_kib, wait_until
 
 SOAK_S = float(os.environ.get("TURNSTILE_SOAK_S", "60"))
 #: 50 client processes alone (``make soak``); 30 beside other tests (``make test``, under xdist): each
