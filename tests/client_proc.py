@@ -73,10 +73,8 @@ def submit(c: Client, p: Spec) -> Any:
 
 def finish(turn: Any, p: Spec) -> None:
     """Print every event of ``turn`` (cancelling after the n-th if asked), then its result."""
-    n = 0
-    for e in turn.events(timeout_s=p.get("timeout_s", 60)):
+    for n, e in enumerate(turn.events(timeout_s=p.get("timeout_s", 60)), start=1):
         out(ev="event", req=turn.request_id, data=e)
-        n += 1
         if p.get("cancel_after_event") == n:
             turn.cancel()
             out(ev="cancel_sent", req=turn.request_id)

@@ -69,46 +69,53 @@ class CLIExited(AssertionError):
     """stdout reached EOF while a test was still waiting for a line."""
 
 
-class StdioProcess:
-    """A JSON-lines child process: write objects to stdin, read objects from stdout.
+def user_message(content: Any, msg_uuid: str, **extra: Any) -> dict[str, Any]:
+    """A stream-json user message line (as an object) stamped with ``msg_uuid``."""
+    return {
+        "type": "user",
+        "message": {"role": "user", "content": content},
+        "parent_tool_use_id": None,
+        "session_id": "default",
+        "uuid": msg_uuid,
+        **extra,
+    }
 
-    Shared by the real CLI and the simulated agent, so conformance tests drive
-    both the same way.
+
+def control_request(subtype: str, request_id: str, **fields: Any) -> dict[str, Any]:
+    """A stream-json control request line (as an object)."""
+    return {"type": "control_request", "request_id": request_id, "request": {"subtype": subtype, **fields}}
+
+
+class PipedChild:
+    """A child in its own process group; threads read its stdout line by line and drain its stderr.
+
+    ``on_line(t_ns, raw)`` gets every stdout line as bytes with
+    ``perf_counter_ns`` at its arrival, then ``(t_ns, None)`` at EOF. The one
+    process driver behind :class:`StdioProcess` (the real CLI and the sim, as
+    the conformance tests drive them) and the sim's own tests' ``SimProc``.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], t_spawn_ns: int) -> None:
-        self.proc = proc
-        self.t_spawn_ns = t_spawn_ns
-        self.lines: list[Line] = []  # every line read so far, in order
-        # Optional: busy_hook(prompt, text_started, timeout_s) returns once the
-        # turn of `prompt` is mid-stream (see tests.conformance_script.Busy).
-        self.busy_hook: Callable[[str, bool, float], None] | None = None
+    def __init__(
+        self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
+        on_line: Callable[[int, bytes | None], None],
+    ) -> None:
+        self.t_spawn_ns = time.perf_counter_ns()
+        self.proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=dict(env), cwd=cwd, start_new_session=True,
+        )
         self.stderr_chunks: list[bytes] = []
-        self._queue: queue.Queue[Line | None] = queue.Queue()
-        self._eof = False
-        assert proc.stdout is not None and proc.stderr is not None
-        self._reader = threading.Thread(target=self._read_stdout, args=(proc.stdout,), daemon=True)
-        self._err_reader = threading.Thread(target=self._read_stderr, args=(proc.stderr,), daemon=True)
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._reader = threading.Thread(target=self._read_stdout, args=(self.proc.stdout, on_line), daemon=True)
+        self._err_reader = threading.Thread(target=self._read_stderr, args=(self.proc.stderr,), daemon=True)
         self._reader.start()
         self._err_reader.start()
 
-    # -- reader threads -----------------------------------------------------
-
-    def _read_stdout(self, stream: IO[bytes]) -> None:
+    def _read_stdout(self, stream: IO[bytes], on_line: Callable[[int, bytes | None], None]) -> None:
         # readline has no length cap: result lines exceed 1.5 MB.
         for raw in iter(stream.readline, b""):
-            t_ns = time.perf_counter_ns()
-            text = raw.strip()
-            if not text:
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError:
-                obj = {"type": "_unparsed", "raw": text.decode("utf-8", "replace")}
-            if not isinstance(obj, dict):
-                obj = {"type": "_unparsed", "raw": obj}
-            self._queue.put(Line(obj, t_ns))
-        self._queue.put(None)
+            on_line(time.perf_counter_ns(), raw)
+        on_line(time.perf_counter_ns(), None)
 
     def _read_stderr(self, stream: IO[bytes]) -> None:
         # Drained so a chatty child never blocks on a full pipe.
@@ -118,15 +125,85 @@ class StdioProcess:
         except (OSError, ValueError):
             return  # closed under us: the child is gone
 
-    @property
-    def stderr(self) -> str:
-        """Everything the child wrote to stderr so far."""
+    def stderr_text(self) -> str:
+        """Everything the child wrote to stderr so far (all of it once it exited: the reader is joined)."""
+        if self.proc.poll() is not None:
+            self._err_reader.join(timeout=5)
         return b"".join(self.stderr_chunks).decode("utf-8", "replace")
 
     @property
     def pid(self) -> int:
         """The child's pid (also its process group id)."""
         return self.proc.pid
+
+    def write(self, data: bytes) -> int:
+        """Write raw bytes to stdin; return ``perf_counter_ns`` after the write."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+        return time.perf_counter_ns()
+
+    def close_stdin(self) -> None:
+        """Close stdin (end of input: the child finishes its turn and exits)."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+
+    def wait_exit(self, timeout_s: float) -> int:
+        """Wait for the child to exit; return its code."""
+        return self.proc.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group, reap the child, join the readers, close the pipes."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        # The readers see EOF once the whole group is gone; join them before closing
+        # their streams, or a reader can hit a closed file.
+        for reader in (self._reader, self._err_reader):
+            reader.join(timeout=5)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class StdioProcess(PipedChild):
+    """A JSON-lines child process: write objects to stdin, read objects from stdout.
+
+    Shared by the real CLI and the simulated agent, so conformance tests drive
+    both the same way.
+    """
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> None:
+        self.lines: list[Line] = []  # every line read so far, in order
+        # Optional: busy_hook(prompt, text_started, timeout_s) returns once the
+        # turn of `prompt` is mid-stream (see tests.conformance_script.Busy).
+        self.busy_hook: Callable[[str, bool, float], None] | None = None
+        self._queue: queue.Queue[Line | None] = queue.Queue()
+        self._eof = False
+        super().__init__(argv, env, cwd, self._on_line)
+
+    def _on_line(self, t_ns: int, raw: bytes | None) -> None:
+        if raw is None:
+            self._queue.put(None)
+            return
+        text = raw.strip()
+        if not text:
+            return
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            obj = {"type": "_unparsed", "raw": text.decode("utf-8", "replace")}
+        if not isinstance(obj, dict):
+            obj = {"type": "_unparsed", "raw": obj}
+        self._queue.put(Line(obj, t_ns))
+
+    @property
+    def stderr(self) -> str:
+        """Everything the child wrote to stderr so far."""
+        return b"".join(self.stderr_chunks).decode("utf-8", "replace")
 
     # -- writing ------------------------------------------------------------
 
@@ -136,43 +213,19 @@ class StdioProcess:
 
     def send_raw(self, text: str) -> int:
         """Write raw text (for malformed-input tests); return the write time."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
-        return time.perf_counter_ns()
+        return self.write(text.encode())
 
     def send_user(self, content: str | list[Any], *, msg_uuid: str | None = None, **extra: Any) -> str:
         """Send a user message stamped with a uuid; return the uuid."""
         msg_uuid = msg_uuid or str(uuid.uuid4())
-        self.send(
-            {
-                "type": "user",
-                "message": {"role": "user", "content": content},
-                "parent_tool_use_id": None,
-                "session_id": "default",
-                "uuid": msg_uuid,
-                **extra,
-            }
-        )
+        self.send(user_message(content, msg_uuid, **extra))
         return msg_uuid
 
     def send_control(self, subtype: str, *, request_id: str | None = None, **fields: Any) -> str:
         """Send a control request; return its request id."""
         request_id = request_id or f"req_{uuid.uuid4().hex[:12]}"
-        self.send(
-            {
-                "type": "control_request",
-                "request_id": request_id,
-                "request": {"subtype": subtype, **fields},
-            }
-        )
+        self.send(control_request(subtype, request_id, **fields))
         return request_id
-
-    def close_stdin(self) -> None:
-        """Close stdin (end of input: the child finishes its turn and exits)."""
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.proc.stdin.close()
 
     # -- reading ------------------------------------------------------------
 
@@ -243,41 +296,10 @@ class StdioProcess:
             self.lines.append(item)
             seen.append(item)
 
-    def wait_exit(self, timeout_s: float) -> int:
-        """Wait for the child to exit; return its code."""
-        return self.proc.wait(timeout=timeout_s)
-
-    # -- teardown -----------------------------------------------------------
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group and reap the child."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        # The readers see EOF once the whole group is gone; join them before closing
-        # their streams, or a reader can hit a closed file.
-        for reader in (self._reader, self._err_reader):
-            reader.join(timeout=5)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None) -> StdioProcess:
     """Start a JSON-lines child in its own process group."""
-    t_spawn_ns = time.perf_counter_ns()
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(env),
-        cwd=cwd,
-        start_new_session=True,
-    )
-    return StdioProcess(proc, t_spawn_ns)
+    return StdioProcess(argv, env, cwd)
 
 
 @contextlib.contextmanager

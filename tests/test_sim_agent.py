@@ -17,9 +17,7 @@ import json
 import os
 import queue
 import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.realcli import PipedChild, control_request, user_message
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ARGV = [
@@ -45,58 +45,31 @@ class SimExited(AssertionError):
 
 
 class SimProc:
-    """One sim subprocess with a reader thread per output pipe."""
+    """One sim subprocess (driven by :class:`tests.realcli.PipedChild`), read as raw lines and parsed objects."""
 
     def __init__(self, argv: list[str], cwd: Path, env: dict[str, str]) -> None:
-        self.t_spawn = time.perf_counter()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-        )
-        self.lines: queue.Queue[tuple[float, bytes | None]] = queue.Queue()
+        self.lines: queue.Queue[tuple[float, bytes | None]] = queue.Queue()  # (perf_counter, raw line)
         self.seen: list[dict[str, Any]] = []
-        self._stderr: list[bytes] = []
-        self._threads = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for t in self._threads:
-            t.start()
         self.eof = False
+        self.child = PipedChild(argv, env, str(cwd), self._on_line)
+        self.proc = self.child.proc
+        self.t_spawn = self.child.t_spawn_ns / 1e9  # perf_counter seconds, as the line times
 
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in iter(self.proc.stdout.readline, b""):
-            self.lines.put((time.perf_counter(), raw))
-        self.lines.put((time.perf_counter(), None))
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            self._stderr.append(raw)
+    def _on_line(self, t_ns: int, raw: bytes | None) -> None:
+        self.lines.put((t_ns / 1e9, raw))
 
     @property
     def pid(self) -> int:
         """The sim's pid (also its process group id)."""
-        return self.proc.pid
+        return self.child.pid
 
     def stderr(self) -> str:
         """Everything the sim wrote to stderr so far (complete once it exited)."""
-        for t in self._threads[1:]:
-            if self.proc.poll() is not None:
-                t.join(timeout=TIMEOUT)
-        return b"".join(self._stderr).decode("utf-8", "replace")
+        return self.child.stderr_text()
 
     def write(self, data: bytes) -> None:
         """Write raw bytes to the sim's stdin."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(data)
-        self.proc.stdin.flush()
+        self.child.write(data)
 
     def send(self, obj: Any) -> None:
         """Write one JSON line."""
@@ -105,29 +78,18 @@ class SimProc:
     def user(self, text: Any, uid: str | None = None, **extra: Any) -> str:
         """Send a user message; returns its uuid."""
         uid = uid or str(uuid.uuid4())
-        self.send(
-            {
-                "type": "user",
-                "message": {"role": "user", "content": text},
-                "parent_tool_use_id": None,
-                "session_id": "default",
-                "uuid": uid,
-                **extra,
-            }
-        )
+        self.send(user_message(text, uid, **extra))
         return uid
 
     def control(self, subtype: str, request_id: str | None = None, **fields: Any) -> str:
         """Send a control request; returns its id."""
         rid = request_id or f"req-{uuid.uuid4().hex[:8]}"
-        self.send({"type": "control_request", "request_id": rid, "request": {"subtype": subtype, **fields}})
+        self.send(control_request(subtype, rid, **fields))
         return rid
 
     def close_stdin(self) -> None:
         """Close the sim's stdin (EOF)."""
-        assert self.proc.stdin is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
+        self.child.close_stdin()
 
     def read_raw(self, timeout: float = TIMEOUT) -> tuple[float, bytes]:
         """The next stdout line as (arrival perf_counter, bytes)."""
@@ -185,19 +147,11 @@ class SimProc:
 
     def wait(self, timeout: float = TIMEOUT) -> int:
         """Wait for the sim to exit; return its exit status."""
-        return self.proc.wait(timeout=timeout)
+        return self.child.wait_exit(timeout)
 
     def kill(self) -> None:
         """Kill the whole process group and release every resource."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.close_stdin()
-        for t in self._threads:
-            t.join(timeout=TIMEOUT)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        self.child.kill()
 
 
 def is_result(obj: dict[str, Any]) -> bool:
