@@ -59,6 +59,9 @@ from ipc.errors import AlreadyRunning, ClientTooSlow, IPCError, ProtocolError, T
 #: Frames handled per wake-up before yielding to the loop (agent output must not starve).
 BATCH = 64
 HEARTBEAT_S = 0.5
+#: Signals that stop the broker gracefully. SIGHUP is one: a foreground `serve` whose
+#: terminal closes gets it, and must drain and clean up as for SIGTERM, not die unlogged.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Every this many heartbeats, remove the mailboxes of clients that died unwatched.
 SWEEP_EVERY = 10
 #: While a client's mailbox is full, how often the broker moves its buffered frames in as it frees room.
@@ -146,10 +149,10 @@ class Broker:
     # ================================================================ lifecycle
 
     async def serve(self) -> int:
-        """Run until SIGTERM/SIGINT; returns the exit code."""
+        """Run until SIGTERM, SIGINT or SIGHUP; returns the exit code."""
         loop = asyncio.get_running_loop()
         self._start_ipc()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
             await self._spawn_agent()
@@ -167,7 +170,7 @@ class Broker:
             await self._drain()
             return RET_OK
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
             await self._teardown()
 
