@@ -54,6 +54,91 @@ class Relay:
     deadline: float
 
 
+class Relays:
+    """The agent's own control requests (``can_use_tool``, ``hook_callback``, ...), each answered once.
+
+    A request goes to the turn holder when it registered a handler for that
+    subtype, and its answer is validated before it reaches the agent; otherwise,
+    or when the holder goes or its deadline passes, the agent gets a safe
+    default answer (:func:`broker.protocol.default_answer`). Never unanswered.
+    """
+
+    def __init__(
+        self, timeout_s: float, log: Any, sched: Scheduler, registry: Registry, write: Callable[[bytes], bool]
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.log = log
+        self.sched = sched
+        self.registry = registry
+        self._write = write
+        self._waiting: dict[str, Relay] = {}
+
+    def on_request(self, msg: am.ControlRequest, now: float) -> None:
+        """Relay the request to the running turn's holder if it handles it, else answer it now."""
+        rid, subtype = msg.request_id, msg.subtype
+        t = self.sched.turn
+        holder = self.registry.get(t.request.client) if t is not None else None
+        if t is not None and holder is not None and subtype in holder.handles:
+            self._waiting[rid] = Relay(rid, subtype, holder.id, msg.request, now + self.timeout_s)
+            self.registry.send(holder.id, frames.AgentRequest(
+                client=holder.id, req=t.request.req, turn=t.id, request_id=rid, subtype=subtype,
+                data=protocol.encode(msg.request),
+            ))
+            self.log.info("agent.request_relayed", request_id=rid, subtype=subtype, client=holder.id)
+            return
+        self._answer_default(rid, subtype, msg.request)
+
+    def answer(self, client: str, frame: frames.ControlAnswer) -> None:
+        """The holder's answer to a relayed request: validated, then written to the agent."""
+        relay = self._waiting.get(frame.request_id)
+        if relay is None or relay.client != client:
+            self.log.info("client.answer_stale", client=client, request_id=frame.request_id)
+            return
+        try:
+            if frame.error is not None:
+                line = protocol.control_error(relay.request_id, frame.error)
+            else:
+                answer = protocol.validate_answer(relay.subtype, frame.response)
+                line = protocol.control_success(relay.request_id, answer)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError("invalid", f"answer to {relay.subtype}: {exc}") from None
+        del self._waiting[frame.request_id]
+        self._write(line)
+        self.log.info("agent.request_answered", request_id=relay.request_id, client=client)
+
+    def withdrawn(self, request_id: str) -> None:
+        """The agent cancelled the request: a late answer to it is stale."""
+        self._waiting.pop(request_id, None)
+
+    def client_gone(self, client: str) -> None:
+        """The holder went: the agent must not wait for its answers."""
+        self._settle(lambda r: r.client == client, answer=True)
+
+    def expire(self, now: float) -> None:
+        """Default-answer the requests whose holder did not answer in time."""
+        self._settle(lambda r: now >= r.deadline, answer=True)
+
+    def forget_all(self) -> None:
+        """The agent is being replaced: the new process asked none of these."""
+        self._settle(lambda r: True, answer=False)
+
+    def _settle(self, which: Callable[[Relay], bool], *, answer: bool) -> None:
+        for rid, r in list(self._waiting.items()):
+            if which(r):
+                del self._waiting[rid]
+                if answer:
+                    self._answer_default(rid, r.subtype, r.request)
+
+    def _answer_default(self, rid: str, subtype: str, req: dict[str, Any]) -> None:
+        ok, body = protocol.default_answer(subtype, req)
+        if ok and isinstance(body, dict):
+            line = protocol.control_success(rid, body)
+        else:
+            line = protocol.control_error(rid, str(body))
+        self._write(line)
+        self.log.info("agent.request_default", request_id=rid, subtype=subtype, ok=ok)
+
+
 class AgentLink:
     """Owns the agent process and every id that ties its output to a turn."""
 
@@ -86,8 +171,8 @@ class AgentLink:
         self._uuid_turn: dict[str, int] = {}
         #: Our control requests awaiting the agent's response: id → what it was.
         self._pending_ctrl: dict[str, str] = {}
-        #: The agent's control requests awaiting the turn holder's answer, by request id.
-        self._relays: dict[str, Relay] = {}
+        #: The agent's control requests awaiting the turn holder's answer.
+        self.relays = Relays(cfg.agent_request_timeout_s, log, sched, registry, self._write)
         self._ctrl_seq = 0
         self._last_output_s = time.monotonic()
         self._started_s = 0.0
@@ -97,7 +182,7 @@ class AgentLink:
         #: When the last result was read (perf_counter ns): where a handoff's latency starts.
         self.result_read_ns = 0
         self._drained = asyncio.Event()
-        registry.gone_hooks.append(self._client_gone)
+        registry.gone_hooks.append(self.relays.client_gone)
 
     @property
     def pid(self) -> int:
@@ -176,7 +261,7 @@ class AgentLink:
         # The new process knows none of the old one's ids.
         self._uuid_turn.clear()
         self._pending_ctrl.clear()
-        self._settle_relays(lambda r: True, answer=False)
+        self.relays.forget_all()
         t0 = time.monotonic()
         if old is not None:
             await old.kill(timeout_s=self.cfg.stop_step_s)
@@ -279,12 +364,12 @@ class AgentLink:
             case am.ControlResponse():
                 self._on_control_response(msg.reply, now)
             case am.ControlRequest():
-                self._on_control_request(msg, now)
+                self.relays.on_request(msg, now)
             case am.BadControlRequest():
                 self.log.error("agent.control_request_malformed")
             case am.ControlCancelRequest():
                 if msg.request_id is not None:
-                    self._relays.pop(msg.request_id, None)
+                    self.relays.withdrawn(msg.request_id)
             case am.Other():
                 self._deliver_or_drop(msg.raw, running, msg.is_replay, msg.type, msg.subtype)
 
@@ -351,64 +436,9 @@ class AgentLink:
         elif what is None:
             self.log.debug("agent.control_response_unmatched", request_id=cr.request_id)
 
-    # ---------------------------------------------------------------- the agent's own control requests
-
-    def _on_control_request(self, msg: am.ControlRequest, now: float) -> None:
-        rid, subtype = msg.request_id, msg.subtype
-        t = self.sched.turn
-        holder = self.registry.get(t.request.client) if t is not None else None
-        if t is not None and holder is not None and subtype in holder.handles:
-            self._relays[rid] = Relay(rid, subtype, holder.id, msg.request, now + self.cfg.agent_request_timeout_s)
-            self.registry.send(holder.id, frames.AgentRequest(
-                client=holder.id, req=t.request.req, turn=t.id, request_id=rid, subtype=subtype,
-                data=protocol.encode(msg.request),
-            ))
-            self.log.info("agent.request_relayed", request_id=rid, subtype=subtype, client=holder.id)
-            return
-        self._answer_default(rid, subtype, msg.request)
-
-    def answer(self, client: str, frame: frames.ControlAnswer) -> None:
-        """The holder's answer to a relayed request: validated, then written to the agent."""
-        relay = self._relays.get(frame.request_id)
-        if relay is None or relay.client != client:
-            self.log.info("client.answer_stale", client=client, request_id=frame.request_id)
-            return
-        try:
-            if frame.error is not None:
-                line = protocol.control_error(relay.request_id, frame.error)
-            else:
-                answer = protocol.validate_answer(relay.subtype, frame.response)
-                line = protocol.control_success(relay.request_id, answer)
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError("invalid", f"answer to {relay.subtype}: {exc}") from None
-        del self._relays[frame.request_id]
-        self._write(line)
-        self.log.info("agent.request_answered", request_id=relay.request_id, client=client)
-
-    def _answer_default(self, rid: str, subtype: str, req: dict[str, Any]) -> None:
-        ok, body = protocol.default_answer(subtype, req)
-        if ok and isinstance(body, dict):
-            line = protocol.control_success(rid, body)
-        else:
-            line = protocol.control_error(rid, str(body))
-        self._write(line)
-        self.log.info("agent.request_default", request_id=rid, subtype=subtype, ok=ok)
-
-    def _settle_relays(self, which: Callable[[Relay], bool], *, answer: bool) -> None:
-        """Forget the relays ``which`` selects; with ``answer``, give the agent the default answer."""
-        for rid, r in list(self._relays.items()):
-            if which(r):
-                del self._relays[rid]
-                if answer:
-                    self._answer_default(rid, r.subtype, r.request)
-
-    def _client_gone(self, client: str) -> None:
-        # Its relays can no longer be answered by it: the agent must not wait for them.
-        self._settle_relays(lambda r: r.client == client, answer=True)
-
     def tick(self, now: float) -> None:
         """Periodic work: default-answer relays past their deadline; declare a silent agent wedged."""
-        self._settle_relays(lambda r: now >= r.deadline, answer=True)
+        self.relays.expire(now)
         t = self.sched.turn
         if (t is not None and t.phase != "switching" and self.agent is not None
                 and now - self._last_output_s > self.cfg.idle_output_timeout_s):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from broker.agent_link import AgentLink
+from broker.agent_link import Relays
 from broker.config import BrokerConfig
 from broker.publisher import Publisher
 from broker.registry import Registry
@@ -38,7 +38,7 @@ class Ingress:
         *,
         publisher: Publisher,
         registry: Registry,
-        link: AgentLink,
+        relays: Relays,
         feed: Callable[[SchedEvent], None],
         stopping: Callable[[], bool],
     ) -> None:
@@ -46,7 +46,7 @@ class Ingress:
         self.log = log
         self.publisher = publisher
         self.registry = registry
-        self.link = link
+        self.relays = relays
         self.feed = feed
         self.stopping = stopping
         self.rq: rqueue.RequestQueue | None = None
@@ -206,7 +206,7 @@ class Ingress:
             case frames.Cancel():
                 self.feed(CancelAsked(now, frame.client, target=frame.target))
             case frames.ControlAnswer():
-                self.link.answer(conn.id, frame)
+                self.relays.answer(conn.id, frame)
 
     def _cancel_turn(self, frame: frames.Cancel, now: float) -> None:
         inc, turn = frame.incarnation, frame.turn

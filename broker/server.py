@@ -82,7 +82,7 @@ class Broker:
             registry=self.registry, publisher=self.publisher, feed=self._feed, stopping=self._is_stopping,
         )
         self.ingress = Ingress(
-            cfg, self.log, publisher=self.publisher, registry=self.registry, link=self.link, feed=self._feed,
+            cfg, self.log, publisher=self.publisher, registry=self.registry, relays=self.link.relays, feed=self._feed,
             stopping=self._is_stopping,
         )
         self._timer: asyncio.TimerHandle | None = None
