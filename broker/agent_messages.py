@@ -5,21 +5,23 @@ message keeps its ``raw`` line, because what reaches a client is that line,
 verbatim, never a re-encoding. Shapes follow the CLI as observed: ``type`` is
 not always the first key, a ``result`` names the user messages it answers in
 ``user_message_uuids``, and a control response nests its ``request_id`` under
-``response`` (see :func:`broker.protocol.control_response`).
+``response`` (see :func:`broker.protocol.control_response`). The messages are
+frozen ``msgspec.Struct`` objects: built for every line the agent prints, they must
+cost next to nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from broker import protocol
 
 BadLine = protocol.BadLine
 
 
-@dataclass(frozen=True, slots=True)
-class Result:
+class Result(msgspec.Struct, frozen=True):
     """The end of a turn. ``uuids`` is None when the CLI listed none (an older CLI)."""
 
     raw: bytes
@@ -31,8 +33,7 @@ class Result:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
-class System:
+class System(msgspec.Struct, frozen=True):
     """A ``system`` line other than ``init`` (status frames, compaction notes, ...)."""
 
     raw: bytes
@@ -41,8 +42,7 @@ class System:
     is_replay: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Init:
+class Init(msgspec.Struct, frozen=True):
     """``system/init``: printed at the start of every turn the agent begins."""
 
     raw: bytes
@@ -50,16 +50,14 @@ class Init:
     is_replay: bool
 
 
-@dataclass(frozen=True, slots=True)
-class ControlResponse:
+class ControlResponse(msgspec.Struct, frozen=True):
     """The agent's answer to a control request of ours, matched by its nested id."""
 
     raw: bytes
     reply: protocol.ControlResponse
 
 
-@dataclass(frozen=True, slots=True)
-class ControlRequest:
+class ControlRequest(msgspec.Struct, frozen=True):
     """A control request of the agent's own (``can_use_tool``, ``hook_callback``, ...)."""
 
     raw: bytes
@@ -68,23 +66,20 @@ class ControlRequest:
     request: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class BadControlRequest:
+class BadControlRequest(msgspec.Struct, frozen=True):
     """A ``control_request`` line without a string id or a request object: nothing can answer it."""
 
     raw: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ControlCancelRequest:
+class ControlCancelRequest(msgspec.Struct, frozen=True):
     """The agent withdrew one of its control requests."""
 
     raw: bytes
     request_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class CommandLifecycle:
+class CommandLifecycle(msgspec.Struct, frozen=True):
     """A ``command_lifecycle`` line; ``command_uuid`` names the user message it is about."""
 
     raw: bytes
@@ -93,8 +88,7 @@ class CommandLifecycle:
     is_replay: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Other:
+class Other(msgspec.Struct, frozen=True):
     """Any other line (assistant, user echo, stream events, ...): delivered as it is."""
 
     raw: bytes
