@@ -29,6 +29,11 @@ class BadLine(AgentError):
     code = "bad_line"
 
 
+def encode(obj: dict[str, Any]) -> bytes:
+    """One JSON object as compact bytes (no newline), by the one encoder of this module."""
+    return _json.encode(obj)
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     # msgspec escapes control characters, so the output can never contain a raw newline.
     return _json.encode(obj) + b"\n"

@@ -208,6 +208,35 @@ def test_broker_sigterm_during_a_drain_exits_in_bounded_time(broker_factory, cli
         assert len(c.results()) == 1
 
 
+def test_sighup_drains_like_sigterm(broker_factory, client, session_name):
+    """SIGHUP (a foreground `serve` whose terminal closed) is a graceful stop: logged, drained, nothing left."""
+    b = broker_factory()
+    home = home_of(b)
+    w = client("worker", prompts=[{"text": "[sim:turn_ms=8000] [sim:chunks=80] LONG-worker"}],
+               reconnect_timeout_s=60)
+    w.ev("event")
+    wait_until(running(b, "worker"), what="the worker turn running")
+    agent = rec(b).agent_pid
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGHUP)
+    rc = b.proc.wait(15)
+    assert rc == 0, f"SIGHUP ended the broker with {rc}, not a clean stop"
+    log = broker_log(b)
+    sig = [e for e in log if e.get("event") == "broker.signal"]
+    assert sig and sig[0]["signal"] == "SIGHUP", log[-5:]
+    events = [e.get("event") for e in log]
+    assert "broker.drained" in events and "broker.stopped" in events, events[-10:]
+    assert not group_members(agent), "the agent outlived its broker"
+    assert not sim_agents(home)
+    left = session_objects(session_name)
+    assert not [n for n in left if n.endswith((".rq", ".st"))], left
+    # The drained turn was not answered by the stopped broker: the next one serves it.
+    assert w.results() == []
+    broker_factory()
+    assert w.ev("result", timeout_s=90)["status"] == "ok"
+    assert w.finish() == 0 and len(w.results()) == 1
+
+
 # ---------------------------------------------------------------- agent faults
 
 

@@ -1,0 +1,148 @@
+"""The session's shared-memory state block: the record, publishing it, keeping its name alive.
+
+The broker is the block's only writer (except the cancel slot, which a client
+writes and the broker reads and clears). Publishing is coalesced: a change
+marks the record dirty and one write follows after the hot path, so an
+interrupt or a prompt reaches the agent before the record is rewritten. The
+tick republishes anyway, as the heartbeat ``turnstile status`` reads.
+
+Names can vanish under a running broker (systemd's ``RemoveIPC=yes`` removes a
+user's POSIX objects at logout): :meth:`Publisher.check_names` recreates the
+state block and has ingress recreate the request queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from broker.scheduler import Scheduler
+from broker.session_store import SessionStore
+from ipc import names, rqueue, state
+
+if TYPE_CHECKING:
+    from broker.ingress import Ingress
+
+
+class Publisher:
+    """Builds the state record from the broker's parts and writes it to the block."""
+
+    def __init__(
+        self,
+        session: str,
+        log: Any,
+        incarnation: str,
+        sched: Scheduler,
+        store: SessionStore,
+        *,
+        agent_pid: Callable[[], int],
+        client_count: Callable[[], int],
+    ) -> None:
+        self.session = session
+        self.log = log
+        self.incarnation = incarnation
+        self.sched = sched
+        self.store = store
+        self.agent_pid = agent_pid
+        self.client_count = client_count
+        self.block: state.StateBlock | None = None
+        #: Broker-side counters, added to the scheduler's when published.
+        self.counters: dict[str, int] = dict.fromkeys(state.COUNTERS, 0)
+        self.latencies: dict[str, int] = dict.fromkeys(state.LATENCIES, 0)
+        self.started_unix_ns = time.time_ns()
+        self._broker_start = names.self_identity()[1]  # constant: not re-read from /proc at every publish
+        self._dirty = False
+
+    def create(self) -> None:
+        """Create the block (exclusively; a squatted name is refused) and publish the first record."""
+        self.block = state.StateBlock.create(self.session)
+        self.publish()
+
+    def count(self, counter: str, n: int = 1) -> None:
+        """Add to a broker-side counter."""
+        self.counters[counter] += n
+
+    def record(self) -> state.StateRecord:
+        """The record as of now."""
+        s = self.sched
+        holder = s.holder()
+        counters = dict(self.counters)
+        for k, v in s.counters.values.items():
+            if k in counters:
+                counters[k] += v
+        agent_pid = self.agent_pid()
+        return state.StateRecord(
+            broker_pid=os.getpid(),
+            broker_start=self._broker_start,
+            incarnation=self.incarnation,
+            started_unix_ns=self.started_unix_ns,
+            heartbeat_unix_ns=time.time_ns(),
+            agent_pid=agent_pid,
+            agent_state="up" if agent_pid and s.agent_up else ("restarting" if s.restarting else "down"),
+            session_id=self.store.session_id,
+            model=s.model or "",
+            turn=s.turn.id if s.turn else 0,
+            turn_state=s.turn.phase if s.turn else "idle",
+            holder_client=holder[0] if holder else "",
+            holder_kind=holder[1] if holder else "",
+            holder_req=holder[2] if holder else "",
+            lease_client=s.lease.client if s.lease else "",
+            webhooks_queued=len(s.webhooks),
+            workers_queued=len(s.workers),
+            clients=self.client_count(),
+            counters=counters,
+            latencies=dict(self.latencies),
+        )
+
+    def publish(self) -> None:
+        """Write the record now."""
+        if self.block is not None:
+            self.block.write(self.record())
+            self._dirty = False
+
+    def mark_dirty(self) -> None:
+        """Publish soon, once: after the hot path (the interrupt or prompt is written first)."""
+        if not self._dirty:
+            self._dirty = True
+            asyncio.get_running_loop().call_soon(self.publish)
+
+    def read_cancel(self) -> tuple[str, int] | None:
+        """The (incarnation, turn) a client wrote into the cancel slot, if there is a block."""
+        return self.block.read_cancel() if self.block is not None else None
+
+    def clear_cancel(self) -> None:
+        """Empty the cancel slot (it was acted on, or it is stale)."""
+        if self.block is not None:
+            self.block.clear_cancel()
+
+    def check_names(self, ingress: Ingress) -> None:
+        """Recreate the queue or state block if something removed their names (systemd RemoveIPC=yes)."""
+        if ingress.rq is not None and not rqueue.exists(self.session):
+            ingress.recreate_queue()
+            self.log.error("ipc.recreated", object=ingress.queue_name, why="its name vanished (RemoveIPC?)")
+        if self.block is not None and not state.exists(self.session):
+            self.block.close()
+            self.block = state.StateBlock.create(self.session)
+            self.log.error("ipc.recreated", object=self.block.name, why="its name vanished (RemoveIPC?)")
+
+    def tick(self, ingress: Ingress) -> None:
+        """Periodic work: keep the names alive, then publish (the heartbeat readers see)."""
+        self.check_names(ingress)
+        self.publish()
+
+    def publish_closed(self) -> None:
+        """Publish a last record marked closed (a clean stop: readers know no broker serves)."""
+        if self.block is not None:
+            rec = self.record()
+            rec.closed = True
+            self.block.write(rec)
+
+    def close(self) -> None:
+        """Remove the block's name and unmap it."""
+        if self.block is not None:
+            state.unlink(self.session)
+            self.block.close()
+            self.block = None

@@ -1,0 +1,203 @@
+"""Connected clients: adoption, death watch, their mailboxes, and the pump for slow readers.
+
+A client is adopted from its hello, or from its mailbox header when a dead
+broker left its frames unread. Either way the claimed (pid, start time) is
+checked after a pidfd pins the process, so a pid reused by a later process is
+never taken for the client; the pidfd then tells the loop when the client
+dies. Replies go through :meth:`Registry.send`, which never blocks: what does
+not fit a full ring waits in the writer's bounded buffer, and the pump moves it
+in as the client frees room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.config import BrokerConfig
+from broker.publisher import Publisher
+from broker.scheduler import ClientGone, Connected, SchedEvent
+from ipc import frames, mailbox, names, sweep
+from ipc.errors import ClientTooSlow, IPCError
+
+#: While a client's mailbox is full, how often the broker moves its buffered frames in as it frees room.
+PUMP_S = 0.001
+#: Every this many ticks, remove the mailboxes of clients that died unwatched.
+SWEEP_EVERY = 10
+
+
+@dataclass
+class ClientConn:
+    """What the broker knows of one connected client."""
+
+    id: str
+    kind: frames.Kind
+    pid: int
+    start_time: int
+    writer: mailbox.MailboxWriter
+    pidfd: int
+    handles: list[str] = field(default_factory=list)
+
+
+class Registry:
+    """The session's connected clients, keyed by client id."""
+
+    def __init__(self, cfg: BrokerConfig, log: Any, publisher: Publisher, feed: Callable[[SchedEvent], None]) -> None:
+        self.session = cfg.session
+        self.max_pending = cfg.client_buffer_bytes
+        self.log = log
+        self.publisher = publisher
+        self.feed = feed
+        #: Called with a client's id when it goes, before the scheduler hears of it
+        #: (the agent link answers its relays, ingress drops its chunk sets).
+        self.gone_hooks: list[Callable[[str], None]] = []
+        self._clients: dict[str, ClientConn] = {}
+        self._slow: set[str] = set()
+        self._pump_handle: asyncio.TimerHandle | None = None
+        self._ticks = 0
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def get(self, client: str) -> ClientConn | None:
+        """The connected client ``client``, or None."""
+        return self._clients.get(client)
+
+    def adopt(self, client: str, kind: frames.Kind | None, hello: frames.Hello | None = None) -> ClientConn | None:
+        """Register a client from its hello, or from its mailbox header (frames a dead broker never read)."""
+        if hello is not None:
+            pid, start = hello.pid, hello.start_time
+        else:
+            owner = mailbox.read_owner(self.session, client)
+            if owner is None:
+                return None
+            pid, start = owner
+        if kind is None:
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        # The pidfd now pins the process; checking the start time after opening it
+        # makes sure it is the client, not a later process that reused the pid.
+        if names.proc_start_time(pid) != start:
+            os.close(pidfd)
+            return None
+        try:
+            writer = mailbox.MailboxWriter(self.session, client, max_pending=self.max_pending)
+        except (OSError, IPCError) as exc:
+            os.close(pidfd)
+            self.log.warning("client.mailbox_refused", client=client, error=str(exc))
+            return None
+        if (writer.owner_pid, writer.owner_start) != (pid, start):
+            writer.close()
+            os.close(pidfd)
+            self.log.warning("client.mailbox_owner_mismatch", client=client)
+            return None
+        conn = ClientConn(client, kind, pid, start, writer, pidfd, list(hello.handles) if hello else [])
+        self._clients[client] = conn
+        asyncio.get_running_loop().add_reader(pidfd, self.gone, client, "died")
+        self.feed(Connected(time.monotonic(), client, kind))
+        self.publisher.mark_dirty()
+        self.log.info("client.connected", client=client, kind=kind, pid=pid, via="hello" if hello else "mailbox")
+        return conn
+
+    def gone(self, client: str, why: str) -> None:
+        """The client died, said bye or was failed: tell the hooks, then the scheduler."""
+        conn = self._clients.get(client)
+        if conn is None:
+            return
+        self.log.info("client.gone", client=client, kind=conn.kind, why=why)
+        for hook in self.gone_hooks:
+            hook(client)
+        self.feed(ClientGone(time.monotonic(), client, reason=why))
+
+    def drop(self, client: str) -> None:
+        """Forget the client and remove its mailbox (the scheduler is done with it)."""
+        conn = self._clients.get(client)
+        if conn is not None:
+            self._close(conn)
+            mailbox.unlink(self.session, client)
+
+    def close_all(self) -> None:
+        """Close every client's handles (the broker stops; clients own their names)."""
+        for conn in list(self._clients.values()):
+            self._close(conn)
+
+    def _close(self, conn: ClientConn) -> None:
+        self._clients.pop(conn.id, None)
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.pidfd)
+        with contextlib.suppress(OSError):
+            os.close(conn.pidfd)
+        conn.writer.close()
+        self._slow.discard(conn.id)
+
+    def send(self, client: str, frame: frames.ReplyFrame) -> None:
+        """Queue ``frame`` to a connected client; a client over its buffer bound is failed."""
+        conn = self._clients.get(client)
+        if conn is None:
+            return
+        try:
+            conn.writer.send(frames.encode(frame))
+        except ClientTooSlow as exc:
+            self.publisher.count("clients_failed_slow")
+            self.log.error("client.too_slow", client=client, error=str(exc))
+            self.gone(client, "client_too_slow")
+            return
+        if conn.writer.pending_bytes:
+            self._slow.add(client)
+            self._arm_pump()
+
+    def send_to_mailbox(self, client: str, frame: frames.ReplyFrame) -> None:
+        """Send to ``client`` whether or not it is connected (yet), if a live owner holds its mailbox."""
+        if client in self._clients:
+            self.send(client, frame)
+            return
+        owner = mailbox.read_owner(self.session, client)
+        if owner is None or not names.is_alive(*owner):
+            return
+        try:
+            writer = mailbox.MailboxWriter(self.session, client)
+        except (OSError, IPCError):
+            return
+        with contextlib.suppress(ClientTooSlow):
+            writer.send(frames.encode(frame))
+        writer.close()
+
+    def _arm_pump(self) -> None:
+        # The client frees ring room without telling us: poll while it lags, rather
+        # than leave its frames buffered until the next tick.
+        if self._pump_handle is None:
+            self._pump_handle = asyncio.get_running_loop().call_later(PUMP_S, self._on_pump_timer)
+
+    def _on_pump_timer(self) -> None:
+        self._pump_handle = None
+        if self._pump():
+            self._arm_pump()
+
+    def _pump(self) -> bool:
+        """Move buffered frames of slow clients into their rings; True while some still lag."""
+        for client in list(self._slow):
+            conn = self._clients.get(client)
+            if conn is None or conn.writer.pump() == 0:
+                self._slow.discard(client)
+        return bool(self._slow)
+
+    def sweep(self) -> None:
+        """Remove mailboxes of clients that died unwatched (while no broker ran, or before their hello)."""
+        for r in sweep.sweep_dead_clients(self.session):
+            if r.kind == "mailbox":
+                self.log.info("client.mailbox_swept", name=r.name, why=r.reason)
+
+    def tick(self) -> None:
+        """Periodic work: pump slow readers, and now and then sweep dead clients' mailboxes."""
+        self._pump()
+        self._ticks += 1
+        if self._ticks % SWEEP_EVERY == 0:
+            self.sweep()
