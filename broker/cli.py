@@ -283,6 +283,40 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
         pass
 
 
+# ---------------------------------------------------------------- metrics
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(0, 65535), required=True, help="TCP port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (IPv4).")
+@click.option("--session", "-s", "sessions", multiple=True,
+              help="Only these sessions (repeatable; default: every session on the host, found at each scrape).")
+def metrics(port: int, host: str, sessions: tuple[str, ...]) -> None:
+    """Serve Prometheus metrics for the host's sessions on http://HOST:PORT/metrics.
+
+    Read from the shared-memory state blocks at scrape time, never from a broker,
+    so a stuck or stopped broker is still reported. Prints the URL once listening.
+    Exit 2 when the address cannot be bound.
+    """
+    from broker.metrics import serve as serve_metrics
+    from ipc.names import check_session
+
+    try:
+        for s in sessions:
+            check_session(s)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    def ready(url: str) -> None:
+        click.echo(f"turnstile metrics: serving {url}")
+
+    try:
+        serve_metrics(host, port, sessions or None, on_ready=ready)
+    except OSError as exc:
+        click.echo(f"turnstile: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
 # ---------------------------------------------------------------- cancel
 
 

@@ -16,6 +16,7 @@ from ipc.errors import InvalidArgument, NameSquatted
 from ipc.procstat import read_proc_stat
 
 PREFIX: Final = "turnstile"
+SHM_DIR: Final = "/dev/shm"  # where POSIX shared-memory names are listed on Linux
 SESSION_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -24,6 +25,34 @@ def check_session(session: str) -> str:
     if not SESSION_RE.fullmatch(session):
         raise InvalidArgument(f"session name {session!r}: use 1-64 of A-Z a-z 0-9 _ -", argument="session")
     return session
+
+
+def parse(entry: str) -> tuple[str, str, str] | None:
+    """('session', 'what', 'client') from a listed name 'turnstile.<session>.<what>[.<client>]', else None."""
+    parts = entry.lstrip("/").split(".")
+    if len(parts) < 3 or parts[0] != PREFIX or not SESSION_RE.fullmatch(parts[1]):
+        return None
+    return parts[1], parts[2], parts[3] if len(parts) > 3 else ""
+
+
+def sessions_on_host(shm_dir: str = SHM_DIR) -> list[str]:
+    """Sessions whose state block exists and is ours (another user's block is not readable to us), sorted."""
+    try:
+        entries = os.listdir(shm_dir)
+    except OSError:
+        return []
+    found: list[str] = []
+    for entry in entries:
+        parsed = parse(entry)
+        if parsed is None or parsed[1] != "st" or parsed[2]:
+            continue
+        try:
+            if os.stat(os.path.join(shm_dir, entry)).st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue  # removed while we listed
+        found.append(parsed[0])
+    return sorted(found)
 
 
 def request_queue(session: str) -> str:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
-from ipc import names, shm
+from ipc import histogram, names, shm
 from ipc.errors import IPCError
 
 MAGIC: Final = 0x54535354  # "TSST"
@@ -84,6 +84,8 @@ class StateRecord:
     clients: int = 0
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     latencies: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LATENCIES, 0))
+    histograms: dict[str, histogram.Histogram] = field(default_factory=histogram.empty)
+    holder_label: str = ""
 
     # Field layout on the wire: name, struct code, max bytes for strings.
     _LAYOUT: ClassVar[list[tuple[str, str]]] = [
@@ -108,13 +110,23 @@ class StateRecord:
         ("workers_queued", "Q"),
         ("clients", "Q"),
     ]
+    # Appended after layout 1's record, whose tail in the block is zeros: a block an
+    # older broker writes reads as empty histograms and no label, so LAYOUT stays 1.
+    _TAIL: ClassVar[list[tuple[str, str]]] = [
+        ("holder_label", "32s"),
+    ]
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (for JSON)."""
         return dataclasses.asdict(self)
 
 
-_FMT = "<" + "".join(code for _, code in StateRecord._LAYOUT) + "Q" * (len(COUNTERS) + len(LATENCIES))
+_FMT = (
+    "<"
+    + "".join(code for _, code in StateRecord._LAYOUT)
+    + "Q" * (len(COUNTERS) + len(LATENCIES) + len(histogram.NAMES) * histogram.WORDS)
+    + "".join(code for _, code in StateRecord._TAIL)
+)
 _RECORD = struct.Struct(_FMT)
 assert OFF_RECORD + _RECORD.size < OFF_CANCEL
 _HEAD = struct.Struct("<II")
@@ -141,6 +153,10 @@ def _pack(rec: StateRecord) -> tuple[Any, ...]:
         values.append(v.encode()[: int(code[:-1])] if code.endswith("s") else v)
     values.extend(rec.counters.get(k, 0) for k in COUNTERS)
     values.extend(rec.latencies.get(k, 0) for k in LATENCIES)
+    for h in histogram.NAMES:
+        values.extend(rec.histograms[h].words() if h in rec.histograms else [0] * histogram.WORDS)
+    for name, code in StateRecord._TAIL:
+        values.append(getattr(rec, name).encode()[: int(code[:-1])])
     return tuple(values)
 
 
@@ -154,6 +170,13 @@ def _unpack(values: tuple[Any, ...]) -> StateRecord:
     rec.counters = dict(zip(COUNTERS, values[i : i + len(COUNTERS)], strict=True))
     i += len(COUNTERS)
     rec.latencies = dict(zip(LATENCIES, values[i : i + len(LATENCIES)], strict=True))
+    i += len(LATENCIES)
+    for h in histogram.NAMES:
+        rec.histograms[h] = histogram.Histogram.from_words(h, list(values[i : i + histogram.WORDS]))
+        i += histogram.WORDS
+    for name, _code in StateRecord._TAIL:
+        setattr(rec, name, values[i].rstrip(b"\0").decode(errors="replace"))
+        i += 1
     return rec
 
 

@@ -42,14 +42,6 @@ def _ours(directory: str, entry: str) -> bool:
         return False
 
 
-def _parse(entry: str) -> tuple[str, str, str] | None:
-    """('session', 'what', 'client') from 'turnstile.<session>.<what>[.<client>]'."""
-    parts = entry.split(".")
-    if len(parts) < 3 or parts[0] != names.PREFIX or not names.SESSION_RE.fullmatch(parts[1]):
-        return None
-    return parts[1], parts[2], parts[3] if len(parts) > 3 else ""
-
-
 def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
     """Remove leftovers whose owner process is gone.
 
@@ -61,7 +53,7 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
     removed: list[Removed] = []
     sessions_dead: set[str] = set()
     for entry in _listing(SHM_DIR):
-        parsed = _parse(entry)
+        parsed = names.parse(entry)
         if parsed is None:
             continue
         sess, what, client = parsed
@@ -102,7 +94,7 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
     # Queues are visible only where the mqueue filesystem is mounted; without it,
     # a doorbell whose ring is gone is found only through its session (force).
     for entry in _listing(MQUEUE_DIR):
-        parsed = _parse(entry)
+        parsed = names.parse(entry)
         if parsed is None:
             continue
         sess, what, client = parsed
