@@ -314,7 +314,7 @@ def metrics(port: int, host: str, sessions: tuple[str, ...]) -> None:
         serve_metrics(host, port, sessions or None, on_ready=ready)
     except OSError as exc:
         click.echo(f"turnstile: cannot listen on {host}:{port}: {exc.strerror or exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        sys.exit(exits.RET_USAGE)
 
 
 # ---------------------------------------------------------------- cancel
