@@ -32,8 +32,9 @@ verify: $(STAMP)
 	TURNSTILE_EXPLORE=large $(PY) -m pytest -n 0 tests/test_explore.py -s --timeout=3600
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check broker clients ipc tests benchmarks
+	$(VENV)/bin/ruff check broker clients ipc tests benchmarks examples
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
