@@ -229,58 +229,84 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
 
 
 @main.command(epilog=STATUS_EXITS)
-@session_option
-@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+@click.option("--session", "-s", default=None, envvar="TURNSTILE_SESSION", callback=_check_session,
+              help="Session name (env TURNSTILE_SESSION); without it, one line for every session on the host.")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (a list without --session).")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval-s", type=_positive_s, default=0.5, show_default=True)
-def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
-    """Show the holder, the line, the model and the counters (read from shared memory, not the broker)."""
+def status(session: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
+    """Show the holder, the line, the model and the counters (read from shared memory, not the broker).
+
+    Without --session: one line per session on the host (session, broker, agent,
+    holder, line, model); exit 0 when at least one of them has a live broker.
+    """
     import time
 
-    from ipc import state
-
-    def read() -> dict[str, Any] | None:
-        try:
-            block = state.StateBlock.open(session)
-        except (FileNotFoundError, IPCError):
-            return None
-        try:
-            snap = block.snapshot()
-        except IPCError as exc:
-            # The writer stopped mid-write (a broker frozen or killed while publishing):
-            # say so instead of failing with a traceback.
-            click.echo(f"turnstile: session {session}: {exc}", err=True)
-            return None
-        finally:
-            block.close()
-        d = snap.record.as_dict()
-        d["broker_alive"] = snap.broker_alive
-        d["heartbeat_age_s"] = round((time.time_ns() - snap.record.heartbeat_unix_ns) / 1e9, 3)
-        return d
-
-    def show(d: dict[str, Any] | None) -> None:
+    def show() -> bool:
+        if session is None:
+            return _show_all(as_json)
+        d = _read_status(session)
         if as_json:
             click.echo(_dumps(d if d is not None else {"session": session, "broker_alive": False}))
-            return
-        if d is None:
+        elif d is None:
             click.echo(f"session {session}: no broker (start one with: turnstile serve --session {session})")
-            return
-        from broker.render import status_table
+        else:
+            from broker.render import status_table
 
-        status_table(session, d)
+            status_table(session, d)
+        return bool(d and d["broker_alive"])
 
     if not watch:
-        d = read()
-        show(d)
-        sys.exit(exits.RET_OK if d and d["broker_alive"] else exits.RET_UNAVAILABLE)
+        sys.exit(exits.RET_OK if show() else exits.RET_UNAVAILABLE)
     try:
         while True:
             if not as_json:
                 click.clear()
-            show(read())
+            show()
             time.sleep(interval_s)
     except KeyboardInterrupt:
         pass
+
+
+def _read_status(session: str) -> dict[str, Any] | None:
+    """One session's state as a dict, or None when there is no readable block (a damaged one is said on stderr)."""
+    import time
+
+    from ipc import state
+
+    try:
+        block = state.StateBlock.open(session)
+    except (FileNotFoundError, IPCError):
+        return None
+    try:
+        snap = block.snapshot()
+    except IPCError as exc:
+        # The writer stopped mid-write (a broker frozen or killed while publishing):
+        # say so instead of failing with a traceback.
+        click.echo(f"turnstile: session {session}: {exc}", err=True)
+        return None
+    finally:
+        block.close()
+    d = snap.record.as_dict()
+    d["session"] = session
+    d["broker_alive"] = snap.broker_alive
+    d["heartbeat_age_s"] = round((time.time_ns() - snap.record.heartbeat_unix_ns) / 1e9, 3)
+    return d
+
+
+def _show_all(as_json: bool) -> bool:
+    """Every session on the host, one line (or one JSON object in a list) each; True if any broker is alive."""
+    from broker.render import sessions_table
+    from ipc.names import sessions_on_host
+
+    found = [d for d in map(_read_status, sessions_on_host()) if d is not None]
+    if as_json:
+        click.echo(_dumps(found))
+    elif not found:
+        click.echo("no turnstile sessions on this host (for this user)")
+    else:
+        sessions_table(found)
+    return any(d["broker_alive"] for d in found)
 
 
 # ---------------------------------------------------------------- metrics

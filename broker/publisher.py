@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.scheduler import Scheduler
 from broker.session_store import SessionStore
-from ipc import names, rqueue, state
+from ipc import histogram, names, rqueue, state
 
 if TYPE_CHECKING:
     from broker.ingress import Ingress
@@ -52,6 +52,8 @@ class Publisher:
         #: Broker-side counters, added to the scheduler's when published.
         self.counters: dict[str, int] = dict.fromkeys(state.COUNTERS, 0)
         self.latencies: dict[str, int] = dict.fromkeys(state.LATENCIES, 0)
+        #: Cumulative bucket counts since this broker started (``turnstile metrics`` exports them).
+        self.histograms = histogram.empty()
         self.started_unix_ns = time.time_ns()
         self._broker_start = names.self_identity()[1]  # constant: not re-read from /proc at every publish
         self._dirty = False
@@ -60,6 +62,10 @@ class Publisher:
         """Create the block (exclusively; a squatted name is refused) and publish the first record."""
         self.block = state.StateBlock.create(self.session)
         self.publish()
+
+    def observe(self, name: str, value: float) -> None:
+        """Count one value into histogram ``name`` (unit as its name says); published with the record."""
+        self.histograms[name].observe(value)
 
     def count(self, counter: str, n: int = 1) -> None:
         """Add to a broker-side counter."""
@@ -95,6 +101,7 @@ class Publisher:
             clients=self.client_count(),
             counters=counters,
             latencies=dict(self.latencies),
+            histograms=self.histograms,
         )
 
     def publish(self) -> None:

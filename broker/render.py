@@ -6,9 +6,16 @@ import sys
 from typing import Any
 
 
+def holder_name(d: dict[str, Any]) -> str:
+    """Who holds the session: its label when the client gave one, else its id; "-" when nobody does."""
+    if not d["holder_client"]:
+        return "-"
+    return str(d.get("holder_label") or d["holder_client"])
+
+
 def status_lines(session: str, d: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) rows describing one state snapshot."""
-    holder = f"{d['holder_client']} ({d['holder_kind']}, req {d['holder_req']})" if d["holder_client"] else "-"
+    holder = f"{holder_name(d)} ({d['holder_kind']}, req {d['holder_req']})" if d["holder_client"] else "-"
     c = d["counters"]
     lat = d["latencies"]
     return [
@@ -48,3 +55,38 @@ def status_table(session: str, d: dict[str, Any]) -> None:
         return
     for k, v in rows:
         print(f"{k:<11} {v}")
+
+
+SESSION_COLUMNS = ("session", "broker", "agent", "holder", "line", "model")
+
+
+def session_row(d: dict[str, Any]) -> tuple[str, ...]:
+    """One session's line in the host listing, by :data:`SESSION_COLUMNS`."""
+    holder = f"{d['holder_kind']} {holder_name(d)}" if d["holder_client"] else "-"
+    return (
+        d["session"],
+        f"alive pid {d['broker_pid']}" if d["broker_alive"] else "DEAD",
+        d["agent_state"] if d["broker_alive"] else "-",
+        holder,
+        f"{d['webhooks_queued']} webhook, {d['workers_queued']} worker",
+        d["model"] or "(default)",
+    )
+
+
+def sessions_table(snapshots: list[dict[str, Any]]) -> None:
+    """Print one line per session: a rich table on a TTY, aligned text otherwise."""
+    rows = [session_row(d) for d in snapshots]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None)
+        for col in SESSION_COLUMNS:
+            table.add_column(col.upper(), style="bold cyan" if col == "session" else None)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(col), *(len(r[i]) for r in rows)) for i, col in enumerate(SESSION_COLUMNS)]
+    for row in [tuple(c.upper() for c in SESSION_COLUMNS), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

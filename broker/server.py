@@ -210,12 +210,14 @@ class Broker:
                 us = (time.perf_counter_ns() - self.ingress.received_ns) // 1000 if d.reason == "preempt" else 0
                 if d.reason == "preempt" and isinstance(cause, Submitted):
                     latencies["last_preempt_signal_us"] = us
+                    self.publisher.observe("preempt_signal_us", us)
                 self.log.info("turn.interrupt", turn=d.turn, reason=d.reason, broker_us=us or None)
             case WriteUser():
                 ok = self.link.write_user(d.turn, d.uuid, d.content)
                 now_ns = time.perf_counter_ns()
                 if isinstance(cause, TurnResult):
                     latencies["last_handoff_us"] = (now_ns - self.link.result_read_ns) // 1000
+                    self.publisher.observe("handoff_us", latencies["last_handoff_us"])
                 elif isinstance(cause, Submitted):
                     latencies["last_submit_to_write_us"] = (now_ns - self.ingress.received_ns) // 1000
                 holder = self.sched.holder()
@@ -228,6 +230,9 @@ class Broker:
                 self.registry.send(d.client, d.frame)
                 if isinstance(d.frame, frames.Result):
                     r = d.frame
+                    if r.turn:  # a turn ran for it (not refused, nor cancelled while queued)
+                        self.publisher.observe("queue_wait_ms", r.queued_ms)
+                        self.publisher.observe("turn_ms", r.turn_ms)
                     self.log.info("request.result", client=d.client, req=r.req, status=r.status, turn=r.turn,
                                   queued_ms=r.queued_ms, turn_ms=r.turn_ms, error_code=r.error_code)
                 elif isinstance(d.frame, frames.PreemptedNotice):
