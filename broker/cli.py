@@ -182,9 +182,11 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 @click.option("--timeout-s", type=_positive_s, default=None, help="Give up after this many seconds (exit 7).")
 @click.option("--connect-timeout-s", type=_positive_s, default=defaults.CONNECT_TIMEOUT_S, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: accepted, agent, preempted, result.")
+@click.option("--label", default=None, envvar="TURNSTILE_LABEL",
+              help="Name shown by `turnstile status` for this client (1-32 of A-Z a-z 0-9 _ . : @ / + -).")
 @click.argument("text", callback=_check_utf8)
 def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_s: float | None,
-           connect_timeout_s: float, as_json: bool, text: str) -> None:
+           connect_timeout_s: float, as_json: bool, label: str | None, text: str) -> None:
     """Send TEXT (or - for stdin) as one turn and stream the answer."""
     from clients.client import Client
 
@@ -200,7 +202,7 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
         out.write(_dumps(obj) + "\n")
         out.flush()
 
-    with Client(session, kind, connect_timeout_s=connect_timeout_s) as c:  # type: ignore[arg-type]
+    with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label) as c:  # type: ignore[arg-type]
         turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
         if as_json:
             emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})

@@ -167,6 +167,7 @@ class Ingress:
                 if conn.kind != frame.kind:
                     raise ProtocolError("kind_mismatch", f"client is a {conn.kind}, fixed at connect time")
                 conn.handles = list(frame.handles)
+                conn.label = frame.label or ""  # adopted from its mailbox before its hello came
                 return
             if self.registry.adopt(frame.client, frame.kind, frame) is None:
                 self.log.warning("client.hello_refused", client=frame.client, pid=frame.pid)

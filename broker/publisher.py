@@ -40,6 +40,7 @@ class Publisher:
         *,
         agent_pid: Callable[[], int],
         client_count: Callable[[], int],
+        client_label: Callable[[str], str] = lambda _client: "",
     ) -> None:
         self.session = session
         self.log = log
@@ -48,6 +49,7 @@ class Publisher:
         self.store = store
         self.agent_pid = agent_pid
         self.client_count = client_count
+        self.client_label = client_label
         self.block: state.StateBlock | None = None
         #: Broker-side counters, added to the scheduler's when published.
         self.counters: dict[str, int] = dict.fromkeys(state.COUNTERS, 0)
@@ -95,6 +97,7 @@ class Publisher:
             holder_client=holder[0] if holder else "",
             holder_kind=holder[1] if holder else "",
             holder_req=holder[2] if holder else "",
+            holder_label=self.client_label(holder[0]) if holder else "",
             lease_client=s.lease.client if s.lease else "",
             webhooks_queued=len(s.webhooks),
             workers_queued=len(s.workers),

@@ -42,6 +42,7 @@ class ClientConn:
     writer: mailbox.MailboxWriter
     pidfd: int
     handles: list[str] = field(default_factory=list)
+    label: str = ""  # the client's human name from its hello, shown by `turnstile status`
 
 
 class Registry:
@@ -67,6 +68,11 @@ class Registry:
     def get(self, client: str) -> ClientConn | None:
         """The connected client ``client``, or None."""
         return self._clients.get(client)
+
+    def label(self, client: str) -> str:
+        """The label client ``client`` gave in its hello ("" when none, or when it is not connected)."""
+        conn = self._clients.get(client)
+        return conn.label if conn is not None else ""
 
     def adopt(self, client: str, kind: frames.Kind | None, hello: frames.Hello | None = None) -> ClientConn | None:
         """Register a client from its hello, or from its mailbox header (frames a dead broker never read)."""
@@ -99,7 +105,8 @@ class Registry:
             os.close(pidfd)
             self.log.warning("client.mailbox_owner_mismatch", client=client)
             return None
-        conn = ClientConn(client, kind, pid, start, writer, pidfd, list(hello.handles) if hello else [])
+        conn = ClientConn(client, kind, pid, start, writer, pidfd, list(hello.handles) if hello else [],
+                          (hello.label or "") if hello else "")
         self._clients[client] = conn
         asyncio.get_running_loop().add_reader(pidfd, self.gone, client, "died")
         self.feed(Connected(time.monotonic(), client, kind))

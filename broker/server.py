@@ -75,6 +75,7 @@ class Broker:
         self.publisher = Publisher(
             cfg.session, self.log, self.incarnation, self.sched, self.store,
             agent_pid=lambda: self.link.pid, client_count=lambda: len(self.registry),
+            client_label=lambda client: self.registry.label(client),
         )
         self.registry = Registry(cfg, self.log, self.publisher, self._feed)
         self.link = AgentLink(

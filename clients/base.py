@@ -15,7 +15,11 @@ TurnT = TypeVar("TurnT", bound="BaseTurn")
 
 
 class BaseClient(Generic[TurnT]):
-    """The constructor, identity and request-building half of both clients; subclasses add waiting."""
+    """The constructor, identity and request-building half of both clients; subclasses add waiting.
+
+    ``label`` (1-32 of ``A-Z a-z 0-9 _ . : @ / + -``) names the client in
+    ``turnstile status`` instead of its hex id.
+    """
 
     def __init__(
         self,
@@ -27,13 +31,14 @@ class BaseClient(Generic[TurnT]):
         on_preempt: frames.OnPreempt = "requeue",
         on_permission: PermissionHandler | None = None,
         on_hook: HookHandler | None = None,
+        label: str | None = None,
     ) -> None:
         self.session = session
         self.kind = kind
         self.on_preempt: frames.OnPreempt = on_preempt
         self.connect_timeout_s = connect_timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook)
+        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook, label=label)
         self._setup()
 
     def _setup(self) -> None:

@@ -55,10 +55,12 @@ class Connection:
         on_hook: HookHandler | None = None,
         send_timeout_s: float = defaults.SEND_TIMEOUT_S,
         mailbox_capacity: int = mailbox.DEFAULT_CAPACITY,
+        label: str | None = None,
     ) -> None:
         if kind not in frames.KINDS:
             raise InvalidArgument(f"kind must be 'webhook' or 'worker', not {kind!r}", argument="kind")
         names.check_session(session)
+        self.label = frames.check_label(label)
         self.session = session
         self.kind: frames.Kind = kind
         self.client_id = names.new_client_id()
@@ -122,7 +124,7 @@ class Connection:
         self.incarnation = snap.record.incarnation
         self._send(frames.Hello(
             client=self.client_id, kind=self.kind, pid=self.pid, start_time=self.start_time,
-            handles=self._handles(),
+            handles=self._handles(), label=self.label,
         ))
         if changed:
             self._resubmit()

@@ -55,7 +55,7 @@ def make_app(session: str) -> web.Application:
     app = web.Application()
 
     async def client_ctx(app: web.Application) -> Any:
-        async with AsyncClient(session, kind="webhook") as client:
+        async with AsyncClient(session, kind="webhook", label="webhook-server") as client:
             app[CLIENT] = client
             yield
 

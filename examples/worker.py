@@ -30,7 +30,7 @@ def emit(**obj: Any) -> None:
 def run(session: str, tasks: list[str]) -> int:
     """Run every task; 0 when all completed."""
     failed = 0
-    with Client(session, kind="worker") as client:
+    with Client(session, kind="worker", label="example-worker") as client:
         for task in tasks:
             turn = client.prompt(task)
             emit(ev="submitted", request_id=turn.request_id, task=task)

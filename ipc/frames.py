@@ -16,11 +16,12 @@ A request frame larger than one queue message travels as numbered
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from ipc.errors import ProtocolError
+from ipc.errors import InvalidArgument, ProtocolError
 
 PROTOCOL_VERSION: Final = 1
 
@@ -46,6 +47,9 @@ Token = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
 MAX_TURN = 2**63 - 1
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=MAX_TURN)]
 Incarnation = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16}$")]
+#: A client's human label, shown by ``turnstile status`` instead of its id (it fits the state block's 32 bytes).
+LABEL_PATTERN: Final = r"^[A-Za-z0-9_.:@/+-]{1,32}$"
+Label = Annotated[str, msgspec.Meta(pattern=LABEL_PATTERN)]
 
 # A content block: a JSON object with a string "type"; anything else is refused
 # before it can reach the agent (a non-string ``content`` silently stalls the CLI).
@@ -65,13 +69,16 @@ class Hello(_Frame, tag="hello"):
     """A client announces itself: its kind (fixed for its life), pid and start time.
 
     ``handles`` lists the agent control requests it answers itself
-    (``can_use_tool``, ``hook_callback``, ``mcp_message``).
+    (``can_use_tool``, ``hook_callback``, ``mcp_message``). ``label`` is the
+    human name ``turnstile status`` shows for it; it is left out of the frame
+    when not set, so an unlabelled client's hello is what older brokers know.
     """
 
     kind: Kind
     pid: Annotated[int, msgspec.Meta(ge=1, le=2**31)]
     start_time: NonNeg
     handles: Annotated[list[Token], msgspec.Meta(max_length=8)] = []
+    label: Label | None = None
 
 
 class Prompt(_Frame, tag="prompt"):
@@ -315,6 +322,15 @@ def _decode(data: bytes, decoder: msgspec.msgpack.Decoder[Any], tags: frozenset[
     if isinstance(frame, Prompt):
         check_content(frame.content)
     return frame
+
+
+def check_label(label: str | None) -> str | None:
+    """Return ``label`` if a hello may carry it (``None`` too), else raise :class:`InvalidArgument`."""
+    if label is not None and (not isinstance(label, str) or not re.fullmatch(LABEL_PATTERN, label)):
+        raise InvalidArgument(
+            f"client label {label!r}: use 1-32 of A-Z a-z 0-9 _ . : @ / + -", argument="label"
+        )
+    return label
 
 
 def check_content(content: str | list[ContentBlock]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import aiohttp
 import pytest
 
 from broker.testing.launcher import BrokerProcess
+from tests.ops_support import processes
 from tests.support import ClientProc, running, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -26,26 +26,10 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
-def example(tmp_path: Path) -> Iterator[Callable[..., ClientProc]]:
+def example() -> Iterator[Callable[..., ClientProc]]:
     """Start an example script as its own process; SIGKILLed and reaped at teardown."""
-    started: list[ClientProc] = []
-
-    def start(script: str, *args: str) -> ClientProc:
-        proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / script), *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-        )
-        cp = ClientProc(proc)
-        started.append(cp)
-        return cp
-
-    yield start
-    for cp in started:
-        if cp.proc.poll() is None:
-            cp.kill()
-        for f in (cp.proc.stdout, cp.proc.stderr):
-            if f is not None:
-                f.close()
+    with processes() as start:
+        yield lambda script, *args: start([sys.executable, str(EXAMPLES / script), *args])
 
 
 async def _post_all(url: str, texts: list[str]) -> list[tuple[int, dict[str, Any]]]:

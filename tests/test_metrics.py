@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.testing.launcher import BrokerProcess
+from tests.ops_support import processes
 from tests.support import ClientProc, running, wait_until
 from tests.test_cli import TURNSTILE, ts
 
@@ -73,21 +74,9 @@ def _prompt(bg: Callable[..., ClientProc], session: str, kind: str, text: str) -
 
 @pytest.fixture
 def bg() -> Iterator[Callable[..., ClientProc]]:
-    started: list[ClientProc] = []
-
-    def start(*args: str) -> ClientProc:
-        p = subprocess.Popen([*TURNSTILE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             stdin=subprocess.DEVNULL)
-        started.append(ClientProc(p))
-        return started[-1]
-
-    yield start
-    for cp in started:
-        if cp.proc.poll() is None:
-            cp.kill()
-        for f in (cp.proc.stdout, cp.proc.stderr):
-            if f is not None:
-                f.close()
+    """Background ``turnstile`` commands, reaped at teardown."""
+    with processes() as start:
+        yield lambda *args: start([*TURNSTILE, *args])
 
 
 def test_scrape_after_a_preemption(
