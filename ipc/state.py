@@ -128,6 +128,7 @@ _FMT = (
     + "".join(code for _, code in StateRecord._TAIL)
 )
 _RECORD = struct.Struct(_FMT)
+_NO_HISTOGRAM: Final = (0,) * histogram.WORDS
 assert OFF_RECORD + _RECORD.size < OFF_CANCEL
 _HEAD = struct.Struct("<II")
 _CANCEL_BODY = struct.Struct("<16sQQ")  # after the slot's sequence word: incarnation, turn, requested unix ns
@@ -153,8 +154,14 @@ def _pack(rec: StateRecord) -> tuple[Any, ...]:
         values.append(v.encode()[: int(code[:-1])] if code.endswith("s") else v)
     values.extend(rec.counters.get(k, 0) for k in COUNTERS)
     values.extend(rec.latencies.get(k, 0) for k in LATENCIES)
+    hists = rec.histograms
     for h in histogram.NAMES:
-        values.extend(rec.histograms[h].words() if h in rec.histograms else [0] * histogram.WORDS)
+        hist = hists.get(h)
+        if hist is None:
+            values.extend(_NO_HISTOGRAM)
+        else:
+            values.extend(hist.buckets)
+            values.append(hist.total)
     for name, code in StateRecord._TAIL:
         values.append(getattr(rec, name).encode()[: int(code[:-1])])
     return tuple(values)
