@@ -10,9 +10,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,17 @@ from ipc.procstat import all_pids, read_proc_stat
 
 if TYPE_CHECKING:  # only for annotations: ipc test children import this module, and start fast
     from broker.testing.launcher import BrokerProcess
+
+_BIN = Path(sys.executable).with_name("turnstile")
+#: The ``turnstile`` command of this environment.
+TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli"]
+
+
+def ts(*args: str, timeout_s: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``turnstile ARGS`` to completion, output captured."""
+    return subprocess.run(
+        [*TURNSTILE, *args], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, **kw
+    )
 
 
 def wait_until(cond: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition", poll_s: float = 0.005) -> Any:
@@ -336,3 +348,25 @@ def session_objects(session: str) -> list[str]:
 def home_of(b: BrokerProcess) -> Path:
     """The HOME the factory gave this broker (its agent's transcripts live under it)."""
     return Path(b.env["HOME"])
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[Callable[[list[str]], ClientProc]]:
+    """Start commands (argv) with their JSON stdout read by :class:`ClientProc`; SIGKILLed and reaped on exit."""
+    started: list[ClientProc] = []
+
+    def start(argv: list[str]) -> ClientProc:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        started.append(ClientProc(proc))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for cp in started:
+            if cp.proc.poll() is None:
+                cp.kill()
+            for f in (cp.proc.stdout, cp.proc.stderr):
+                if f is not None:
+                    f.close()

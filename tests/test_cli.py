@@ -15,10 +15,8 @@ import pytest
 
 from ipc import names
 from ipc.procstat import read_proc_stat
-from tests.support import rec, running, wait_until
+from tests.support import TURNSTILE, rec, running, ts, wait_until
 
-_BIN = Path(sys.executable).with_name("turnstile")
-TURNSTILE = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "broker.cli"]
 LONG = "[sim:turn_ms=3000]"
 
 RESULT_FIELDS = {
@@ -34,12 +32,6 @@ RESULT_FIELDS = {
     "request_id",
     "preemptions",
 }
-
-
-def ts(*args: str, timeout_s: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TURNSTILE, *args], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, **kw
-    )
 
 
 def ts_bg(*args: str) -> subprocess.Popen[str]:

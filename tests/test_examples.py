@@ -17,8 +17,7 @@ import aiohttp
 import pytest
 
 from broker.testing.launcher import BrokerProcess
-from tests.ops_support import processes
-from tests.support import ClientProc, running, wait_until
+from tests.support import ClientProc, processes, running, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

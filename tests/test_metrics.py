@@ -13,9 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.testing.launcher import BrokerProcess
-from tests.ops_support import processes
-from tests.support import ClientProc, running, wait_until
-from tests.test_cli import TURNSTILE, ts
+from tests.support import TURNSTILE, ClientProc, processes, running, ts, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,9 +12,7 @@ import pytest
 from broker.testing.launcher import BrokerProcess
 from clients import Client, InvalidArgument
 from ipc import frames, sweep
-from tests.ops_support import processes
-from tests.support import ClientProc, running, wait_until
-from tests.test_cli import TURNSTILE, ts
+from tests.support import TURNSTILE, ClientProc, processes, running, ts, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
