@@ -44,6 +44,9 @@ CANCEL_EXITS = exits.epilog(
     (exits.RET_ERROR, "no turn is running (--holder), or any other error"), InvalidArgument, BrokerUnavailable,
     IPCError,
 )
+METRICS_EXITS = exits.epilog(
+    (exits.RET_OK, "stopped by SIGTERM/SIGINT"), (exits.RET_USAGE, "bad arguments, or the address cannot be bound"),
+)
 SWEEP_EXITS = exits.epilog((exits.RET_OK, "swept"), TurnstileError, InvalidArgument)
 DEMO_EXITS = exits.epilog(
     (exits.RET_OK, "every request got its result, in the right order"),
@@ -314,7 +317,7 @@ def _show_all(as_json: bool) -> bool:
 # ---------------------------------------------------------------- metrics
 
 
-@main.command()
+@main.command(epilog=METRICS_EXITS)
 @click.option("--port", type=click.IntRange(0, 65535), required=True, help="TCP port (0: any free port).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (IPv4).")
 @click.option("--session", "-s", "sessions", multiple=True,
@@ -324,7 +327,6 @@ def metrics(port: int, host: str, sessions: tuple[str, ...]) -> None:
 
     Read from the shared-memory state blocks at scrape time, never from a broker,
     so a stuck or stopped broker is still reported. Prints the URL once listening.
-    Exit 2 when the address cannot be bound.
     """
     from broker.metrics import serve as serve_metrics
     from ipc.names import check_session
