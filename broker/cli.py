@@ -238,14 +238,32 @@ def status(session: str, as_json: bool, watch: bool, interval_s: float) -> None:
     import time
 
     from ipc import state
+    from ipc.errors import StateDamaged
 
     def read() -> dict[str, Any] | None:
+        # A damaged block is not "no broker": a live broker rewrites it at its next
+        # publish (heartbeat 0.5 s), so look again for a moment before saying so.
+        deadline = time.monotonic() + 1.5
+        while True:
+            try:
+                return read_once()
+            except StateDamaged as exc:
+                if getattr(exc, "broker_alive", None) is False or time.monotonic() > deadline:
+                    click.echo(f"turnstile: session {session}: {exc}", err=True)
+                    return None
+                time.sleep(0.05)  # polling the block inside a deadline
+
+    def read_once() -> dict[str, Any] | None:
         try:
             block = state.StateBlock.open(session)
+        except StateDamaged:
+            raise
         except (FileNotFoundError, IPCError):
             return None
         try:
             snap = block.snapshot()
+        except StateDamaged:
+            raise
         except IPCError as exc:
             # The writer stopped mid-write (a broker frozen or killed while publishing):
             # say so instead of failing with a traceback.

@@ -217,6 +217,13 @@ def test_a_sequence_word_set_odd_is_repaired_and_readers_say_damaged_not_dead(br
             seg.mm[0:4] = b"JUNK"  # a garbage magic number
             with pytest.raises(StateDamaged):
                 state.StateBlock.open(session_name).close()
+            from clients import Client
+            from ipc.errors import BrokerUnavailable
+
+            with pytest.raises(BrokerUnavailable) as unavailable:
+                Client(session_name, "worker", connect_timeout_s=0.3)
+            assert unavailable.value.damaged is True  # type: ignore[attr-defined]
+            assert "damaged" in str(unavailable.value) and "Start one" not in str(unavailable.value)
         finally:
             os.kill(b.pid, signal.SIGCONT)
         # The broker owns the block: its next publish rewrites header and sequence.
@@ -362,6 +369,23 @@ def test_chunk_budgets_are_per_client_and_an_evicted_owner_is_told_its_request(b
                and f.code == "chunk_evicted"]
     assert evicted and all(f.req.startswith("hog") for f in evicted)
     assert_alive(b)
+
+
+@pytest.mark.timeout(120)
+def test_the_client_library_keeps_an_error_that_names_no_request(broker_factory, session_name):
+    from clients import Client
+
+    broker_factory()
+    with Client(session_name, "worker") as c:
+        rq = rqueue.RequestQueue.open(session_name)
+        try:  # a second hello in its name, of the other kind: refused with no request id
+            rq.send_frame(frames.Hello(client=c.client_id, kind="webhook", pid=os.getpid(),
+                                       start_time=names.self_identity()[1]))
+        finally:
+            rq.close()
+        assert c.prompt("after").result(timeout_s=30).ok
+        wait_until(lambda: c._conn.errors, 10, "the error to be kept")
+        assert [e.code for e in c._conn.errors] == ["kind_mismatch"]
 
 
 # ---------------------------------------------------------------- fuzz: random bytes while traffic runs
