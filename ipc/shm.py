@@ -147,19 +147,29 @@ def mapped_by(name: str, pid: int) -> bool:
     hold a 0600 segment of ours without being root.
     """
     try:
-        ino = os.stat(_path(name)).st_ino
+        st = os.stat(_path(name))
     except OSError:
         return False
-    suffix = _path(name).encode()
+    # By device and inode, not by path: /dev/shm may be reached through a symlink.
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:
             for line in f:
                 fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[4] == str(ino).encode() and fields[5].rstrip().startswith(suffix):
+                if len(fields) >= 5 and _dev_ino(fields[3], fields[4]) == want:
                     return True
     except OSError:
         return False
     return False
+
+
+def _dev_ino(dev: bytes, ino: bytes) -> tuple[int, int, int] | None:
+    """(major, minor, inode) of a maps line's "major:minor" (hex) and inode fields."""
+    try:
+        major, minor = dev.split(b":")
+        return int(major, 16), int(minor, 16), int(ino)
+    except ValueError:
+        return None
 
 
 def _path(name: str) -> str:
