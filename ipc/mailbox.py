@@ -45,6 +45,8 @@ FLAG_CLOSED: Final = 2  # the broker will write no more
 FLAG_DAMAGED: Final = 4  # the broker found the ring damaged (resized, counters out of range)
 #: Counters past this are damage, not traffic (2**62 bytes would take decades to stream).
 _COUNTER_LIMIT: Final = 1 << 62
+#: Copies longer than this are followed by a second size check before the counter store.
+_RECHECK_AFTER_BYTES: Final = 64 * 1024
 
 DEFAULT_CAPACITY: Final = 1 << 20
 #: How many bytes the broker holds for a client whose ring is full before failing it.
@@ -244,7 +246,9 @@ class MailboxWriter:
     aligned stores the reader sees whole; and the file's size is checked with
     ``fstat`` just before each touch of that page. A page is only unmapped when
     the file shrinks below it, so the one window left is a client truncating to
-    0 bytes between that check and the store, a few hundred nanoseconds: a
+    0 bytes between that check and the store (microseconds: a copy of more than
+    64 KiB is followed by a second check), and the copies themselves prove the
+    file reached past the header page an instant before: a
     same-user process racing us on purpose, which can as well ``kill`` us
     (``docs/guarantees.md``, the same-user trust limit). Every counter read is
     checked against what we wrote; any damage raises :class:`IPCError` with
@@ -366,8 +370,10 @@ class MailboxWriter:
                 self._pending.popleft()
             else:
                 self._pending[0] = chunk[n:]
+        if w - self._written > _RECHECK_AFTER_BYTES:
+            # A long copy widens the window since the check above: look again before the store.
+            self._check()
         self._written = w
-        self._check()  # a truncation during the copies is seen here, before the store
         self._words[OFF_WRITTEN // 8] = w
         self.ring()
         return self.pending_bytes

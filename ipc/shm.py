@@ -106,7 +106,9 @@ class Segment:
 
     def current_size(self) -> int:
         """The file's size now (another process may have truncated or grown it)."""
-        return os.fstat(self.fd).st_size
+        # lseek to the end is fstat's st_size without building a stat result; the
+        # descriptor's offset is unused (every access is pread/pwrite or the mapping).
+        return os.lseek(self.fd, 0, os.SEEK_END)
 
     def intact(self) -> bool:
         """True while the file still has the size the holder expects."""
@@ -118,11 +120,14 @@ class Segment:
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         """Write ``data`` at ``offset`` through the descriptor (a shrunk file grows back; no fault)."""
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
+        n = os.pwrite(self.fd, data, offset)
+        if n < len(data):  # rare (a signal, a full tmpfs): finish the rest
+            view = memoryview(data)[n:]
             offset += n
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
 
     def close(self) -> None:
         """Unmap and close the descriptor."""
