@@ -45,8 +45,9 @@ FLAG_CLOSED: Final = 2  # the broker will write no more
 FLAG_DAMAGED: Final = 4  # the broker found the ring damaged (resized, counters out of range)
 #: Counters past this are damage, not traffic (2**62 bytes would take decades to stream).
 _COUNTER_LIMIT: Final = 1 << 62
-#: Copies longer than this are followed by a second size check before the counter store.
-_RECHECK_AFTER_BYTES: Final = 64 * 1024
+#: A pump moving at most this many bytes copies them through the mapping right after
+#: its size check (microseconds); a larger one uses pwrite, which cannot fault.
+_MAPPED_COPY_BYTES: Final = 64 * 1024
 
 DEFAULT_CAPACITY: Final = 1 << 20
 #: How many bytes the broker holds for a client whose ring is full before failing it.
@@ -240,16 +241,14 @@ class MailboxWriter:
     The ring is the client's memory, so nothing read from it is trusted and
     nothing in it may crash the broker. A client can write any counter, or
     ``ftruncate`` the segment under us (touching a mapped page past the file's
-    end is SIGBUS). So: the frame bytes go in with ``pwrite`` on our own
-    descriptor (a system call: a shrunk file grows back, it never faults);
-    only the header page is mapped, for the counter words, which must be single
-    aligned stores the reader sees whole; and the file's size is checked with
-    ``fstat`` just before each touch of that page. A page is only unmapped when
-    the file shrinks below it, so the one window left is a client truncating to
-    0 bytes between that check and the store (microseconds: a copy of more than
-    64 KiB is followed by a second check), and the copies themselves prove the
-    file reached past the header page an instant before: a
-    same-user process racing us on purpose, which can as well ``kill`` us
+    end is SIGBUS). So every pump first checks the file's size on our own
+    descriptor; a pump of at most 64 KiB then copies through the mapping
+    (microseconds after the check), a larger one with ``pwrite`` (a system
+    call: a shrunk file grows back, nothing faults) followed by a second
+    check; then the counter word is stored through the mapping (it must be
+    one aligned store the reader sees whole). The window left is a client
+    truncating the file between a check and the next access, microseconds:
+    a same-user process racing us on purpose, which can as well ``kill`` us
     (``docs/guarantees.md``, the same-user trust limit). Every counter read is
     checked against what we wrote; any damage raises :class:`IPCError` with
     ``reason="ring_damaged"`` and the caller drops that client.
@@ -258,7 +257,7 @@ class MailboxWriter:
     def __init__(self, session: str, client: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.ring_name = names.mailbox(session, client)
         self.bell_name = names.doorbell(session, client)
-        self._seg = shm.Segment.open(self.ring_name, min_size=DATA_OFFSET + 1, mapped=DATA_OFFSET)
+        self._seg = shm.Segment.open(self.ring_name, min_size=DATA_OFFSET + 1)
         try:
             magic, layout, capacity, pid, start = _HEADER.unpack(self._seg.pread(_HEADER.size, 0))
             if magic != MAGIC or layout != LAYOUT or capacity <= 0 or DATA_OFFSET + capacity != self._seg.size:
@@ -355,14 +354,24 @@ class MailboxWriter:
         w = self._written
         cap = self.capacity
         seg = self._seg
+        mm = seg.mm
+        # Small copies go through the mapping right after the size check: a window of
+        # microseconds, like the counter store's. Large ones go through pwrite, which
+        # never faults however long the copy takes.
+        mapped = self.pending_bytes <= _MAPPED_COPY_BYTES
         while self._pending and free > 0:
             chunk = self._pending[0]
             n = min(len(chunk), free)
             pos = w % cap
             first = min(n, cap - pos)
-            seg.pwrite(chunk[:first], DATA_OFFSET + pos)
-            if n > first:
-                seg.pwrite(chunk[first:n], DATA_OFFSET)
+            if mapped:
+                mm[DATA_OFFSET + pos : DATA_OFFSET + pos + first] = chunk[:first]
+                if n > first:
+                    mm[DATA_OFFSET : DATA_OFFSET + n - first] = chunk[first:n]
+            else:
+                seg.pwrite(chunk[:first], DATA_OFFSET + pos)
+                if n > first:
+                    seg.pwrite(chunk[first:n], DATA_OFFSET)
             w += n
             free -= n
             self.pending_bytes -= n
@@ -370,7 +379,7 @@ class MailboxWriter:
                 self._pending.popleft()
             else:
                 self._pending[0] = chunk[n:]
-        if w - self._written > _RECHECK_AFTER_BYTES:
+        if not mapped:
             # A long copy widens the window since the check above: look again before the store.
             self._check()
         self._written = w
