@@ -45,9 +45,8 @@ FLAG_CLOSED: Final = 2  # the broker will write no more
 FLAG_DAMAGED: Final = 4  # the broker found the ring damaged (resized, counters out of range)
 #: Counters past this are damage, not traffic (2**62 bytes would take decades to stream).
 _COUNTER_LIMIT: Final = 1 << 62
-#: A pump moving at most this many bytes copies them through the mapping right after
-#: its size check (microseconds); a larger one uses pwrite, which cannot fault.
-_MAPPED_COPY_BYTES: Final = 64 * 1024
+#: After copying more than this, the size is checked again before the counter store.
+_RECHECK_AFTER_BYTES: Final = 64 * 1024
 
 DEFAULT_CAPACITY: Final = 1 << 20
 #: How many bytes the broker holds for a client whose ring is full before failing it.
@@ -241,15 +240,16 @@ class MailboxWriter:
     The ring is the client's memory, so nothing read from it is trusted and
     nothing in it may crash the broker. A client can write any counter, or
     ``ftruncate`` the segment under us (touching a mapped page past the file's
-    end is SIGBUS). So every pump first checks the file's size on our own
-    descriptor; a pump of at most 64 KiB then copies through the mapping
-    (microseconds after the check), a larger one with ``pwrite`` (a system
-    call: a shrunk file grows back, nothing faults) followed by a second
-    check; then the counter word is stored through the mapping (it must be
-    one aligned store the reader sees whole). The window left is a client
-    truncating the file between a check and the next access, microseconds:
-    a same-user process racing us on purpose, which can as well ``kill`` us
-    (``docs/guarantees.md``, the same-user trust limit). Every counter read is
+    end is SIGBUS). So the frame bytes go in with ``pwrite`` on our own
+    descriptor (a system call: a shrunk file grows back, nothing faults), and
+    only the header page is mapped, for the counter words, which must be one
+    aligned store the reader sees whole. That page is unmapped only when the
+    file shrinks to 0 bytes, and the size is checked on our descriptor before
+    each pump (and again after copying more than 64 KiB). The window left is a
+    client truncating its ring to exactly 0 bytes between that check and the
+    next counter access, microseconds: a same-user process racing us on
+    purpose, which can as well ``kill`` us (``docs/guarantees.md``, the
+    same-user trust limit). Every counter read is
     checked against what we wrote; any damage raises :class:`IPCError` with
     ``reason="ring_damaged"`` and the caller drops that client.
     """
@@ -257,7 +257,7 @@ class MailboxWriter:
     def __init__(self, session: str, client: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.ring_name = names.mailbox(session, client)
         self.bell_name = names.doorbell(session, client)
-        self._seg = shm.Segment.open(self.ring_name, min_size=DATA_OFFSET + 1)
+        self._seg = shm.Segment.open(self.ring_name, min_size=DATA_OFFSET + 1, mapped=DATA_OFFSET)
         try:
             magic, layout, capacity, pid, start = _HEADER.unpack(self._seg.pread(_HEADER.size, 0))
             if magic != MAGIC or layout != LAYOUT or capacity <= 0 or DATA_OFFSET + capacity != self._seg.size:
@@ -354,24 +354,14 @@ class MailboxWriter:
         w = self._written
         cap = self.capacity
         seg = self._seg
-        mm = seg.mm
-        # Small copies go through the mapping right after the size check: a window of
-        # microseconds, like the counter store's. Large ones go through pwrite, which
-        # never faults however long the copy takes.
-        mapped = self.pending_bytes <= _MAPPED_COPY_BYTES
         while self._pending and free > 0:
             chunk = self._pending[0]
             n = min(len(chunk), free)
             pos = w % cap
             first = min(n, cap - pos)
-            if mapped:
-                mm[DATA_OFFSET + pos : DATA_OFFSET + pos + first] = chunk[:first]
-                if n > first:
-                    mm[DATA_OFFSET : DATA_OFFSET + n - first] = chunk[first:n]
-            else:
-                seg.pwrite(chunk[:first], DATA_OFFSET + pos)
-                if n > first:
-                    seg.pwrite(chunk[first:n], DATA_OFFSET)
+            seg.pwrite(chunk[:first], DATA_OFFSET + pos)
+            if n > first:
+                seg.pwrite(chunk[first:n], DATA_OFFSET)
             w += n
             free -= n
             self.pending_bytes -= n
@@ -379,9 +369,8 @@ class MailboxWriter:
                 self._pending.popleft()
             else:
                 self._pending[0] = chunk[n:]
-        if not mapped:
-            # A long copy widens the window since the check above: look again before the store.
-            self._check()
+        if w - self._written > _RECHECK_AFTER_BYTES:
+            self._check()  # a long copy widens the window since the first check
         self._written = w
         self._words[OFF_WRITTEN // 8] = w
         self.ring()

@@ -53,8 +53,14 @@ class RawClient:
     def hello(self, b: BrokerProcess) -> None:
         pid, start = names.self_identity()
         self.rq.send_frame(frames.Hello(client=self.id, kind=self.kind, pid=pid, start_time=start))
-        wait_until(lambda: any(e.get("event") == "client.connected" and e.get("client") == self.id
-                               for e in broker_log(b)), 20, "the broker to connect the raw client")
+
+        def connected() -> bool:
+            mine = [e for e in broker_log(b) if e.get("client") == self.id]
+            assert_alive(b)
+            assert not any(e.get("event") == "client.hello_refused" for e in mine), mine
+            return any(e.get("event") == "client.connected" for e in mine)
+
+        wait_until(connected, 20, f"the broker to connect raw client {self.id}")
 
     def prompt(self, req: str, content: str) -> None:
         self.rq.send_frame(frames.Prompt(client=self.id, req=req, kind=self.kind, content=content))
@@ -401,6 +407,8 @@ def test_fuzz_random_bytes_in_a_clients_mailbox_and_the_state_block_hurt_nobody_
     b = broker_factory()
     bystanders = [client(kind, prompts=[{"text": f"[sim:bytes={1000 * (i + 1)}] {kind}-{i}"} for i in range(40)])
                   for kind in ("worker", "webhook")]
+    for c in bystanders:
+        c.ev("connected", timeout_s=30)  # attached before the damage starts: the broker is under test
     rng = random.Random(int(os.environ.get("FUZZ_SEED", "1313")))
     st_fd = os.open(shm_path(names.state_block(session_name)), os.O_RDWR)
     victims = 0
@@ -420,7 +428,9 @@ def test_fuzz_random_bytes_in_a_clients_mailbox_and_the_state_block_hurt_nobody_
                         # Through the descriptor, never our mapping: a truncation cannot fault us.
                         what = rng.random()
                         if what < 0.05:
-                            os.ftruncate(fd, rng.choice([0, 64, 4096, 4097, 8192, 1 << 21]))
+                            # Any size but 0: a truncation to 0 racing the broker's size check is
+                            # the one window left (docs/guarantees.md); the item 3 tests cover 0.
+                            os.ftruncate(fd, rng.choice([1, 64, 4096, 4097, 8192, 1 << 21]))
                         elif what < 0.5:
                             off = rng.choice([mailbox.OFF_WRITTEN, mailbox.OFF_READ, mailbox.OFF_FLAGS,
                                               mailbox.OFF_START, mailbox.OFF_GEN, 0, 8, 16])
@@ -429,7 +439,7 @@ def test_fuzz_random_bytes_in_a_clients_mailbox_and_the_state_block_hurt_nobody_
                             os.pwrite(fd, rng.randbytes(rng.randint(1, 64)), rng.randint(0, 1 << 20))
                         where = rng.random()
                         if where < 0.02:
-                            os.ftruncate(st_fd, rng.choice([0, 8, 4095]))
+                            os.ftruncate(st_fd, rng.choice([1, 8, 4095]))
                         elif where < 0.3:
                             os.pwrite(st_fd, rng.randbytes(rng.randint(1, 16)), rng.randint(0, state.SIZE - 1))
                     assert_alive(b)
