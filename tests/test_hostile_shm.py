@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from broker.launcher import BrokerProcess
 
+from broker.testing.launcher import BrokerProcess
 from ipc import chunks, frames, mailbox, names, rqueue, shm, state, sweep
 from ipc.errors import ProtocolError, StateDamaged
 from tests import test_faults
