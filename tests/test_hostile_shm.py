@@ -26,11 +26,7 @@ import pytest
 from broker.testing.launcher import BrokerProcess
 from ipc import chunks, frames, mailbox, names, rqueue, shm, state, sweep
 from ipc.errors import ProtocolError, StateDamaged
-from tests import test_faults
-from tests.support import ClientProc, rec, wait_until
-from tests.test_faults import broker_log, session_objects
-
-client = test_faults.client  # the bystander-process fixture, shared
+from tests.support import ClientProc, broker_log, rec, session_objects, wait_until
 
 SHM = "/dev/shm"
 
