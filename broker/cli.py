@@ -274,17 +274,42 @@ def status(session: str | None, as_json: bool, watch: bool, interval_s: float) -
 
 
 def _read_status(session: str) -> dict[str, Any] | None:
-    """One session's state as a dict, or None when there is no readable block (a damaged one is said on stderr)."""
+    """One session's state as a dict, or None when there is no readable block (a damaged one is said on stderr).
+
+    A damaged block is not "no broker": a live broker rewrites it at its next
+    publish (heartbeat 0.5 s), so look again for a moment before saying so.
+    """
+    import time
+
+    from ipc.errors import StateDamaged
+
+    deadline = time.monotonic() + 1.5
+    while True:
+        try:
+            return _read_status_once(session)
+        except StateDamaged as exc:
+            if getattr(exc, "broker_alive", None) is False or time.monotonic() > deadline:
+                click.echo(f"turnstile: session {session}: {exc}", err=True)
+                return None
+            time.sleep(0.05)  # polling the block inside a deadline
+
+
+def _read_status_once(session: str) -> dict[str, Any] | None:
     import time
 
     from ipc import state
+    from ipc.errors import StateDamaged
 
     try:
         block = state.StateBlock.open(session)
+    except StateDamaged:
+        raise
     except (FileNotFoundError, IPCError):
         return None
     try:
         snap = block.snapshot()
+    except StateDamaged:
+        raise
     except IPCError as exc:
         # The writer stopped mid-write (a broker frozen or killed while publishing):
         # say so instead of failing with a traceback.

@@ -135,7 +135,17 @@ class Ingress:
         try:
             frame = frames.decode_request(data)
             if isinstance(frame, frames.Chunk):
-                whole = self.reasm.add(frame, now)
+                if self.registry.get(frame.client) is None:
+                    # Only a connected client holds pending chunks: client ids cost nothing
+                    # to make up. One whose hello this broker never read resubmits anyway.
+                    self.publisher.count("rejected_frames")
+                    self.log.warning("frame.unknown_client", client=frame.client, type="Chunk")
+                    return
+                try:
+                    whole = self.reasm.add(frame, now, connected=True)
+                finally:
+                    for d in self.reasm.take_dropped():  # sets evicted to make room: tell their owners
+                        self.reject(d.client, d.req, ProtocolError(d.code, d.message))
                 if whole is None:
                     return
                 inner = frames.decode_request(whole)
@@ -219,6 +229,6 @@ class Ingress:
         self.publisher.clear_cancel()
 
     def tick(self, now: float) -> None:
-        """Periodic work: expire incomplete chunk sets and tell their senders."""
-        for client, _cid in self.reasm.expire(now):
-            self.reject(client, "", ProtocolError("chunk_timeout", "incomplete chunk set expired"))
+        """Periodic work: expire incomplete chunk sets and tell their senders (naming the request)."""
+        for d in self.reasm.expire(now):
+            self.reject(d.client, d.req, ProtocolError(d.code, d.message))

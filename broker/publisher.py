@@ -110,7 +110,10 @@ class Publisher:
     def publish(self) -> None:
         """Write the record now."""
         if self.block is not None:
-            self.block.write(self.record())
+            problems = self.block.write(self.record())
+            if problems:
+                # The broker owns the block: whoever damaged it, this write just repaired it.
+                self.log.error("state.repaired", problems=problems)
             self._dirty = False
 
     def mark_dirty(self) -> None:

@@ -105,6 +105,13 @@ class Registry:
             os.close(pidfd)
             self.log.warning("client.mailbox_owner_mismatch", client=client)
             return None
+        if not mailbox.held_by(self.session, client, pid):
+            # Anyone can write any pid into a hello and a header; only the real reader
+            # has the ring mapped. A claim we cannot check this way is refused.
+            writer.close()
+            os.close(pidfd)
+            self.log.warning("client.mailbox_not_held", client=client, pid=pid)
+            return None
         conn = ClientConn(client, kind, pid, start, writer, pidfd, list(hello.handles) if hello else [],
                           (hello.label or "") if hello else "")
         self._clients[client] = conn
@@ -157,6 +164,9 @@ class Registry:
             self.log.error("client.too_slow", client=client, error=str(exc))
             self.gone(client, "client_too_slow")
             return
+        except IPCError as exc:
+            self._damaged(client, exc)
+            return
         if conn.writer.pending_bytes:
             self._slow.add(client)
             self._arm_pump()
@@ -173,9 +183,14 @@ class Registry:
             writer = mailbox.MailboxWriter(self.session, client)
         except (OSError, IPCError):
             return
-        with contextlib.suppress(ClientTooSlow):
+        with contextlib.suppress(ClientTooSlow, IPCError):
             writer.send(frames.encode(frame))
         writer.close()
+
+    def _damaged(self, client: str, exc: IPCError) -> None:
+        # The ring is the client's own memory: damage there ends that client only.
+        self.log.error("client.mailbox_damaged", client=client, error=str(exc))
+        self.gone(client, "mailbox_damaged")
 
     def _arm_pump(self) -> None:
         # The client frees ring room without telling us: poll while it lags, rather
@@ -192,7 +207,12 @@ class Registry:
         """Move buffered frames of slow clients into their rings; True while some still lag."""
         for client in list(self._slow):
             conn = self._clients.get(client)
-            if conn is None or conn.writer.pump() == 0:
+            try:
+                lagging = conn is not None and conn.writer.pump() > 0
+            except IPCError as exc:
+                self._damaged(client, exc)
+                lagging = False
+            if not lagging:
                 self._slow.discard(client)
         return bool(self._slow)
 

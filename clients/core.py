@@ -12,8 +12,10 @@ when it sees a new broker incarnation; the broker de-duplicates.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +25,17 @@ from clients import handlers
 from clients.handlers import Handler
 from clients.requests import RequestState, TurnResult, new_request_id
 from ipc import defaults, frames, mailbox, names, rqueue, state
-from ipc.errors import BrokerUnavailable, InvalidArgument, IPCError, ProtocolError, QueueGone, TurnstileError
+from ipc.errors import (
+    BrokerUnavailable,
+    InvalidArgument,
+    IPCError,
+    ProtocolError,
+    QueueGone,
+    StateDamaged,
+    TurnstileError,
+)
+
+log = logging.getLogger("turnstile.client")
 
 #: The handler types, by the constructor argument they are given as.
 PermissionHandler = Handler
@@ -84,6 +96,11 @@ class Connection:
         self.on_detach: Callable[[], None] | None = None
         #: Runs an async handler's answer (the asyncio front end sets it; the blocking one cannot).
         self.run_async: Callable[[Awaitable[None]], None] | None = None
+        #: Errors the broker sent that name no request of ours (a frame it could not
+        #: attribute): kept (the last 100) and logged, never dropped silently.
+        self.errors: deque[frames.Error] = deque(maxlen=100)
+        #: Why the last attach failed, when that says more than "no broker" (a damaged state block).
+        self.attach_error: TurnstileError | None = None
 
     # ------------------------------------------------------------ broker discovery
 
@@ -91,11 +108,15 @@ class Connection:
         """Attach to the session's live broker if there is one; True when attached (or already)."""
         try:
             block = state.StateBlock.open(self.session)
+        except StateDamaged as exc:
+            self.attach_error = exc  # its broker, if alive, repairs it: the caller keeps trying
+            return False
         except (FileNotFoundError, IPCError):
             return False
         try:
             snap = block.snapshot()
-        except IPCError:
+        except IPCError as exc:
+            self.attach_error = exc if isinstance(exc, StateDamaged) else None
             block.close()
             return False
         if not snap.broker_alive:
@@ -118,6 +139,7 @@ class Connection:
             rq.close()
             return False
         self._detach()
+        self.attach_error = None
         self.block, self.rq, self.broker_pidfd = block, rq, pidfd
         self.broker_pid = snap.record.broker_pid
         changed = snap.record.incarnation != self.incarnation
@@ -194,7 +216,15 @@ class Connection:
         return err
 
     def unavailable(self, waited_s: float) -> BrokerUnavailable:
-        """The error for 'no broker came'."""
+        """The error for 'no broker came' (or 'its state block stayed damaged')."""
+        if isinstance(self.attach_error, StateDamaged):
+            return BrokerUnavailable(
+                f"session {self.session!r} has a damaged state block (waited {waited_s:g} s): "
+                f"{self.attach_error}",
+                session=self.session,
+                waited_s=waited_s,
+                damaged=True,
+            )
         return BrokerUnavailable(
             f"no broker serves session {self.session!r} (waited {waited_s:g} s). "
             f"Start one with: {start_command(self.session)}",
@@ -349,6 +379,10 @@ class Connection:
                 if st is not None:
                     st.result = TurnResult(status="error", error_code=frame.code, error=frame.message,
                                            request_id=frame.req)
+                else:
+                    self.errors.append(frame)
+                    log.warning("broker error for no pending request: req=%r code=%s: %s",
+                                frame.req, frame.code, frame.message)
             case frames.LeaseGranted():
                 self.lease_state = "held"
                 if st is not None:

@@ -63,7 +63,7 @@ class ProtocolError(TurnstileError):
     """A frame was malformed, oversize, of an unknown type or version, or out of sequence.
 
     ``reason`` names what was wrong (``malformed``, ``invalid``, ``unknown_type``,
-    ``unsupported_version``, ``oversize``, ``chunk_sequence``, ``chunk_timeout``,
+    ``unsupported_version``, ``oversize``, ``chunk_sequence``, ``chunk_timeout``, ``chunk_evicted``,
     ``unknown_client``, ``kind_mismatch``, ``bad_content``, ``ring`` for an
     inconsistent mailbox ring). A refused frame is the caller's input: the same
     exit code as a usage error.
@@ -101,6 +101,16 @@ class NameSquatted(IPCError):
     """
 
     code = "name_squatted"
+
+
+class StateDamaged(IPCError):
+    """The session's state block is damaged (resized, foreign header, sequence word stuck mid-write).
+
+    Not the same as "no broker": ``broker_alive`` says whether the broker it
+    names still runs (a live broker rewrites its block at its next publish).
+    """
+
+    code = "state_damaged"
 
 
 class LimitError(IPCError):

@@ -42,6 +42,11 @@ OFF_START: Final = 256  # where the current writer's stream begins (set before O
 OFF_GEN: Final = 320  # bumped by every new writer (a broker restart)
 FLAG_FAILED: Final = 1  # the broker gave up on this client (client_too_slow)
 FLAG_CLOSED: Final = 2  # the broker will write no more
+FLAG_DAMAGED: Final = 4  # the broker found the ring damaged (resized, counters out of range)
+#: Counters past this are damage, not traffic (2**62 bytes would take decades to stream).
+_COUNTER_LIMIT: Final = 1 << 62
+#: After copying more than this, the size is checked again before the counter store.
+_RECHECK_AFTER_BYTES: Final = 64 * 1024
 
 DEFAULT_CAPACITY: Final = 1 << 20
 #: How many bytes the broker holds for a client whose ring is full before failing it.
@@ -145,6 +150,8 @@ class MailboxReader:
         self._pull(written)
         out += self._parse()
         if failed:
+            if not out and self._words[OFF_FLAGS // 8] & FLAG_DAMAGED:
+                raise ProtocolError("ring", "the broker found this mailbox damaged and dropped this client")
             if not out:
                 # Nothing more will come; what is left in buf is the head of a
                 # frame the broker dropped, which can never complete.
@@ -229,41 +236,84 @@ class MailboxWriter:
     Never blocks: what does not fit waits in a bounded per-client buffer that
     :meth:`pump` moves into the ring as the client frees room. Overflowing the
     bound raises :class:`ClientTooSlow` and marks the ring failed.
+
+    The ring is the client's memory, so nothing read from it is trusted and
+    nothing in it may crash the broker. A client can write any counter, or
+    ``ftruncate`` the segment under us (touching a mapped page past the file's
+    end is SIGBUS). So the frame bytes go in with ``pwrite`` on our own
+    descriptor (a system call: a shrunk file grows back, nothing faults), and
+    only the header page is mapped, for the counter words, which must be one
+    aligned store the reader sees whole. That page is unmapped only when the
+    file shrinks to 0 bytes, and the size is checked on our descriptor before
+    each pump (and again after copying more than 64 KiB). The window left is a
+    client truncating its ring to exactly 0 bytes between that check and the
+    next counter access, microseconds: a same-user process racing us on
+    purpose, which can as well ``kill`` us (``docs/guarantees.md``, the
+    same-user trust limit). Every counter read is
+    checked against what we wrote; any damage raises :class:`IPCError` with
+    ``reason="ring_damaged"`` and the caller drops that client.
     """
 
     def __init__(self, session: str, client: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.ring_name = names.mailbox(session, client)
         self.bell_name = names.doorbell(session, client)
-        self._mm = shm.open_existing(self.ring_name, min_size=DATA_OFFSET + 1)
-        magic, layout, capacity, pid, start = _HEADER.unpack_from(self._mm, 0)
-        if magic != MAGIC or layout != LAYOUT or DATA_OFFSET + capacity > len(self._mm):
-            self._mm.close()
-            raise IPCError(f"{self.ring_name} is not a turnstile mailbox", name=self.ring_name)
-        self.capacity: int = capacity
-        self.owner_pid: int = pid
-        self.owner_start: int = start
+        self._seg = shm.Segment.open(self.ring_name, min_size=DATA_OFFSET + 1, mapped=DATA_OFFSET)
         try:
-            self._bell = posix_ipc.MessageQueue(self.bell_name)
-            names.check_owner(self._bell.mqd, self.bell_name)
-        except posix_ipc.ExistentialError as exc:
-            self._mm.close()
-            raise IPCError(f"no doorbell {self.bell_name}", name=self.bell_name) from exc
+            magic, layout, capacity, pid, start = _HEADER.unpack(self._seg.pread(_HEADER.size, 0))
+            if magic != MAGIC or layout != LAYOUT or capacity <= 0 or DATA_OFFSET + capacity != self._seg.size:
+                raise IPCError(f"{self.ring_name} is not a turnstile mailbox", name=self.ring_name)
+            self.capacity: int = capacity
+            self.owner_pid: int = pid
+            self.owner_start: int = start
+            try:
+                self._bell = posix_ipc.MessageQueue(self.bell_name)
+            except posix_ipc.ExistentialError as exc:
+                raise IPCError(f"no doorbell {self.bell_name}", name=self.bell_name) from exc
+            try:
+                names.check_owner(self._bell.mqd, self.bell_name)
+            except BaseException:
+                self._bell.close()
+                raise
         except BaseException:
-            self._mm.close()
+            self._seg.close()
             raise
-        self._words = _words(self._mm)
-        self._written: int = self._words[OFF_WRITTEN // 8]
-        # Start a new stream generation: the start first, then the generation, so a
-        # reader that sees the new generation also sees where its stream begins.
-        self._words[OFF_START // 8] = self._written
-        self._words[OFF_GEN // 8] = self._words[OFF_GEN // 8] + 1
+        self._words = _words(self._seg.mm)
+        self.failed = False
+        try:
+            self._check()
+            self._written: int = self._words[OFF_WRITTEN // 8]
+            self._read: int = self._words[OFF_READ // 8]
+            if not 0 <= self._written - self._read <= capacity or self._written >= _COUNTER_LIMIT:
+                raise self._damaged(f"counters written={self._written} read={self._read}")
+            # Start a new stream generation: the start first, then the generation, so a
+            # reader that sees the new generation also sees where its stream begins.
+            self._words[OFF_START // 8] = self._written
+            self._check()
+            self._words[OFF_GEN // 8] = (self._words[OFF_GEN // 8] + 1) % _COUNTER_LIMIT
+        except BaseException:
+            self.close()
+            raise
         self._pending: collections.deque[memoryview] = collections.deque()
         self.pending_bytes = 0
         self.max_pending = max_pending
-        self.failed = False
+
+    def _damaged(self, what: str) -> IPCError:
+        return IPCError(f"client mailbox {self.ring_name} is damaged: {what}", name=self.ring_name,
+                        reason="ring_damaged")
+
+    def _check(self) -> None:
+        """Raise unless the segment still has its size: the header page is safe to touch right after."""
+        size = self._seg.current_size()
+        if size != self._seg.size:
+            raise self._damaged(f"resized to {size} bytes (was {self._seg.size})")
 
     def send(self, frame: bytes) -> None:
-        """Queue one frame for the client and move what fits into the ring now."""
+        """Queue one frame for the client and move what fits into the ring now.
+
+        Raises :class:`ClientTooSlow` when the bounded buffer overflows and
+        :class:`IPCError` (``reason="ring_damaged"``) when the ring is damaged;
+        either way the writer is failed and later sends do nothing.
+        """
         if self.failed:
             return
         self._pending.append(memoryview(_LEN.pack(len(frame)) + frame))
@@ -279,24 +329,39 @@ class MailboxWriter:
             )
 
     def pump(self) -> int:
-        """Copy buffered bytes into free ring space, publish, ring. Returns bytes still buffered."""
-        if not self._pending:
+        """Copy buffered bytes into free ring space, publish, ring. Returns bytes still buffered.
+
+        A damaged ring fails the writer and raises :class:`IPCError` (``reason="ring_damaged"``).
+        """
+        if not self._pending or self.failed:
             return 0
+        try:
+            return self._pump()
+        except IPCError:
+            self.fail(FLAG_FAILED | FLAG_DAMAGED)
+            raise
+
+    def _pump(self) -> int:
+        self._check()
         read: int = self._words[OFF_READ // 8]
+        # The client only ever moves its counter forward, and never past what we published.
+        if not self._read <= read <= self._written:
+            raise self._damaged(f"read counter {read} outside [{self._read}, {self._written}]")
+        self._read = read
         free = self.capacity - (self._written - read)
         if free <= 0:
             return self.pending_bytes
         w = self._written
         cap = self.capacity
-        mm = self._mm
+        seg = self._seg
         while self._pending and free > 0:
             chunk = self._pending[0]
             n = min(len(chunk), free)
             pos = w % cap
             first = min(n, cap - pos)
-            mm[DATA_OFFSET + pos : DATA_OFFSET + pos + first] = chunk[:first]
+            seg.pwrite(chunk[:first], DATA_OFFSET + pos)
             if n > first:
-                mm[DATA_OFFSET : DATA_OFFSET + n - first] = chunk[first:n]
+                seg.pwrite(chunk[first:n], DATA_OFFSET)
             w += n
             free -= n
             self.pending_bytes -= n
@@ -304,6 +369,8 @@ class MailboxWriter:
                 self._pending.popleft()
             else:
                 self._pending[0] = chunk[n:]
+        if w - self._written > _RECHECK_AFTER_BYTES:
+            self._check()  # a long copy widens the window since the first check
         self._written = w
         self._words[OFF_WRITTEN // 8] = w
         self.ring()
@@ -323,13 +390,15 @@ class MailboxWriter:
         except posix_ipc.ExistentialError:
             pass
 
-    def fail(self) -> None:
+    def fail(self, flags: int = FLAG_FAILED) -> None:
         """Give up on this client: drop what is buffered and tell it so through the flags."""
         self.failed = True
         self._pending.clear()
         self.pending_bytes = 0
-        flags: int = self._words[OFF_FLAGS // 8]
-        self._words[OFF_FLAGS // 8] = flags | FLAG_FAILED
+        if self._seg.current_size() < DATA_OFFSET:
+            return  # the header page may be gone: the client learns it is dropped some other way
+        old: int = self._words[OFF_FLAGS // 8]
+        self._words[OFF_FLAGS // 8] = old | flags
         self.ring()
 
     def close(self) -> None:
@@ -339,7 +408,7 @@ class MailboxWriter:
         except posix_ipc.ExistentialError:
             pass
         self._words.release()
-        self._mm.close()
+        self._seg.close()
 
 
 def unlink(session: str, client: str) -> bool:
@@ -355,15 +424,20 @@ def unlink(session: str, client: str) -> bool:
 
 def read_owner(session: str, client: str) -> tuple[int, int] | None:
     """(pid, start time) recorded in a mailbox header, or None if unreadable."""
+    # Read through the descriptor, never a mapping: the client may truncate it under us.
     try:
-        mm = shm.open_existing(names.mailbox(session, client), writable=False, min_size=_HEADER.size)
-    except (FileNotFoundError, IPCError):
+        head = shm.read_head(names.mailbox(session, client), _HEADER.size)
+    except (OSError, IPCError):
         return None
-    try:
-        magic, _layout, _cap, pid, start = _HEADER.unpack_from(mm, 0)
-        return (pid, start) if magic == MAGIC else None
-    finally:
-        mm.close()
+    if len(head) < _HEADER.size:
+        return None
+    magic, _layout, _cap, pid, start = _HEADER.unpack(head)
+    return (pid, start) if magic == MAGIC else None
 
 
-__all__ = ["DEFAULT_CAPACITY", "MailboxReader", "MailboxWriter", "read_owner", "unlink"]
+def held_by(session: str, client: str, pid: int) -> bool:
+    """True when process ``pid`` has the mailbox ring of ``client`` mapped (it is its reader)."""
+    return shm.mapped_by(names.mailbox(session, client), pid)
+
+
+__all__ = ["DEFAULT_CAPACITY", "MailboxReader", "MailboxWriter", "held_by", "read_owner", "unlink"]

@@ -9,6 +9,13 @@ and start time, so a reader can tell a block left by a dead broker.
 
 The cancel slot is the one part clients write: (incarnation, turn id) of the
 turn they want cancelled. The broker clears it on start.
+
+Any same-user process can scribble on the block or truncate it. The broker
+owns it and repairs it: before every write it checks the size (``fstat``, and
+``ftruncate`` back), the header, and the sequence word, which it keeps in its
+own memory instead of trusting the shared one (so a sequence word left odd
+cannot make the broker's writes look stable mid-write). Readers tell a
+damaged block (:class:`StateDamaged`) from a missing one (``FileNotFoundError``).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
 from ipc import histogram, names, shm
-from ipc.errors import IPCError
+from ipc.errors import IPCError, StateDamaged
 
 MAGIC: Final = 0x54535354  # "TSST"
 LAYOUT: Final = 1
@@ -200,59 +207,103 @@ class Snapshot:
 class StateBlock:
     """A mapped state block; the broker opens it to write, anyone to read."""
 
-    def __init__(self, mm: mmap.mmap, name: str, writer: bool) -> None:
-        self._mm = mm
-        self._words = _words(mm)
+    def __init__(self, seg: shm.Segment, name: str, writer: bool) -> None:
+        self._seg = seg
+        self._mm = seg.mm
+        self._words = _words(seg.mm)
         self.name = name
         self.writer = writer
+        seq: int = self._words[_SEQ]
+        # The writer's own copy of the sequence word: what it writes next never
+        # depends on what someone else left in the shared one.
+        self._seq = seq + (seq & 1)
 
     @classmethod
     def create(cls, session: str) -> StateBlock:
         """Broker side: create the block (0600), or take over one a dead broker left."""
         name = names.state_block(session)
         try:
-            mm = shm.create(name, SIZE)
+            seg = shm.Segment.create(name, SIZE)
         except FileExistsError:
-            mm = shm.open_existing(name, min_size=SIZE)
-            magic, layout = _HEAD.unpack_from(mm, 0)
+            seg = shm.Segment.open(name, min_size=0)
+            if seg.size != SIZE:
+                seg.close()
+                raise StateDamaged(f"{name} is not a turnstile state block ({seg.size} bytes)", name=name,
+                                   broker_alive=False) from None
+            magic, layout = _HEAD.unpack_from(seg.mm, 0)
             if magic not in (0, MAGIC) or layout not in (0, LAYOUT):
-                mm.close()
+                seg.close()
                 raise IPCError(f"{name} is not a turnstile state block (layout {layout})", name=name) from None
-            rec = _unpack(_RECORD.unpack_from(mm, OFF_RECORD))
+            rec = _unpack(_RECORD.unpack_from(seg.mm, OFF_RECORD))
             if not rec.closed and names.is_alive(rec.broker_pid, rec.broker_start) and rec.broker_pid != os.getpid():
-                mm.close()
+                seg.close()
                 raise IPCError(
                     f"session state {name} belongs to a live broker (pid {rec.broker_pid})",
                     name=name,
                     pid=rec.broker_pid,
                 ) from None
-        _HEAD.pack_into(mm, 0, MAGIC, LAYOUT)
-        block = cls(mm, name, writer=True)
+        _HEAD.pack_into(seg.mm, 0, MAGIC, LAYOUT)
+        block = cls(seg, name, writer=True)
         # A dead writer may have left the sequence odd: make it even again.
-        seq: int = block._words[_SEQ]
-        block._words[_SEQ] = seq + (seq & 1)
+        block._words[_SEQ] = block._seq
         block.clear_cancel()
         return block
 
     @classmethod
     def open(cls, session: str) -> StateBlock:
-        """Reader side: map the block read-write (clients write the cancel slot)."""
-        name = names.state_block(session)
-        mm = shm.open_existing(name, min_size=SIZE)
-        magic, layout = _HEAD.unpack_from(mm, 0)
-        if magic != MAGIC or layout != LAYOUT:
-            mm.close()
-            raise IPCError(f"{name} is not a turnstile state block", name=name)
-        return cls(mm, name, writer=False)
+        """Reader side: map the block read-write (clients write the cancel slot).
 
-    def write(self, rec: StateRecord) -> None:
-        """Publish a record (broker only). Odd sequence while writing."""
+        ``FileNotFoundError`` when there is none; :class:`StateDamaged` when it
+        is there but not a usable block (its broker, if alive, repairs it).
+        """
+        name = names.state_block(session)
+        seg = shm.Segment.open(name, min_size=0)
+        if seg.size != SIZE:
+            seg.close()
+            raise StateDamaged(f"state block {name} is damaged: {seg.size} bytes, not {SIZE}", name=name,
+                               broker_alive=None)
+        magic, layout = _HEAD.unpack_from(seg.mm, 0)
+        if magic != MAGIC or layout != LAYOUT:
+            seg.close()
+            raise StateDamaged(f"{name} is not a turnstile state block (damaged header)", name=name,
+                               broker_alive=None)
+        return cls(seg, name, writer=False)
+
+    def repair(self) -> list[str]:
+        """Broker side: put the block back in shape if someone damaged it; what was wrong.
+
+        Called before every write. The broker owns the block, so it restores the
+        size, the header and its own sequence word; the record and cancel slot
+        are rewritten by the next write and clear.
+        """
+        problems: list[str] = []
+        size = self._seg.current_size()
+        if size != SIZE:
+            os.ftruncate(self._seg.fd, SIZE)  # the pages come back as zeros
+            problems.append(f"resized to {size} bytes")
+        magic, layout = _HEAD.unpack_from(self._mm, 0)
+        if (magic, layout) != (MAGIC, LAYOUT):
+            _HEAD.pack_into(self._mm, 0, MAGIC, LAYOUT)
+            problems.append(f"header {magic:#x}/{layout}")
+        seq: int = self._words[_SEQ]
+        if seq != self._seq:
+            problems.append(f"sequence word {seq} (expected {self._seq})")
+        return problems
+
+    def write(self, rec: StateRecord) -> list[str]:
+        """Publish a record (broker only). Odd sequence while writing.
+
+        Returns what :meth:`repair` found wrong (and fixed) first; usually nothing.
+        """
         values = _pack(rec)  # outside the odd window, which readers spin on
+        problems = self.repair()
         words = self._words
-        seq: int = words[_SEQ]
+        seq = self._seq
         words[_SEQ] = seq + 1
         _RECORD.pack_into(self._mm, OFF_RECORD, *values)
+        self._seq = seq + 2
         words[_SEQ] = seq + 2
+        return problems
 
     def read_record(self, *, timeout_s: float = 1.0) -> StateRecord:
         """A consistent record; retries while a write is in progress."""
@@ -260,6 +311,10 @@ class StateBlock:
         words = self._words
         deadline = time.monotonic() + timeout_s
         spins = 0
+        size = self._seg.current_size()
+        if size != SIZE:
+            raise StateDamaged(f"state block {self.name} is damaged: {size} bytes, not {SIZE}", name=self.name,
+                               broker_alive=None)
         while True:
             s1: int = words[_SEQ]
             if not s1 & 1:
@@ -270,9 +325,21 @@ class StateBlock:
             spins += 1
             if spins > 1000:
                 if time.monotonic() > deadline:
-                    # The writer died mid-write: the record may be torn. Say so.
-                    raise IPCError(f"state block {self.name} stays mid-write: its broker died while writing")
+                    raise self._stuck()
                 time.sleep(0.0001)
+
+    def _stuck(self) -> StateDamaged:
+        """The error for a sequence word that stayed odd: whose fault depends on whether the broker lives."""
+        # The record may be torn; the broker's identity is all we take from it.
+        rec = _unpack(_RECORD.unpack_from(self._mm, OFF_RECORD))
+        if names.is_alive(rec.broker_pid, rec.broker_start):
+            return StateDamaged(
+                f"state block {self.name} is damaged (its sequence word stays odd) but its broker "
+                f"(pid {rec.broker_pid}) is alive: it rewrites the block at its next publish",
+                name=self.name, broker_alive=True, pid=rec.broker_pid,
+            )
+        return StateDamaged(f"state block {self.name} stays mid-write: its broker died while writing",
+                            name=self.name, broker_alive=False, pid=rec.broker_pid)
 
     def snapshot(self) -> Snapshot:
         """Record, broker liveness and cancel slot, for status displays."""
@@ -283,8 +350,17 @@ class StateBlock:
 
     # ---------------------------------------------------------------- cancel slot
 
+    def _guard(self) -> None:
+        """Before touching the mapping: the writer repairs a resized block, a reader refuses it."""
+        if self.writer:
+            self.repair()
+        elif (size := self._seg.current_size()) != SIZE:
+            raise StateDamaged(f"state block {self.name} is damaged: {size} bytes, not {SIZE}", name=self.name,
+                               broker_alive=None)
+
     def write_cancel(self, incarnation: str, turn: int) -> None:
         """Client side: ask for the turn (incarnation, turn) to be cancelled."""
+        self._guard()
         seq: int = self._words[_CANCEL_SEQ] | 1
         self._words[_CANCEL_SEQ] = seq
         _CANCEL_BODY.pack_into(self._mm, OFF_CANCEL + 8, incarnation.encode()[:16], turn, time.time_ns())
@@ -292,6 +368,7 @@ class StateBlock:
 
     def read_cancel(self) -> tuple[str, int]:
         """(incarnation, turn) in the cancel slot; ("", 0) when clear."""
+        self._guard()
         for _ in range(1000):
             seq: int = self._words[_CANCEL_SEQ]
             if not seq & 1:
@@ -302,6 +379,7 @@ class StateBlock:
 
     def clear_cancel(self) -> None:
         """Broker side: empty the slot (on start, and once a cancel is handled)."""
+        self._guard()
         seq: int = self._words[_CANCEL_SEQ] | 1
         self._words[_CANCEL_SEQ] = seq
         _CANCEL_BODY.pack_into(self._mm, OFF_CANCEL + 8, b"", 0, 0)
@@ -310,7 +388,7 @@ class StateBlock:
     def close(self) -> None:
         """Unmap."""
         self._words.release()
-        self._mm.close()
+        self._seg.close()
 
 
 def unlink(session: str) -> bool:

@@ -2,6 +2,12 @@
 
 Owners are identified by (pid, start time) recorded in each object, never by
 pid alone. Only turnstile's own names are touched.
+
+A mailbox header is written by whoever created the segment, so it can name
+any live process (pid 1, say). A mailbox is therefore kept only while the
+process it names is alive *and* has it mapped (``/proc/<pid>/maps``): a
+client's reader maps its ring before it writes its header, and keeps it
+mapped for its whole life.
 """
 
 from __future__ import annotations
@@ -40,6 +46,18 @@ def _ours(directory: str, entry: str) -> bool:
         return os.stat(os.path.join(directory, entry)).st_uid == os.geteuid()
     except OSError:
         return False
+
+
+def _orphaned(session: str, client: str, owner: tuple[int, int] | None) -> str:
+    """Why a mailbox has no live owner, or "" if it has one."""
+    if owner is None:
+        return "unreadable"
+    pid, start = owner
+    if not names.is_alive(pid, start):
+        return f"client pid {pid} is gone"
+    if not mailbox.held_by(session, client, pid):
+        return f"pid {pid} named in its header does not hold it"
+    return ""
 
 
 def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
@@ -82,8 +100,8 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
                     removed.append(Removed("request_queue", names.request_queue(sess), why))
         elif what == "mb" and client:
             owner = mailbox.read_owner(sess, client)
-            if force or owner is None or not names.is_alive(*owner):
-                why = "forced" if force else (f"client pid {owner[0]} is gone" if owner else "unreadable")
+            why = "forced" if force else _orphaned(sess, client, owner)
+            if why:
                 if shm.unlink(names.mailbox(sess, client)):
                     removed.append(Removed("mailbox", names.mailbox(sess, client), why))
                 try:
@@ -136,9 +154,9 @@ def sweep_dead_clients(session: str) -> list[Removed]:
             continue
         client = entry[len(prefix) :]
         owner = mailbox.read_owner(session, client)
-        if owner is None or names.is_alive(*owner):
+        why = _orphaned(session, client, owner) if owner is not None else ""
+        if not why:
             continue
-        why = f"client pid {owner[0]} is gone"
         if shm.unlink(names.mailbox(session, client)):
             removed.append(Removed("mailbox", names.mailbox(session, client), why))
         try:

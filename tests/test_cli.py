@@ -326,7 +326,7 @@ DEAD_CLIENT = r"""
 import os, sys
 from ipc import mailbox, names
 cid = names.new_client_id()
-mailbox.MailboxReader(sys.argv[1], cid)
+box = mailbox.MailboxReader(sys.argv[1], cid)  # kept: a live owner holds its ring mapped
 print(cid, os.getpid(), flush=True)
 sys.stdin.read()
 """

@@ -36,7 +36,7 @@ from tests.support import rec, sim_stats, vm_rss_kib, wait_until
 #: Codes a refused frame's Error may carry (ipc.errors.ProtocolError and the broker's own).
 ERROR_CODES = {
     "malformed", "invalid", "unknown_type", "unsupported_version", "oversize", "chunk_sequence",
-    "chunk_timeout", "unknown_client", "kind_mismatch", "bad_content",
+    "chunk_timeout", "chunk_evicted", "unknown_client", "kind_mismatch", "bad_content",
 }
 #: Replies that would mean a bad frame was acted on.
 ACTED_ON = (frames.Accepted, frames.Started, frames.Event, frames.Result, frames.LeaseGranted, frames.LeaseEnded,

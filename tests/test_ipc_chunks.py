@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 from collections.abc import Iterator
@@ -179,8 +180,10 @@ def _pending(r: chunks.Reassembler) -> Iterator[bytes]:
         yield from s.received.values()
 
 
-def chunk(seq: int, n: int, total: int, data: bytes, *, cid: int = 1, client: str = CLIENT) -> frames.Chunk:
-    return frames.Chunk(client=client, cid=cid, seq=seq, n=n, total=total, data=data)
+def chunk(
+    seq: int, n: int, total: int, data: bytes, *, cid: int = 1, client: str = CLIENT, req: str = ""
+) -> frames.Chunk:
+    return frames.Chunk(client=client, req=req, cid=cid, seq=seq, n=n, total=total, data=data)
 
 
 def test_a_gap_never_completes_and_expires_with_its_key() -> None:
@@ -190,9 +193,9 @@ def test_a_gap_never_completes_and_expires_with_its_key() -> None:
     assert r.add(chunk(0, 2, 4, b"zz", cid=2), 120.0) is None
     assert r.expire(129.0) == []  # not yet 30 s old
     assert len(r) == 2
-    assert r.expire(130.5) == [(CLIENT, 1)]
+    assert [(d.client, d.cid, d.code) for d in r.expire(130.5)] == [(CLIENT, 1, "chunk_timeout")]
     assert len(r) == 1 and r.pending_bytes == 2
-    assert r.expire(1000.0) == [(CLIENT, 2)]
+    assert [(d.client, d.cid) for d in r.expire(1000.0)] == [(CLIENT, 2)]
     assert len(r) == 0 and r.pending_bytes == 0
     # A late piece of an expired set starts a new set: it cannot complete the old one.
     assert r.add(chunk(1, 3, 9, b"def"), 1001.0) is None
@@ -328,3 +331,71 @@ def test_arbitrary_chunk_streams_only_raise_protocol_errors_and_keep_bounds(
         assert 0 <= r.pending_bytes <= 50
         assert r.pending_bytes == sum(len(b) for b in _pending(r))
         assert len(r) <= 3
+
+
+# ---------------------------------------------------------------- per-client budgets (issue 13, item 5)
+
+
+def test_an_expired_set_names_its_request() -> None:
+    r = chunks.Reassembler(timeout_s=1.0)
+    r.add(chunk(0, 2, 4, b"ab", req="big-1"), 0.0)
+    [d] = r.expire(2.0)
+    assert (d.client, d.req, d.code) == (CLIENT, "big-1", "chunk_timeout")
+
+
+def test_a_client_that_is_not_connected_holds_nothing() -> None:
+    r = chunks.Reassembler()
+    with pytest.raises(ProtocolError) as info:
+        r.add(chunk(0, 2, 4, b"ab"), 0.0, connected=False)
+    assert info.value.reason == "unknown_client"
+    assert len(r) == 0 and r.pending_bytes == 0
+
+
+def test_one_client_cannot_take_the_shared_byte_budget() -> None:
+    r = chunks.Reassembler(max_pending_bytes=1000, max_client_bytes=500)
+    hog, other = "a" * 16, "b" * 16
+    r.add(chunk(0, 2, 600, b"x" * 400, client=hog, cid=1), 0.0)
+    with pytest.raises(ProtocolError) as info:
+        r.add(chunk(0, 2, 600, b"x" * 400, client=hog, cid=2), 0.0)
+    assert info.value.reason == "oversize" and "this client" in str(info.value)
+    assert r.holding(hog) == (400, 1)
+    # Another client's large frame still fits.
+    assert r.add(chunk(0, 2, 500, b"y" * 250, client=other), 0.0) is None
+    assert r.add(chunk(1, 2, 500, b"y" * 250, client=other), 0.0) == b"y" * 500
+
+
+def test_a_newcomer_below_its_fair_share_evicts_the_heaviest_and_its_owner_is_named() -> None:
+    r = chunks.Reassembler(max_pending_bytes=1000, max_client_bytes=1000)
+    hog, small = "a" * 16, "b" * 16
+    r.add(chunk(0, 3, 1200, b"x" * 500, client=hog, cid=1, req="hog-1"), 0.0)
+    r.add(chunk(1, 3, 1200, b"x" * 400, client=hog, cid=1, req="hog-1"), 0.0)
+    assert r.add(chunk(0, 2, 400, b"s" * 200, client=small, req="small-1"), 1.0) is None
+    [d] = r.take_dropped()
+    assert (d.client, d.req, d.code) == (hog, "hog-1", "chunk_evicted")
+    assert r.holding(hog) == (0, 0)
+    assert r.add(chunk(1, 2, 400, b"s" * 200, client=small, req="small-1"), 1.0) == b"s" * 400
+    assert r.take_dropped() == []
+
+
+def test_a_set_spray_from_one_client_evicts_only_its_own_sets() -> None:
+    r = chunks.Reassembler(max_sets=10, max_client_sets=3)
+    legit, sprayer = "a" * 16, "b" * 16
+    r.add(chunk(0, 2, 4, b"ab", client=legit, req="legit"), 0.0)
+    for cid in range(100):
+        r.add(chunk(0, 2, 4, b"ab", client=sprayer, cid=cid, req=f"s{cid}"), 1.0 + cid)
+    assert r.holding(sprayer)[1] == 3
+    assert {d.client for d in r.take_dropped()} == {sprayer}
+    assert r.add(chunk(1, 2, 4, b"cd", client=legit, req="legit"), 200.0) == b"abcd"
+
+
+def test_many_sprayers_evict_each_other_before_a_client_with_one_set() -> None:
+    r = chunks.Reassembler(max_sets=4, max_client_sets=3)
+    legit = "f" * 16
+    r.add(chunk(0, 2, 4, b"ab", client=legit, req="legit"), 0.0)
+    for i in range(20):
+        sprayer = f"{i:016x}"
+        for cid in range(3):
+            with contextlib.suppress(ProtocolError):  # refused once every holder is at its fair share
+                r.add(chunk(0, 2, 4, b"ab", client=sprayer, cid=cid), 1.0 + i)
+    assert legit not in {d.client for d in r.take_dropped()}
+    assert r.add(chunk(1, 2, 4, b"cd", client=legit, req="legit"), 50.0) == b"abcd"

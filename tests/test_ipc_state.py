@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipc import names, rqueue, shm, state, sweep
-from ipc.errors import IPCError
+from ipc.errors import IPCError, StateDamaged
 from tests import ipc_helpers as h
 
 
@@ -310,3 +310,57 @@ def test_sweep_removes_a_dead_brokers_block_and_queue_and_keeps_a_live_one(sessi
         live.close()
         sweep.sweep(session=other, force=True)
     assert not h.shm_exists(names.state_block(other))
+
+
+# ---------------------------------------------------------------- damage (issue 13, item 7)
+
+
+@pytest.mark.timeout(120)
+def test_a_sequence_word_set_odd_by_someone_else_never_yields_a_torn_read(
+    block: state.StateBlock, session_name: str
+) -> None:
+    """The writer keeps its own sequence: a word left odd cannot make its writes look stable mid-write."""
+    reader = state.StateBlock.open(session_name)
+    mm = shm.open_existing(names.state_block(session_name))
+    words = memoryview(mm)[: state.SIZE].cast("Q")
+    try:
+        with h.child(h.state_writer_child, session_name, 60.0) as (_p, conn):
+            assert h.recv(conn, 30.0, "the writer") == ("msg", "ready")
+            h.wait_until(lambda: reader.read_record().turn > 0, 10.0, "the first record")
+            reads = 0
+            for k in range(2000):
+                if k % 20 == 0:
+                    words[state.OFF_SEQ // 8] = words[state.OFF_SEQ // 8] | 1  # the damage, again and again
+                h.record_value(reader.read_record(timeout_s=5.0))  # every field agrees, or it fails here
+                reads += 1
+            conn.send("stop")
+            h.result(conn, 30.0, "the writer")
+        assert reads == 2000
+    finally:
+        words.release()
+        mm.close()
+        reader.close()
+
+
+def test_repair_restores_size_header_and_sequence(block: state.StateBlock, session_name: str) -> None:
+    block.write(state.StateRecord(turn=1))
+    path = "/dev/shm/" + names.state_block(session_name).lstrip("/")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"JUNKJUNK", 0)
+        os.pwrite(fd, (7).to_bytes(8, "little"), state.OFF_SEQ)
+        with pytest.raises(StateDamaged):
+            state.StateBlock.open(session_name)
+        problems = block.write(state.StateRecord(turn=2))
+        assert any("header" in p for p in problems) and any("sequence" in p for p in problems)
+        os.ftruncate(fd, 0)
+        assert any("resized" in p for p in block.write(state.StateRecord(turn=3)))
+        assert os.fstat(fd).st_size == state.SIZE
+    finally:
+        os.close(fd)
+    reader = state.StateBlock.open(session_name)
+    try:
+        assert reader.read_record().turn == 3
+        assert block.write(state.StateRecord(turn=4)) == []
+    finally:
+        reader.close()
