@@ -9,21 +9,28 @@ Invariants kept after every event (checked by :meth:`Scheduler.check`):
 
 * at most one turn in flight, and the agent is never sent a user message
   while one runs;
-* webhooks run first-in first-out and always before any worker (a worker
-  lease yields to queued webhooks between turns, a running worker turn is
-  interrupted);
+* webhooks always run before any worker (a worker lease yields to queued
+  webhooks between turns, a running worker turn is interrupted);
+* within a kind, each client's requests run first-in first-out and clients
+  take turns (round-robin), so one client's backlog cannot hold back another's
+  request by more than one turn per waiting client;
 * a cancel acts only on the turn it names;
 * a preempted worker request goes back to the head of the worker line (or is
   answered ``preempted`` when it asked for that), never lost, never running
   twice at once;
 * every accepted request ends in exactly one terminal reply to its client,
-  unless that client died.
+  unless that client died;
+* an agent that cannot be started (spawn failed, or started and never
+  answered within ``start_timeout_s``) is retried with bounded back-off, and
+  no request waits for it longer than ``unavailable_timeout_s``: it ends with
+  an ``agent_unavailable`` error; the first start that succeeds resumes service.
 """
 
 from __future__ import annotations
 
 import collections
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -105,7 +112,7 @@ class TurnInit:
 
 
 @dataclass(frozen=True)
-class TurnResult:
+class ResultRead:
     """The agent printed the ``result`` that answers the running turn's user message."""
 
     now: float
@@ -127,6 +134,14 @@ class ModelAnswered:
     ok: bool
     model: str | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    """The runtime could not start the agent process it was told to (re)start."""
+
+    now: float
+    error: str
 
 
 @dataclass(frozen=True)
@@ -154,8 +169,8 @@ class Tick:
 
 
 SchedEvent = (
-    Connected | Submitted | Released | CancelAsked | AgentStarted | TurnInit | TurnResult
-    | ModelAnswered | AgentExited | ClientGone | Tick
+    Connected | Submitted | Released | CancelAsked | AgentStarted | TurnInit | ResultRead
+    | ModelAnswered | AgentExited | SpawnFailed | ClientGone | Tick
 )
 
 
@@ -191,10 +206,15 @@ class WriteSetModel:
 
 @dataclass(frozen=True)
 class RestartAgent:
-    """Kill the agent's process group (if alive) and start it again with ``--resume``."""
+    """Kill the agent's process group (if alive) and start it again with ``--resume``.
+
+    ``delay_s`` is the back-off to wait before starting: 0 after a crash, growing
+    (bounded by ``Config.spawn_backoff_max_s``) while starts keep failing.
+    """
 
     reason: str
     model: str | None
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -241,8 +261,91 @@ class Request:
         return (self.client, self.req)
 
 
+class Line:
+    """The queued requests of one kind: first-in first-out per client, round-robin between clients.
+
+    ``queues`` maps each client with queued requests to them, in the order the
+    clients take their turns (a dict keeps insertion order). A client whose
+    request leaves to run goes to the back of that order; a request put back at
+    the head (a preempted or lost worker turn, a switch that stepped back) takes
+    its client to the front, so it runs next.
+    """
+
+    def __init__(self) -> None:
+        self.queues: dict[str, collections.deque[Request]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.queues)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self.order())
+
+    def append(self, r: Request) -> int:
+        """Queue ``r`` behind its client's other requests; return how many of this kind run before it."""
+        q = self.queues.setdefault(r.client, collections.deque())
+        mine = len(q)
+        q.append(r)
+        # r runs in round ``mine``: every other client runs up to ``mine`` requests before it,
+        # and one more if it comes before r's client in the order.
+        ahead, before = mine, True
+        for client, other in self.queues.items():
+            if client == r.client:
+                before = False
+            else:
+                ahead += min(len(other), mine + 1 if before else mine)
+        return ahead
+
+    def appendleft(self, r: Request) -> None:
+        """Put ``r`` back at the head: it runs next among its kind."""
+        q = self.queues.pop(r.client, collections.deque())
+        q.appendleft(r)
+        self.queues = {r.client: q, **self.queues}
+
+    def head(self) -> Request | None:
+        """The request that runs next, if any."""
+        for q in self.queues.values():
+            return q[0]
+        return None
+
+    def first_of(self, client: str) -> Request | None:
+        """``client``'s oldest queued request (a lease holder's next request skips the order)."""
+        q = self.queues.get(client)
+        return q[0] if q else None
+
+    def take(self, r: Request) -> None:
+        """``r`` leaves the line to run: its client goes to the back of the order."""
+        q = self.queues.pop(r.client)
+        q.remove(r)
+        if q:
+            self.queues[r.client] = q
+
+    def remove(self, r: Request) -> None:
+        """``r`` leaves the line without running (cancelled, failed, its client gone)."""
+        q = self.queues[r.client]
+        q.remove(r)
+        if not q:
+            del self.queues[r.client]
+
+    def order(self) -> list[Request]:
+        """Every queued request, in the order they would run."""
+        queues = [list(q) for q in self.queues.values()]
+        out: list[Request] = []
+        for i in range(max((len(q) for q in queues), default=0)):
+            out.extend(q[i] for q in queues if i < len(q))
+        return out
+
+    def check(self) -> None:
+        """Raise :class:`SchedulerBug` if a client's queue is empty or holds another client's request."""
+        for client, q in self.queues.items():
+            if not q or any(r.client != client for r in q):
+                raise SchedulerBug(f"client {client}'s queue is empty or holds another client's request")
+
+
 @dataclass
-class Turn:
+class RunningTurn:
     """The one request the agent is working on."""
 
     id: int
@@ -253,7 +356,8 @@ class Turn:
     inited: bool = False
     reason: Reason | None = None
     interrupt_sent: bool = False
-    deadline: float | None = None
+    deadline: float | None = None  # the drain or model-switch bound
+    start_deadline: float | None = None  # an agent not yet heard from must print system/init by then
     ctrl_id: str | None = None
     target_model: str | None = None
     preempt_asked_at: float | None = None
@@ -283,6 +387,14 @@ class Config:
     #: ... holding at most this many bytes of result text and raw result lines: a reply can be
     #: megabytes, and 1024 of them would be gigabytes. (A duplicate of a forgotten request runs again.)
     remembered_result_bytes: int = 32 * 1024 * 1024
+    #: An agent that has not answered anything since it started must print ``system/init``
+    #: for its first turn (or answer its first ``set_model``) this soon, or it counts as a failed start.
+    start_timeout_s: float = 60.0
+    #: While the agent cannot be started, no request waits longer than this for it.
+    unavailable_timeout_s: float = 30.0
+    #: Back-off between failed starts: doubles from the first value up to the second.
+    spawn_backoff_s: float = 0.25
+    spawn_backoff_max_s: float = 5.0
 
 
 @dataclass
@@ -308,14 +420,23 @@ class Scheduler:
         self.model: str | None = self.config.model
         self.clients: dict[str, frames.Kind] = {}
         self.requests: dict[tuple[str, str], Request] = {}
-        self.webhooks: collections.deque[Request] = collections.deque()
-        self.workers: collections.deque[Request] = collections.deque()
-        self.turn: Turn | None = None
+        self.webhooks = Line()
+        self.workers = Line()
+        self.turn: RunningTurn | None = None
         self.lease: LeaseState | None = None
         self.suspended_lease: LeaseState | None = None  # a worker lease waiting out a webhook lease
         self.agent_up = False
         self.agent_busy = False  # a user message was written and its result not read
         self.restarting = False
+        # Agent availability. proven: the running agent answered something since it started.
+        # failures: starts that failed in a row (spawn error, or no answer by the start deadline).
+        # unavailable_deadline: when requests stop waiting for an agent that keeps failing;
+        # gave_up: that time passed, so while no agent runs every request fails at once.
+        self.agent_proven = False
+        self.failures = 0
+        self.agent_error = ""
+        self.unavailable_deadline: float | None = None
+        self.gave_up = False
         self.turn_seq = 0
         self.ctrl_seq = 0
         self.counters = Counters()
@@ -343,14 +464,17 @@ class Scheduler:
                 self.agent_up = True
                 self.restarting = False
                 self.agent_busy = False
+                self.agent_proven = False
             case TurnInit():
                 self._turn_init(event)
-            case TurnResult():
+            case ResultRead():
                 self._turn_result(event)
             case ModelAnswered():
                 self._model_answered(event)
             case AgentExited():
                 self._agent_exited(event.now, event.reason)
+            case SpawnFailed():
+                self._spawn_failed(event)
             case ClientGone():
                 self._client_gone(event)
             case Tick():
@@ -366,11 +490,21 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """The earliest time a :class:`Tick` could change anything."""
         times = []
-        if self.turn is not None and self.turn.deadline is not None:
-            times.append(self.turn.deadline)
+        if self.turn is not None:
+            times += [d for d in (self.turn.deadline, self.turn.start_deadline) if d is not None]
         if self.lease is not None and self.turn is None:
             times.append(self.lease.deadline)
+        if self.unavailable_deadline is not None:
+            times.append(self.unavailable_deadline)
         return min(times) if times else None
+
+    def agent_state(self) -> str:
+        """``up``, ``restarting``, ``unavailable`` (starts are failing: see :attr:`agent_error`) or ``down``."""
+        if self.agent_up:
+            return "up"
+        if self.failures:
+            return "unavailable"
+        return "restarting" if self.restarting else "down"
 
     def holder(self) -> tuple[str, frames.Kind, str] | None:
         """(client, kind, request id) of the running turn, if any."""
@@ -381,7 +515,7 @@ class Scheduler:
 
     def line(self) -> list[Request]:
         """Queued requests in the order they would run (ignoring leases)."""
-        return [*self.webhooks, *self.workers]
+        return [*self.webhooks.order(), *self.workers.order()]
 
     def check(self) -> None:
         """Raise :class:`SchedulerBug` if an invariant is broken (tests call this after every event)."""
@@ -401,8 +535,14 @@ class Scheduler:
         for key in self.requests:
             if key not in seen:
                 raise SchedulerBug(f"request {key} is neither queued nor running")
-        if any(r.kind != "webhook" for r in self.webhooks) or any(r.kind != "worker" for r in self.workers):
+        if any(r.kind != "webhook" for r in self.webhooks.order()) or any(
+            r.kind != "worker" for r in self.workers.order()
+        ):
             raise SchedulerBug("a request is in the wrong line")
+        self.webhooks.check()
+        self.workers.check()
+        if self.gave_up and not self.agent_up and self.line():
+            raise SchedulerBug("requests wait for an agent the scheduler gave up on")
         if self.agent_busy and (self.turn is None or self.turn.phase == "switching"):
             raise SchedulerBug("agent busy with no turn")
         if self.suspended_lease is not None and (
@@ -451,9 +591,11 @@ class Scheduler:
         # Deterministic (no hidden randomness): the incarnation makes it unique across brokers.
         return str(uuidlib.UUID(hex=f"{self.incarnation[:16]:0>16}{turn:016x}"))
 
+    def _line_of(self, r: Request) -> Line:
+        return self.webhooks if r.kind == "webhook" else self.workers
+
     def _remove_queued(self, r: Request) -> None:
-        line = self.webhooks if r.kind == "webhook" else self.workers
-        line.remove(r)
+        self._line_of(r).remove(r)
 
     # ------------------------------------------------------------ event handlers
 
@@ -479,10 +621,9 @@ class Scheduler:
             self._emit(Deliver(e.client, frames.LeaseGranted(client=e.client, req=e.req, incarnation=self.incarnation)))
             return
         self.requests[key] = r
-        line = self.webhooks if e.kind == "webhook" else self.workers
-        line.append(r)
+        position = self._line_of(r).append(r)
         self._emit(Deliver(e.client, frames.Accepted(
-            client=e.client, req=e.req, incarnation=self.incarnation, position=len(line) - 1,
+            client=e.client, req=e.req, incarnation=self.incarnation, position=position,
         )))
 
     def _released(self, e: Released) -> None:
@@ -517,7 +658,7 @@ class Scheduler:
         self.counters.inc("cancels")
         self._interrupt(t, "cancel", e.now)
 
-    def _interrupt(self, t: Turn, reason: Reason, now: float) -> None:
+    def _interrupt(self, t: RunningTurn, reason: Reason, now: float) -> None:
         """Ask the agent to stop the running turn; stronger reasons override weaker ones."""
         rank = {None: 0, "preempt": 1, "cancel": 2, "client_gone": 3}
         if rank[reason] <= rank[t.reason]:
@@ -527,10 +668,11 @@ class Scheduler:
             return  # nothing written yet: handled when the model answer comes
         if t.deadline is None:
             t.deadline = now + self.config.drain_timeout_s
+        # A turn that was not yet answered at all may still hit its start deadline first.
         if t.inited and not t.interrupt_sent:
             self._send_interrupt(t, now)
 
-    def _send_interrupt(self, t: Turn, now: float) -> None:
+    def _send_interrupt(self, t: RunningTurn, now: float) -> None:
         t.interrupt_sent = True
         t.phase = "interrupting"
         if t.reason == "preempt":
@@ -542,17 +684,20 @@ class Scheduler:
         if t is None or t.id != e.turn or t.inited or t.phase == "switching":
             return  # (a switching turn has no user message written: no system/init can be its)
         t.inited = True
+        t.start_deadline = None
+        self._proven()
         # An interrupt asked before the turn started is sent now (an interrupt
         # written before system/init can be a silent no-op).
         if t.reason is not None and not t.interrupt_sent:
             self._send_interrupt(t, e.now)
 
-    def _turn_result(self, e: TurnResult) -> None:
+    def _turn_result(self, e: ResultRead) -> None:
         t = self.turn
         if t is None or t.id != e.turn or t.phase == "switching":
             return
         self.turn = None
         self.agent_busy = False
+        self._proven()
         r = t.request
         interrupted = e.subtype == "error_during_execution" or (e.terminal_reason or "").startswith("aborted")
         timing = {"turn": t.id, "queued_ms": t.queued_ms, "turn_ms": round((e.now - t.started_at) * 1000, 3)}
@@ -575,7 +720,7 @@ class Scheduler:
             return
         self._result(r, "ok", text=e.text, session_id=e.session_id, raw=e.raw, **timing)
 
-    def _preempted(self, t: Turn, now: float) -> None:
+    def _preempted(self, t: RunningTurn, now: float) -> None:
         r = t.request
         if r.on_preempt == "return":
             self._result(r, "preempted", turn=t.id, turn_ms=round((now - t.started_at) * 1000, 3))
@@ -585,10 +730,19 @@ class Scheduler:
         self.workers.appendleft(r)
         self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True), terminal=False)
 
+    def _proven(self) -> None:
+        """The agent answered: it can be started, so requests wait for it again."""
+        self.agent_proven = True
+        self.failures = 0
+        self.agent_error = ""
+        self.unavailable_deadline = None
+        self.gave_up = False
+
     def _model_answered(self, e: ModelAnswered) -> None:
         t = self.turn
         if t is None or t.phase != "switching" or t.ctrl_id != e.ctrl_id:
             return  # a late or foreign answer: matched by id, never by order
+        self._proven()
         if not e.ok:
             self._model_failed(t, e.now, e.error or "set_model refused")
             return
@@ -596,20 +750,15 @@ class Scheduler:
         self.counters.inc("model_switches")
         self._after_switch(t, e.now)
 
-    def _model_failed(self, t: Turn, now: float, why: str) -> None:
-        # Restart with --model: the conversation survives (--resume) on the new model.
-        r = t.request
+    def _model_failed(self, t: RunningTurn, now: float, why: str) -> None:
+        # Restart with --model: the conversation survives (--resume) on the new model. (An
+        # agent that is mute from its start is caught at its first turn, by the start deadline.)
         self.turn = None
         self.model = t.target_model
-        if t.reason == "client_gone" or r.client not in self.clients:
-            self.requests.pop(r.key, None)
-        elif t.reason == "cancel":
-            self._result(r, "cancelled")
-        else:
-            self._requeue_front(r)
+        self._requeue_unless_ended(t)
         self._restart(now, f"model switch failed: {why}")
 
-    def _after_switch(self, t: Turn, now: float) -> None:
+    def _after_switch(self, t: RunningTurn, now: float) -> None:
         r = t.request
         if r.op == "set_model":
             self.turn = None
@@ -631,7 +780,17 @@ class Scheduler:
         self._write_user(t, now)
 
     def _requeue_front(self, r: Request) -> None:
-        (self.webhooks if r.kind == "webhook" else self.workers).appendleft(r)
+        self._line_of(r).appendleft(r)
+
+    def _requeue_unless_ended(self, t: RunningTurn) -> None:
+        """A turn the agent never began (no system/init): back at the head, or ended if cancelled or orphaned."""
+        r = t.request
+        if t.reason == "client_gone" or r.client not in self.clients:
+            self.requests.pop(r.key, None)
+        elif t.reason == "cancel":
+            self._result(r, "cancelled", turn=t.id if t.phase != "switching" else 0)
+        else:
+            self._requeue_front(r)
 
     def _agent_exited(self, now: float, reason: str) -> None:
         if not self.agent_up and self.restarting:
@@ -643,7 +802,7 @@ class Scheduler:
             self._turn_lost(t, now, reason)
         self._restart(now, reason)
 
-    def _turn_lost(self, t: Turn, now: float, reason: str) -> None:
+    def _turn_lost(self, t: RunningTurn, now: float, reason: str) -> None:
         """The agent died or was killed under a turn: end or requeue it."""
         r = t.request
         if t.reason == "client_gone" or r.client not in self.clients:
@@ -664,12 +823,33 @@ class Scheduler:
         else:
             self._error(r, "agent_restarted", f"the agent stopped during this turn ({reason}) and was restarted")
 
-    def _restart(self, now: float, reason: str) -> None:
+    def _restart(self, now: float, reason: str, delay_s: float = 0.0) -> None:
         self.agent_up = False
         self.restarting = True
         self.agent_busy = False
         self.counters.inc("agent_restarts")
-        self._emit(RestartAgent(reason=reason, model=self.model))
+        self._emit(RestartAgent(reason=reason, model=self.model, delay_s=delay_s))
+
+    def _spawn_failed(self, e: SpawnFailed) -> None:
+        if self.agent_up:
+            return  # a report about a start the scheduler no longer waits for
+        self._start_failed(e.now, e.error)
+
+    def _start_failed(self, now: float, error: str) -> None:
+        """A start failed: retry after a bounded back-off; requests wait for it at most a bounded time."""
+        self.failures += 1
+        self.agent_error = error
+        self.counters.inc("agent_start_failures")
+        if self.unavailable_deadline is None and not self.gave_up:
+            self.unavailable_deadline = now + self.config.unavailable_timeout_s
+        delay = min(self.config.spawn_backoff_max_s, self.config.spawn_backoff_s * 2 ** min(self.failures - 1, 30))
+        self._restart(now, f"start failed: {error}", delay_s=delay)
+
+    def _fail_unavailable(self) -> None:
+        """The agent cannot be started and the wait bound passed: end every queued request."""
+        for r in self.line():
+            self._remove_queued(r)
+            self._error(r, "agent_unavailable", f"the agent cannot be started ({self.agent_error})")
 
     def _client_gone(self, e: ClientGone) -> None:
         c = e.client
@@ -694,7 +874,18 @@ class Scheduler:
 
     def _tick(self, now: float) -> None:
         t = self.turn
-        if t is not None and t.deadline is not None and now >= t.deadline:
+        if self.unavailable_deadline is not None and now >= self.unavailable_deadline:
+            self.unavailable_deadline = None
+            self.gave_up = True
+        if t is not None and t.start_deadline is not None and now >= t.start_deadline:
+            # The agent took the user message and printed nothing: it failed to start.
+            # It never began the turn, so the request goes back to the head of its line.
+            self.turn = None
+            self.agent_busy = False
+            t.request.attempts -= 1  # a run the agent never began is no attempt (MAX_ATTEMPTS counts deaths)
+            self._requeue_unless_ended(t)
+            self._start_failed(now, f"no output within {self.config.start_timeout_s:g} s of its first turn")
+        elif t is not None and t.deadline is not None and now >= t.deadline:
             if t.phase == "switching":
                 self._model_failed(t, now, "no answer in time")
             else:
@@ -719,17 +910,13 @@ class Scheduler:
         lease = self.lease
         if lease is not None:
             if lease.kind == "worker" and self.webhooks:
-                return self.webhooks[0]  # a worker lease yields to webhooks between turns
-            for r in (self.webhooks if lease.kind == "webhook" else self.workers):
-                if r.client == lease.client:
-                    return r
+                return self.webhooks.head()  # a worker lease yields to webhooks between turns
+            mine = (self.webhooks if lease.kind == "webhook" else self.workers).first_of(lease.client)
+            if mine is not None:
+                return mine
             if lease.kind == "webhook" or not self.webhooks:
                 return None  # the holder keeps the session while it thinks
-        if self.webhooks:
-            return self.webhooks[0]
-        if self.workers:
-            return self.workers[0]
-        return None
+        return self.webhooks.head() or self.workers.head()
 
     def _dispatch(self, now: float) -> None:
         t = self.turn
@@ -740,12 +927,14 @@ class Scheduler:
                 self._interrupt(t, "preempt", now)
             return
         if not self.agent_up:
+            if self.gave_up:
+                self._fail_unavailable()
             return
         while self.turn is None:
             r = self._next()
             if r is None:
                 return
-            self._remove_queued(r)
+            self._line_of(r).take(r)
             self._start(r, now)
 
     def _start(self, r: Request, now: float) -> None:
@@ -758,7 +947,7 @@ class Scheduler:
             self._reply(r, frames.LeaseGranted(client=r.client, req=r.req, incarnation=self.incarnation), terminal=True)
             return
         self.turn_seq += 1
-        t = Turn(id=self.turn_seq, request=r, uuid=self._uuid(self.turn_seq), phase="running", started_at=now)
+        t = RunningTurn(id=self.turn_seq, request=r, uuid=self._uuid(self.turn_seq), phase="running", started_at=now)
         self.turn = t
         if r.model is not None and r.model != self.model:
             self.ctrl_seq += 1
@@ -770,12 +959,14 @@ class Scheduler:
             return
         self._after_switch(t, now)
 
-    def _write_user(self, t: Turn, now: float) -> None:
+    def _write_user(self, t: RunningTurn, now: float) -> None:
         r = t.request
         t.phase = "running"
         t.deadline = None
         t.started_at = now
         r.attempts += 1
+        if not self.agent_proven:
+            t.start_deadline = now + self.config.start_timeout_s
         content = r.content
         if r.preemptions or r.lost:
             content = r.resume_prompt or _with_note(content)

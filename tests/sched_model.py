@@ -23,7 +23,6 @@ Every broken rule raises :class:`InvariantBroken` naming the rule.
 
 from __future__ import annotations
 
-import collections
 import copyreg
 import pickle
 from collections.abc import Callable
@@ -37,9 +36,13 @@ Key = tuple[str, str]
 
 INCARNATION = "00000000000000aa"
 OTHER_INCARNATION = "00000000000000bb"
-#: Short durations with ``lease idle < drain < model``: a lease can expire while
-#: a turn drains, which is exactly where lease bugs hide.
-CONFIG = dict(incarnation=INCARNATION, drain_timeout_s=5.0, model_timeout_s=7.0, lease_idle_s=3.0, model="m1")
+#: Short durations with ``lease idle < start < drain < unavailable < model``: a lease can
+#: expire while a turn drains, which is exactly where lease bugs hide, and the wait bound for
+#: an agent that cannot start can pass while a started one has yet to answer.
+CONFIG = dict(
+    incarnation=INCARNATION, drain_timeout_s=5.0, model_timeout_s=7.0, lease_idle_s=3.0, model="m1",
+    start_timeout_s=4.0, unavailable_timeout_s=6.0, spawn_backoff_s=0.5, spawn_backoff_max_s=1.0,
+)
 REASON_RANK = {None: 0, "preempt": 1, "cancel": 2, "client_gone": 3}
 BOGUS_CTRL = "ts-foreign-answer"
 #: A turn id no broker hands out in these tests.
@@ -60,6 +63,11 @@ def _counters(values: dict[str, int]) -> s.Counters:
 
 
 copyreg.pickle(s.Counters, lambda c: (_counters, (dict(c.values),)))
+
+
+@dataclass(frozen=True)
+class MutedStart(s.AgentStarted):
+    """The agent process started (so the runtime reports ``AgentStarted``) but will never print a line."""
 
 
 class InvariantBroken(AssertionError):
@@ -100,7 +108,7 @@ class Req:
         return (self.client, self.req)
 
     def rank(self) -> tuple[int, int]:
-        """Where the request belongs in its line: requeued ones first, newest requeue first, then FIFO."""
+        """Where the request belongs among its client's: requeued ones first, newest requeue first, then FIFO."""
         return (0, -self.promoted) if self.promoted is not None else (1, self.seq)
 
 
@@ -114,6 +122,7 @@ class Flight:
     wanted: str | None = None  # strongest interrupt reason the tracker knows was asked
     asked_at: float | None = None  # when the first interrupt reason was asked
     sent: bool = False
+    start_by: float | None = None  # written to an agent not heard from since its start: system/init due by then
 
 
 @dataclass
@@ -140,6 +149,15 @@ class Tracker:
         self.old_ctrl: str | None = None  # an answered or abandoned control id (late duplicates use it)
         self.switch_key: Key | None = None
         self.agent = "down"  # down (never started) | up | restarting
+        self.mute = False  # the explorer started an agent that will never print anything
+        self.proven = False  # the running agent answered something since it started
+        self.failures = 0  # failed starts since the agent last answered
+        self.down_since: float | None = None  # first failed start of this run of failures, until the bound passed
+        self.gave_up = False  # the bound passed: while no agent runs, requests end agent_unavailable
+        self._start_failure = False  # this step's Tick found a turn past its start deadline
+        #: Per kind, clients in the order they take turns (stale entries are skipped; a client
+        #: that queues again after its line emptied goes to the back).
+        self.rotation: dict[str, list[str]] = {"webhook": [], "worker": []}
         self.last_ended: int | None = None
         self.max_turn = 0
         self.lease: LeaseView | None = None
@@ -182,12 +200,14 @@ class Tracker:
         match ev:
             case s.TurnInit():
                 return "normal" if f is not None and ev.turn == f.turn and not f.inited else "ignored"
-            case s.TurnResult():
+            case s.ResultRead():
                 return "normal" if f is not None and ev.turn == f.turn else "ignored"
             case s.ModelAnswered():
                 return "normal" if self.pending_ctrl is not None and ev.ctrl_id == self.pending_ctrl else "ignored"
             case s.AgentExited():
                 return "ignored" if self.agent == "restarting" else "normal"
+            case s.SpawnFailed():
+                return "ignored" if self.agent == "up" else "normal"
             case s.CancelAsked():
                 if ev.target is not None:
                     r = self.reqs.get((ev.client, ev.target))
@@ -223,6 +243,7 @@ class Tracker:
         self._release_acked = False
         self._sched: s.Scheduler | None = sched
         self._busy_before = busy_before
+        self._start_failure = False
         crash = False
 
         match ev:
@@ -240,18 +261,33 @@ class Tracker:
                 f = self.flight
                 if f is not None and ev.turn == f.turn and not f.inited:
                     f.inited = True
-            case s.TurnResult():
+                    self._heard()
+            case s.ResultRead():
                 f = self.flight
                 if f is not None and ev.turn == f.turn:
+                    self._heard()
                     self._end_flight("result")
             case s.ModelAnswered():
                 if self.pending_ctrl is not None and ev.ctrl_id == self.pending_ctrl:
+                    self._heard()
                     self.old_ctrl, self.pending_ctrl = self.pending_ctrl, None
             case s.AgentStarted():
                 need(self.agent != "up", "test bug: AgentStarted while the agent is up")
                 self.agent = "up"
+                self.proven = False
+                self.mute = isinstance(ev, MutedStart)
             case s.AgentExited():
                 crash = self.agent != "restarting"
+            case s.SpawnFailed():
+                if self.agent != "up":
+                    self._failed_start()
+            case s.Tick():
+                if self.down_since is not None and ev.now >= self.down_since + self.config.unavailable_timeout_s:
+                    self.down_since, self.gave_up = None, True
+                f = self.flight
+                if f is not None and not f.inited and f.start_by is not None and ev.now >= f.start_by:
+                    self._start_failure = True
+                    self._failed_start()
             case s.Released():
                 self._released = ev.client
 
@@ -302,6 +338,23 @@ class Tracker:
         if REASON_RANK[reason] > REASON_RANK[f.wanted]:
             f.wanted = reason
 
+    def _heard(self) -> None:
+        """The agent answered: it can be started (and it is not mute)."""
+        self.proven = True
+        self.mute = False
+        self.failures = 0
+        self.down_since = None
+        self.gave_up = False
+
+    def _failed_start(self) -> None:
+        self.failures += 1
+        if self.down_since is None and not self.gave_up:
+            self.down_since = self.now
+
+    def refusing(self) -> bool:
+        """Requests must end ``agent_unavailable`` rather than wait: starts failed past the bound, no agent runs."""
+        return self.gave_up and self.agent != "up"
+
     def _end_flight(self, by: str) -> None:
         f = self.flight
         assert f is not None
@@ -335,7 +388,8 @@ class Tracker:
                 need(self.pending_ctrl is None, "user message while a set_model control request is unanswered")
                 need(d.turn > self.max_turn, f"turn id {d.turn} reused")
                 self.max_turn = d.turn
-                self.flight = Flight(turn=d.turn)
+                start_by = None if self.proven else self.now + self.config.start_timeout_s
+                self.flight = Flight(turn=d.turn, start_by=start_by)
                 self._expect_started = d.turn
             case s.WriteInterrupt():
                 self._interrupt(ev, d)
@@ -357,7 +411,18 @@ class Tracker:
                 self.switch_key = r.key
                 self.pending_ctrl = d.ctrl_id
             case s.RestartAgent():
-                need(self.agent != "restarting", "agent restarted twice without starting")
+                need(
+                    self.agent != "restarting" or isinstance(ev, s.SpawnFailed),
+                    "agent restarted twice without starting (and without a failed start in between)",
+                )
+                if isinstance(ev, s.SpawnFailed) or self._start_failure:
+                    need(
+                        0 < d.delay_s <= self.config.spawn_backoff_max_s,
+                        f"a failed start retried after {d.delay_s} s (bound {self.config.spawn_backoff_max_s})",
+                    )
+                else:
+                    need(d.delay_s == 0, f"a restart after a crash waits {d.delay_s} s")
+                self.mute = False
                 if self.flight is not None:
                     self._end_flight("restart")
                 if self.pending_ctrl is not None:
@@ -409,6 +474,8 @@ class Tracker:
                         seq=self.seq,
                     )
                     self.reqs[key] = r
+                    if not [q for q in self.waiting(r.kind) if q.client == client and q is not r]:
+                        self._to_back(r.kind, client)  # a client that queues anew waits for its turn
                     f = self.flight_req()
                     if r.kind == "webhook" and f is not None and f.kind == "worker":
                         self._want("preempt")
@@ -447,8 +514,7 @@ class Tracker:
                 )
                 need(not r.cancel_asked, f"cancelled request {key} requeued")
                 need(r.state == "ended", f"PreemptedNotice for request {key} in state {r.state}")
-                self.promote_seq += 1
-                r.state, r.promoted = "waiting", self.promote_seq
+                self._promote(r)
             case frames.Result():
                 need(r is not None, f"Result for unknown request {key}")
                 assert r is not None
@@ -510,6 +576,8 @@ class Tracker:
             status = getattr(fr, "status", None)
             if isinstance(fr, frames.Result) and status == "cancelled":
                 need(self._cancelled_queued == r.key, f"queued request {r.key} cancelled without a cancel")
+            elif isinstance(fr, frames.Result) and fr.error_code == "agent_unavailable":
+                need(self.refusing(), f"queued request {r.key} failed agent_unavailable while the agent can be started")
             elif isinstance(fr, frames.Result):
                 need(
                     r.op == "set_model" and status == "ok",
@@ -522,7 +590,10 @@ class Tracker:
             need(r.key == self.switch_key, f"terminal frame for {r.key} in a switch it is not in")
             status = getattr(fr, "status", None)
             need(
-                (status == "cancelled" and r.cancel_asked) or (status == "ok" and r.op == "set_model"),
+                (status == "cancelled" and r.cancel_asked)
+                or (status == "ok" and r.op == "set_model")
+                # the switch timed out, so the agent restarts: one that cannot start fails what waits
+                or (getattr(fr, "error_code", None) == "agent_unavailable" and self.refusing()),
                 f"{r.op} request {r.key} answered {status} during its model switch",
             )
             self.switch_key = None
@@ -550,15 +621,43 @@ class Tracker:
         if r.kind == "worker":
             hooks = self.waiting("webhook")
             need(not hooks, f"worker request {r.key} got {what} while webhook {hooks and hooks[0].key} waits")
-        if lease is not None and lease.client == r.client:
-            return  # the holder's requests skip the line
         if r.state == "picked":
             return  # order was checked when the switch began
-        for q in self.waiting(r.kind):
-            need(
-                q is r or r.rank() < q.rank(),
-                f"{r.kind} request {r.key} got {what} before {q.key}, which is ahead of it in line",
-            )
+        head = self.order(r.kind)[:1]
+        self._to_back(r.kind, r.client)
+        if lease is not None and lease.client == r.client:
+            return  # the holder's requests skip the line
+        need(
+            head == [r],
+            f"{r.kind} request {r.key} got {what} before {head and head[0].key}, whose turn it is",
+        )
+
+    def _to_back(self, kind: str, client: str) -> None:
+        rot = self.rotation[kind]
+        if client in rot:
+            rot.remove(client)
+        rot.append(client)
+
+    def _promote(self, r: Req) -> None:
+        """``r`` goes back to the head of its line: it runs next among its kind."""
+        self.promote_seq += 1
+        r.state, r.promoted = "waiting", self.promote_seq
+        rot = self.rotation[r.kind]
+        if r.client in rot:
+            rot.remove(r.client)
+        rot.insert(0, r.client)
+
+    def order(self, kind: str) -> list[Req]:
+        """The waiting requests of ``kind`` in the order they must run: FIFO per client, clients in turn."""
+        mine: dict[str, list[Req]] = {}
+        for q in sorted(self.waiting(kind), key=Req.rank):
+            mine.setdefault(q.client, []).append(q)
+        queues = [mine[c] for c in self.rotation[kind] if c in mine]
+        need(sum(map(len, queues)) == sum(map(len, mine.values())), "tracker bug: a waiting client is not in turn")
+        out: list[Req] = []
+        for i in range(max(map(len, queues), default=0)):
+            out += [q[i] for q in queues if i < len(q)]
+        return out
 
     def _grant(self, r: Req) -> None:
         lv = LeaseView(client=r.client, kind=r.kind, idle_s=r.lease_idle_s or self.config.lease_idle_s, since=self.now)
@@ -646,6 +745,18 @@ class Tracker:
             bound = self._switch_since[1] + self.config.model_timeout_s
             need(deadline is not None and deadline <= bound + 1e-9,
                  f"a set_model is unanswered and nothing fires by {bound} ({deadline})")
+        if f is not None and not f.inited and f.start_by is not None:
+            # An agent that took a turn and stays mute is caught: nothing waits on it forever.
+            need(deadline is not None and deadline <= f.start_by + 1e-9,
+                 f"turn {f.turn} went to an agent not yet heard from and nothing fires by {f.start_by} ({deadline})")
+        if self.refusing():
+            need(not self.waiting(), f"{[r.key for r in self.waiting()]} wait for an agent that cannot start, "
+                 f"past the {self.config.unavailable_timeout_s} s bound")
+        elif self.failures and self.agent != "up" and self.waiting():
+            assert self.down_since is not None
+            bound = self.down_since + self.config.unavailable_timeout_s
+            need(deadline is not None and deadline <= bound + 1e-9,
+                 f"requests wait for an agent that cannot start and nothing fires by {bound} ({deadline})")
         if busy_before or self.busy:
             self.last_busy = self.now
         for r in self.reqs.values():
@@ -661,14 +772,13 @@ class Tracker:
         if r.state == "picked":
             if r.client in self.alive:
                 need(not r.cancel_asked, f"request {r.key} requeued although its cancel was accepted")
-                self.promote_seq += 1
-                r.state, r.promoted = "waiting", self.promote_seq
+                self._promote(r)
             else:
                 r.state = "dropped"
 
     def _check_line(self, sched: s.Scheduler) -> None:
         """The scheduler's line is the tracker's, in the same order; the session never idles while work waits."""
-        want = [r.key for kind in ("webhook", "worker") for r in sorted(self.waiting(kind), key=Req.rank)]
+        want = [r.key for kind in ("webhook", "worker") for r in self.order(kind)]
         got = [r.key for r in sched.line()]
         need(got == want, f"the line is {got}, expected {want}")
         if self.agent != "up" or self.busy:
@@ -687,10 +797,22 @@ class Tracker:
             if r.state == "ended":
                 r.state = "dropped"
             return
+        if self._start_failure and not f.inited and f.wanted != "cancel":
+            # The agent never began the turn: it goes back to the head of its line, unannounced,
+            # unless requests no longer wait for an agent that cannot start.
+            if got:
+                need(
+                    self.refusing() and len(got) == 1 and getattr(got[0], "error_code", None) == "agent_unavailable",
+                    f"turn {f.turn} of {f.key}, never begun by an agent that failed to start, answered {got}",
+                )
+                return
+            need(r.state == "ended", f"tracker bug: {f.key} in state {r.state}")
+            self._promote(r)
+            return
         need(bool(got), f"turn {f.turn} of {f.key} ended ({self._ended_by}) with no reply")
         first = got[0]
         if self._ended_by == "result":
-            assert isinstance(ev, s.TurnResult)
+            assert isinstance(ev, s.ResultRead)
             interrupted = ev.subtype == "error_during_execution" or (ev.terminal_reason or "").startswith("aborted")
             if interrupted and f.wanted == "preempt":
                 want = ("requeue",) if r.on_preempt == "requeue" else ("preempted",)
@@ -763,6 +885,11 @@ class Tracker:
         flight = None if f is None else (
             f.turn - self.max_turn, f.key, f.inited, f.wanted, f.sent,
             None if f.asked_at is None else f.asked_at - self.now,
+            None if f.start_by is None else f.start_by - self.now,
+        )
+        rotation = tuple(
+            tuple(c for c in self.rotation[kind] if any(r.client == c for r in self.waiting(kind)))
+            for kind in ("webhook", "worker")
         )
         switch = None if self._switch_since is None else self._switch_since[1] - self.now
 
@@ -785,13 +912,16 @@ class Tracker:
             tuple(sorted(self.dead)),
             tuple(sorted(self.regrants)),
             switch,
+            rotation,
+            (self.mute, self.proven, self.failures, self.gave_up),
+            None if self.down_since is None else self.down_since - self.now,
         )
 
 
 #: Fields that only feed timings in replies and logs: no decision depends on them.
 TIMING_FIELDS = frozenset({"submitted_at", "started_at", "preempt_asked_at", "queued_ms", "last_preempt_signal_s"})
 #: Fields that are absolute times: compared to ``now`` only.
-TIME_FIELDS = frozenset({"deadline"})
+TIME_FIELDS = frozenset({"deadline", "start_deadline", "unavailable_deadline"})
 
 
 def sched_summary(sc: s.Scheduler, now: float) -> tuple[Any, ...]:
@@ -814,7 +944,7 @@ def sched_summary(sc: s.Scheduler, now: float) -> tuple[Any, ...]:
             return ctrl(v)
         if isinstance(v, s.Request):
             return v.key
-        if isinstance(v, s.Turn | s.LeaseState):
+        if isinstance(v, s.RunningTurn | s.LeaseState):
             return tuple((k, digest(k, x)) for k, x in sorted(vars(v).items())
                          if k not in TIMING_FIELDS and k != "uuid")
         if isinstance(v, dict | list):
@@ -832,8 +962,8 @@ def sched_summary(sc: s.Scheduler, now: float) -> tuple[Any, ...]:
             out.append(tuple(sorted((k, type(fr).__name__, getattr(fr, "status", None)) for k, fr in v.items())))
         elif name == "clients":
             out.append(tuple(sorted(v.items())))
-        elif isinstance(v, collections.deque):
-            out.append((name, tuple(r.key for r in v)))
+        elif isinstance(v, s.Line):
+            out.append((name, tuple((c, tuple(r.key for r in q)) for c, q in v.queues.items())))
         else:
             out.append((name, digest(name, v)))
     return tuple(out)
@@ -900,14 +1030,16 @@ class World:
         evs: list[tuple[str, s.SchedEvent]] = []
         if t.agent != "up":
             evs.append(("agent started", s.AgentStarted(now)))
-        if t.flight is not None:
+        if t.mute:
+            pass  # an agent that started and will never print a line: only the clock moves
+        elif t.flight is not None:
             f = t.flight
             if not f.inited:
                 evs.append((f"init {f.turn}", s.TurnInit(now, f.turn)))
             evs.append((f"result {f.turn} ok", ok_result(now, f.turn)))
             if f.sent:
                 evs.append((f"result {f.turn} interrupted", interrupted_result(now, f.turn)))
-        if t.pending_ctrl is not None:
+        if t.pending_ctrl is not None and not t.mute:
             evs.append(("model answered", s.ModelAnswered(now, t.pending_ctrl, ok=True, model=None)))
         dl = self.sched.next_deadline()
         if dl is not None:
@@ -945,16 +1077,16 @@ class World:
         raise InvariantBroken(f"no quiescence after {limit} agent events")
 
 
-def ok_result(now: float, turn: int) -> s.TurnResult:
-    return s.TurnResult(now, turn, is_error=False, subtype="success", terminal_reason="completed", text=f"t{turn}")
+def ok_result(now: float, turn: int) -> s.ResultRead:
+    return s.ResultRead(now, turn, is_error=False, subtype="success", terminal_reason="completed", text=f"t{turn}")
 
 
-def interrupted_result(now: float, turn: int) -> s.TurnResult:
-    return s.TurnResult(now, turn, is_error=True, subtype="error_during_execution", terminal_reason="aborted_streaming")
+def interrupted_result(now: float, turn: int) -> s.ResultRead:
+    return s.ResultRead(now, turn, is_error=True, subtype="error_during_execution", terminal_reason="aborted_streaming")
 
 
-def api_error_result(now: float, turn: int) -> s.TurnResult:
-    return s.TurnResult(now, turn, is_error=True, subtype="success", terminal_reason="api_error", text="API 500")
+def api_error_result(now: float, turn: int) -> s.ResultRead:
+    return s.ResultRead(now, turn, is_error=True, subtype="success", terminal_reason="api_error", text="API 500")
 
 
 # ---------------------------------------------------------------- the bounded alphabet
@@ -1067,6 +1199,16 @@ def crash(w: World) -> s.SchedEvent | None:
     return s.AgentExited(w.now, "exited") if w.tracker.agent == "up" else None
 
 
+def spawn_fails(w: World) -> s.SchedEvent | None:
+    """The runtime's attempt to (re)start the agent failed (the binary moved away, EMFILE, ...)."""
+    return s.SpawnFailed(w.now, "[Errno 2] No such file or directory") if w.tracker.agent == "restarting" else None
+
+
+def muted_start(w: World) -> s.SchedEvent | None:
+    """The agent process starts and never answers anything (a wrapper that hangs, a full disk)."""
+    return MutedStart(w.now) if w.tracker.agent != "up" else None
+
+
 def late_exit(w: World) -> s.SchedEvent | None:
     return s.AgentExited(w.now, "exited") if w.tracker.agent == "restarting" else None
 
@@ -1108,7 +1250,9 @@ def _free(label: str, make: EventMaker, client: str | None = None) -> Action:
 
 
 def small_alphabet() -> Alphabet:
-    """The default bound: a worker with a lease and model switches, two webhooks, every fault once."""
+    """The default bound: a worker with a lease and model switches, two webhooks (one with two
+    requests, so clients take turns), every fault once (a crash, a failed start, an agent that
+    starts and never answers)."""
     acts = (
         _act("K sub k1", submit(K, "k1"), client=K),
         _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1",), K),
@@ -1119,6 +1263,9 @@ def small_alphabet() -> Alphabet:
         _act("W2 sub w2", submit(W2, "w2"), client=W2),
         _act("W2 dies", lambda w: s.ClientGone(w.now, W2), ("W2 sub w2",), W2),
         _act("agent crashes", crash),
+        _act("spawn fails", spawn_fails),
+        _act("agent starts mute", muted_start),
+        _act("W1 sub w1b", submit(W1, "w1b"), ("W1 sub w1",), W1),
         _free("W1 stale cancel", stale_cancel(W1), W1),
         _free("foreign model answer", wrong_answer),
         _free("late result", late_result),
@@ -1140,5 +1287,7 @@ def large_alphabet() -> Alphabet:
         _act("W3 sub w3L (lease)", submit(W3, "w3L", op="lease"), ("W3 sub w3 (model m2)",), W3),
         _act("W3 release", lambda w: s.Released(w.now, W3), ("W3 sub w3L (lease)",), W3),
         _act("model refused", model_refused),
+        _act("spawn fails again", spawn_fails, ("spawn fails",)),
+        _act("K2 sub k3", submit(K2, "k3"), client=K2),
     )
-    return Alphabet("large", (K, W1, W2, W3), acts)
+    return Alphabet("large", (K, K2, W1, W2, W3), acts)

@@ -71,7 +71,7 @@ class H:
         return self.ev(s.TurnInit(self.now, turn))
 
     def ok(self, turn: int, text: str = "done") -> list[s.Decision]:
-        return self.ev(s.TurnResult(self.now, turn, subtype="success", terminal_reason="completed", text=text))
+        return self.ev(s.ResultRead(self.now, turn, subtype="success", terminal_reason="completed", text=text))
 
     def interrupted(self, turn: int) -> list[s.Decision]:
         return self.ev(m.interrupted_result(self.now, turn))
@@ -235,7 +235,7 @@ def test_on_preempt_return_gives_a_preempted_result() -> None:
     r = result(out, K)
     assert (r.status, r.turn) == ("preempted", 1)
     assert sent(out, K, frames.PreemptedNotice) == []
-    assert h.sched.workers == type(h.sched.workers)()
+    assert not h.sched.workers
 
 
 def test_preempted_turn_that_finished_anyway_is_ok() -> None:
@@ -369,6 +369,7 @@ def test_lease_idle_clock_restarts_after_each_holder_turn() -> None:
     h = H(lease_idle_s=3.0)
     h.lease(K, "L", lease_idle_s=5.0)
     h.submit(K, "k1")
+    h.init(1)
     h.tick(10)  # a long turn: the lease does not age during it
     h.ok(1)
     assert h.sched.next_deadline() == h.now + 5.0
@@ -699,10 +700,10 @@ def test_user_message_while_busy_is_a_scheduler_bug() -> None:
 
 
 def test_check_catches_a_corrupted_state() -> None:
-    h = H()
+    h = H(start=False)
     h.submit(W1, "w1")
     h.submit(W2, "w2")
-    h.sched.webhooks.append(h.sched.webhooks[0])
+    h.sched.webhooks.queues[W1].append(h.sched.webhooks.queues[W2][0])  # w2 queued twice
     with pytest.raises(s.SchedulerBug):
         h.sched.check()
 

@@ -6,7 +6,8 @@ kinds, both ``on_preempt``, with or without a model), resubmitting, releasing,
 cancelling by target and by (incarnation, turn) (current, finished, future,
 foreign incarnation), dying; the agent starting, printing ``system/init`` and
 ``result`` for the running turn (success, interrupted, API error) and for
-wrong turns, answering ``set_model`` with the right or a wrong id, dying; and
+wrong turns, answering ``set_model`` with the right or a wrong id, dying, failing to
+start, starting and never answering; and
 the clock ticking past deadlines. What a plausible agent does and the
 implausible lines it must ignore are both drawn.
 
@@ -168,6 +169,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     def agent_started(self) -> None:
         self.step(s.AgentStarted(self.now))
 
+    @precondition(lambda self: self.t.agent != "up")
+    @rule()
+    def agent_started_mute(self) -> None:
+        """The agent process starts and never prints a line."""
+        self.step(m.MutedStart(self.now))
+
+    @rule()
+    def spawn_failed(self) -> None:
+        """The runtime could not start the agent (ignored unless a start is under way)."""
+        self.step(s.SpawnFailed(self.now, "[Errno 24] Too many open files"))
+
     @rule()
     def agent_step(self) -> None:
         """What a well-behaved agent does next (start, init, answer the switch, finish the turn)."""
@@ -194,7 +206,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         elif outcome == "api_error":
             ev = m.api_error_result(self.now, turn)
         else:
-            ev = s.TurnResult(self.now, turn, is_error=True, subtype="error_max_turns", terminal_reason="max_turns")
+            ev = s.ResultRead(self.now, turn, is_error=True, subtype="error_max_turns", terminal_reason="max_turns")
         self.step(ev)
 
     def _turn(self, which: str) -> int | None:
