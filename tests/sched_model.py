@@ -1250,9 +1250,7 @@ def _free(label: str, make: EventMaker, client: str | None = None) -> Action:
 
 
 def small_alphabet() -> Alphabet:
-    """The default bound: a worker with a lease and model switches, two webhooks (one with two
-    requests, so clients take turns), every fault once (a crash, a failed start, an agent that
-    starts and never answers)."""
+    """The default bound: a worker with a lease and model switches, two webhooks, every fault once."""
     acts = (
         _act("K sub k1", submit(K, "k1"), client=K),
         _act("K sub kL (lease)", submit(K, "kL", op="lease"), ("K sub k1",), K),
@@ -1263,9 +1261,6 @@ def small_alphabet() -> Alphabet:
         _act("W2 sub w2", submit(W2, "w2"), client=W2),
         _act("W2 dies", lambda w: s.ClientGone(w.now, W2), ("W2 sub w2",), W2),
         _act("agent crashes", crash),
-        _act("spawn fails", spawn_fails),
-        _act("agent starts mute", muted_start),
-        _act("W1 sub w1b", submit(W1, "w1b"), ("W1 sub w1",), W1),
         _free("W1 stale cancel", stale_cancel(W1), W1),
         _free("foreign model answer", wrong_answer),
         _free("late result", late_result),
@@ -1287,7 +1282,29 @@ def large_alphabet() -> Alphabet:
         _act("W3 sub w3L (lease)", submit(W3, "w3L", op="lease"), ("W3 sub w3 (model m2)",), W3),
         _act("W3 release", lambda w: s.Released(w.now, W3), ("W3 sub w3L (lease)",), W3),
         _act("model refused", model_refused),
+        *starts_alphabet().actions,
         _act("spawn fails again", spawn_fails, ("spawn fails",)),
-        _act("K2 sub k3", submit(K2, "k3"), client=K2),
     )
-    return Alphabet("large", (K, K2, W1, W2, W3), acts)
+    return Alphabet("large", (K, K2, W1, W2, W3), tuple({a.label: a for a in acts}.values()))
+
+
+def starts_alphabet() -> Alphabet:
+    """Failed and mute agent starts, and clients taking turns: two clients per kind, one with two requests.
+
+    A start that fails, an agent that starts and never answers, a crash; a
+    worker request that is preempted and must rerun before the other worker's,
+    though that one's client is next in turn. (``large`` adds a second failed
+    start, so the back-off grows, and the rest of the default alphabet.)
+    """
+    acts = (
+        _act("K sub k1", submit(K, "k1"), client=K),
+        _act("K2 sub k3", submit(K2, "k3"), client=K2),
+        _act("W1 sub w1", submit(W1, "w1"), client=W1),
+        _act("W1 sub w1b", submit(W1, "w1b"), ("W1 sub w1",), W1),
+        _act("W2 sub w2", submit(W2, "w2"), client=W2),
+        _act("agent crashes", crash),
+        _act("spawn fails", spawn_fails),
+        _act("agent starts mute", muted_start),
+        _free("late exit", late_exit),
+    )
+    return Alphabet("starts", (K, K2, W1, W2), acts)
