@@ -29,11 +29,12 @@ from broker.scheduler import (
     AgentExited,
     AgentStarted,
     ModelAnswered,
+    ResultRead,
+    RunningTurn,
     SchedEvent,
     Scheduler,
-    Turn,
+    SpawnFailed,
     TurnInit,
-    TurnResult,
 )
 from broker.session_store import SessionStore
 from ipc import frames
@@ -216,8 +217,13 @@ class AgentLink:
         self.agent = agent
         self._last_output_s = self._started_s = time.monotonic()
         self._served = False
-        store.record_agent(agent.pid, agent.start_time)
-        store.save(self.sched.model)
+        try:
+            store.record_agent(agent.pid, agent.start_time)
+            store.save(self.sched.model)
+        except OSError as exc:
+            # A full disk must not strand a running agent the scheduler was never told of:
+            # the records only help reap orphans and resume after a broker crash.
+            self.log.error("agent.record_failed", pid=agent.pid, error=str(exc))
         self.log.info("agent.started", pid=agent.pid, session_id=store.session_id, model=self.sched.model)
         self.feed(AgentStarted(time.monotonic()))
 
@@ -250,12 +256,12 @@ class AgentLink:
             # of its stream anyway. End the turn the way a dead agent ends it: restart, resume.
             self.feed(AgentExited(time.monotonic(), reason=f"output line of {size} bytes over the bound"))
 
-    def restart(self, reason: str, model: str | None) -> None:
-        """Kill the agent's group and start a new one (in the background; the loop goes on)."""
-        self.log.warning("agent.restart", reason=reason, model=model)
-        self._restart_task = asyncio.ensure_future(self._restart(reason, model))
+    def restart(self, reason: str, model: str | None, delay_s: float = 0.0) -> None:
+        """Kill the agent's group and start a new one after ``delay_s`` (in the background; the loop goes on)."""
+        self.log.warning("agent.restart", reason=reason, model=model, delay_s=delay_s or None)
+        self._restart_task = asyncio.ensure_future(self._restart(reason, model, delay_s))
 
-    async def _restart(self, reason: str, model: str | None) -> None:
+    async def _restart(self, reason: str, model: str | None, delay_s: float) -> None:
         old = self.agent
         self.agent = None
         # The new process knows none of the old one's ids.
@@ -266,15 +272,17 @@ class AgentLink:
         if old is not None:
             await old.kill(timeout_s=self.cfg.stop_step_s)
         # Back off when the agent keeps dying right after start (the first time is
-        # retried at once).
+        # retried at once); the scheduler sets the back-off after a failed start.
         if self._restart_failures > 1:
-            await asyncio.sleep(min(10.0, 0.1 * 2 ** min(self._restart_failures, 7)))
+            delay_s = max(delay_s, min(10.0, 0.1 * 2 ** min(self._restart_failures, 7)))
+        if delay_s:
+            await asyncio.sleep(delay_s)
         try:
             await self.spawn()
-        except OSError as exc:
-            self._restart_failures += 1
-            self.log.error("agent.spawn_failed", error=str(exc))
-            self.feed(AgentExited(time.monotonic(), reason=f"spawn failed: {exc}"))
+        except Exception as exc:
+            # ENOENT (the binary moved away), EACCES, EMFILE (uvloop reports some as errno -1), ...
+            self.log.error("agent.spawn_failed", error=str(exc) or repr(exc), reason=reason)
+            self.feed(SpawnFailed(time.monotonic(), error=str(exc) or repr(exc)))
             return
         self.log.info("agent.restarted", reason=reason, model=model, ms=round((time.monotonic() - t0) * 1000, 1))
 
@@ -373,18 +381,18 @@ class AgentLink:
             case am.Other():
                 self._deliver_or_drop(msg.raw, running, msg.is_replay, msg.type, msg.subtype)
 
-    def _deliver(self, t: Turn, line: bytes) -> None:
+    def _deliver(self, t: RunningTurn, line: bytes) -> None:
         r = t.request
         self.registry.send(r.client, frames.Event(client=r.client, req=r.req, turn=t.id, data=line))
 
-    def _deliver_or_drop(self, line: bytes, running: Turn | None, replay: bool, typ: Any, subtype: Any) -> None:
+    def _deliver_or_drop(self, line: bytes, running: RunningTurn | None, replay: bool, typ: Any, subtype: Any) -> None:
         if running is not None and running.inited and not replay:
             self._deliver(running, line)
         else:
             self.publisher.count("unrouted_lines")
             self.log.debug("agent.unrouted", type=typ, subtype=subtype)
 
-    def _on_result(self, msg: am.Result, t: Turn | None, running: Turn | None, now: float) -> None:
+    def _on_result(self, msg: am.Result, t: RunningTurn | None, running: RunningTurn | None, now: float) -> None:
         self.result_read_ns = time.perf_counter_ns()
         turn_id = None
         if msg.uuids is not None:
@@ -401,12 +409,12 @@ class AgentLink:
             return
         self._deliver(t, msg.raw)
         self._saw_session_id(msg.session_id)
-        self.feed(TurnResult(
+        self.feed(ResultRead(
             now, turn=t.id, is_error=msg.is_error, subtype=msg.subtype, terminal_reason=msg.terminal_reason,
             text=msg.text, session_id=self.store.session_id,
         ))
 
-    def _on_init(self, msg: am.Init, running: Turn | None, now: float) -> None:
+    def _on_init(self, msg: am.Init, running: RunningTurn | None, now: float) -> None:
         self._saw_session_id(msg.session_id)
         self._served = True
         if not self.store.resumable:

@@ -139,6 +139,16 @@ def main() -> None:
               help="How long an interrupted turn may take to end before the agent is killed and resumed.")
 @click.option("--model-timeout-s", type=_positive_s, default=defaults.MODEL_TIMEOUT_S, show_default=True)
 @click.option("--lease-idle-s", type=_positive_s, default=defaults.LEASE_IDLE_S, show_default=True)
+@click.option("--agent-start-timeout-s", type=_positive_s, default=defaults.AGENT_START_TIMEOUT_S, show_default=True,
+              help="A (re)started agent that prints nothing for its first turn this long failed to start.")
+@click.option("--agent-unavailable-timeout-s", type=_positive_s, default=defaults.AGENT_UNAVAILABLE_TIMEOUT_S,
+              show_default=True,
+              help="While the agent cannot be started (retried with back-off), requests wait at most this long, "
+                   "then end with an agent_unavailable error.")
+@click.option("--max-clients-per-process", type=click.IntRange(min=1), default=defaults.MAX_CLIENTS_PER_PROCESS,
+              show_default=True,
+              help="Connections one client process may hold; more are refused with too_many_connections "
+                   "(each costs a POSIX queue of the user's budget).")
 @click.option("--idle-output-timeout-s", type=_positive_s, default=1800.0, show_default=True,
               help="A running turn with no agent output this long restarts the agent.")
 @click.option("--max-line-bytes", type=click.IntRange(min=1024), default=64 * 1024 * 1024, show_default=True,
@@ -151,8 +161,9 @@ def main() -> None:
               show_default=True)
 def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], agent_cwd: str | None,
           model: str | None, state_dir: str | None, drain_timeout_s: float, model_timeout_s: float,
-          lease_idle_s: float, idle_output_timeout_s: float, max_line_bytes: int, client_buffer_bytes: int | None,
-          log_format: str, log_level: str) -> None:
+          lease_idle_s: float, agent_start_timeout_s: float, agent_unavailable_timeout_s: float,
+          max_clients_per_process: int, idle_output_timeout_s: float, max_line_bytes: int,
+          client_buffer_bytes: int | None, log_format: str, log_level: str) -> None:
     """Run the broker for a session in the foreground."""
     from broker.config import BrokerConfig
     from broker.server import run
@@ -160,6 +171,8 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
     cfg = BrokerConfig(
         session=session, agent=agent, claude_bin=claude_bin, agent_args=list(agent_args), agent_cwd=agent_cwd,
         model=model, drain_timeout_s=drain_timeout_s, model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
+        agent_start_timeout_s=agent_start_timeout_s, agent_unavailable_timeout_s=agent_unavailable_timeout_s,
+        max_clients_per_process=max_clients_per_process,
         idle_output_timeout_s=idle_output_timeout_s, max_line_bytes=max_line_bytes, log_format=log_format,
         log_level=log_level,
     )

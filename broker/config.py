@@ -35,6 +35,9 @@ class BrokerConfig:
     drain_timeout_s: float = defaults.DRAIN_TIMEOUT_S
     model_timeout_s: float = defaults.MODEL_TIMEOUT_S
     lease_idle_s: float = defaults.LEASE_IDLE_S
+    agent_start_timeout_s: float = defaults.AGENT_START_TIMEOUT_S
+    agent_unavailable_timeout_s: float = defaults.AGENT_UNAVAILABLE_TIMEOUT_S
+    max_clients_per_process: int = defaults.MAX_CLIENTS_PER_PROCESS
     idle_output_timeout_s: float = 1800.0
     agent_request_timeout_s: float = 60.0
     stop_step_s: float = 2.0

@@ -89,7 +89,7 @@ class Publisher:
             started_unix_ns=self.started_unix_ns,
             heartbeat_unix_ns=time.time_ns(),
             agent_pid=agent_pid,
-            agent_state="up" if agent_pid and s.agent_up else ("restarting" if s.restarting else "down"),
+            agent_state=s.agent_state() if agent_pid or not s.agent_up else "down",
             session_id=self.store.session_id,
             model=s.model or "",
             turn=s.turn.id if s.turn else 0,

@@ -389,12 +389,12 @@ class Config:
     remembered_result_bytes: int = 32 * 1024 * 1024
     #: An agent that has not answered anything since it started must print ``system/init``
     #: for its first turn (or answer its first ``set_model``) this soon, or it counts as a failed start.
-    start_timeout_s: float = 60.0
+    start_timeout_s: float = defaults.AGENT_START_TIMEOUT_S
     #: While the agent cannot be started, no request waits longer than this for it.
-    unavailable_timeout_s: float = 30.0
+    unavailable_timeout_s: float = defaults.AGENT_UNAVAILABLE_TIMEOUT_S
     #: Back-off between failed starts: doubles from the first value up to the second.
-    spawn_backoff_s: float = 0.25
-    spawn_backoff_max_s: float = 5.0
+    spawn_backoff_s: float = defaults.SPAWN_BACKOFF_S
+    spawn_backoff_max_s: float = defaults.SPAWN_BACKOFF_MAX_S
 
 
 @dataclass

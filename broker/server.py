@@ -32,11 +32,11 @@ from broker.scheduler import (
     Deliver,
     DropClient,
     RestartAgent,
+    ResultRead,
     SchedEvent,
     Scheduler,
     Submitted,
     Tick,
-    TurnResult,
     WriteInterrupt,
     WriteSetModel,
     WriteUser,
@@ -68,6 +68,8 @@ class Broker:
             model_timeout_s=cfg.model_timeout_s,
             lease_idle_s=cfg.lease_idle_s,
             model=cfg.model,
+            start_timeout_s=cfg.agent_start_timeout_s,
+            unavailable_timeout_s=cfg.agent_unavailable_timeout_s,
         ))
         self.stopping = False
         self.signals = 0
@@ -216,7 +218,7 @@ class Broker:
             case WriteUser():
                 ok = self.link.write_user(d.turn, d.uuid, d.content)
                 now_ns = time.perf_counter_ns()
-                if isinstance(cause, TurnResult):
+                if isinstance(cause, ResultRead):
                     latencies["last_handoff_us"] = (now_ns - self.link.result_read_ns) // 1000
                     self.publisher.observe("handoff_us", latencies["last_handoff_us"])
                 elif isinstance(cause, Submitted):
@@ -241,7 +243,7 @@ class Broker:
             case DropClient():
                 self.registry.drop(d.client)
             case RestartAgent():
-                self.link.restart(d.reason, d.model)
+                self.link.restart(d.reason, d.model, d.delay_s)
 
     def _arm_timer(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -18,6 +18,16 @@ DRAIN_TIMEOUT_S = 5.0
 MODEL_TIMEOUT_S = 10.0
 #: A lease with no request for this long ends.
 LEASE_IDLE_S = 30.0
+#: A (re)started agent must print its first turn's ``system/init`` this soon, or the start failed.
+AGENT_START_TIMEOUT_S = 60.0
+#: While the agent cannot be started, no request waits longer than this: it ends ``agent_unavailable``.
+AGENT_UNAVAILABLE_TIMEOUT_S = 30.0
+#: Back-off between failed agent starts: doubles from the first value up to the second.
+SPAWN_BACKOFF_S = 0.25
+SPAWN_BACKOFF_MAX_S = 5.0
+#: Connections one client process may hold at once; each costs a POSIX queue of the user's budget
+#: (``queues_max`` is 256 system-wide by default), so one process cannot take them all.
+MAX_CLIENTS_PER_PROCESS = 64
 #: How long a client waits for a broker to appear when it connects.
 CONNECT_TIMEOUT_S = 5.0
 #: How long a client waits for a new broker after the one it used died.

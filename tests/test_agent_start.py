@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from broker.agents import make_agent
-from broker.launcher import BrokerProcess
+from broker.testing.launcher import BrokerProcess
 from clients import Client
 from tests.support import rec, wait_until
 
@@ -131,7 +131,9 @@ def test_agent_that_starts_and_never_answers(broker_factory: Callable[..., Broke
         assert c.prompt("warm up").result(timeout_s=PROMPT_TIMEOUT_S).status == "ok"
         good = wrapper.read_text()
         write_wrapper(wrapper, "exec sleep 600")
-        kill_agent(b)
+        old = kill_agent(b)
+        wait_until(lambda: rec(b).agent_pid not in (0, old) and rec(b).agent_state == "up", 20,
+                   "the mute agent to be started")
         # The mute agent starts ("up"): the prompt goes to it, and it never answers.
         res = c.prompt("hello to a mute agent").result(timeout_s=PROMPT_TIMEOUT_S)
         assert (res.status, res.error_code) == ("error", "agent_unavailable"), res
