@@ -22,7 +22,7 @@ from broker.publisher import Publisher
 from broker.registry import Registry
 from broker.scheduler import CancelAsked, Released, SchedEvent, Submitted
 from ipc import chunks, frames, rqueue
-from ipc.errors import ProtocolError, TurnstileError
+from ipc.errors import ProtocolError, TooManyConnections, TurnstileError
 
 #: Frames handled per wake-up before yielding to the loop (agent output must not starve).
 BATCH = 64
@@ -153,7 +153,7 @@ class Ingress:
                     raise ProtocolError("chunk_sequence", "a chunk set must carry one frame of its own sender")
                 frame = inner
             self._route(frame, now)
-        except ProtocolError as exc:
+        except (ProtocolError, TooManyConnections) as exc:
             client, req = frames.peek_sender(data)
             self.reject(client, req or "", exc)
         except Exception as exc:

@@ -23,7 +23,7 @@ from broker.config import BrokerConfig
 from broker.publisher import Publisher
 from broker.scheduler import ClientGone, Connected, SchedEvent
 from ipc import frames, mailbox, names, sweep
-from ipc.errors import ClientTooSlow, IPCError
+from ipc.errors import ClientTooSlow, IPCError, TooManyConnections
 
 #: While a client's mailbox is full, how often the broker moves its buffered frames in as it frees room.
 PUMP_S = 0.001
@@ -51,6 +51,7 @@ class Registry:
     def __init__(self, cfg: BrokerConfig, log: Any, publisher: Publisher, feed: Callable[[SchedEvent], None]) -> None:
         self.session = cfg.session
         self.max_pending = cfg.client_buffer_bytes
+        self.max_per_process = cfg.max_clients_per_process
         self.log = log
         self.publisher = publisher
         self.feed = feed
@@ -94,6 +95,15 @@ class Registry:
         if names.proc_start_time(pid) != start:
             os.close(pidfd)
             return None
+        held = sum(1 for c in self._clients.values() if c.pid == pid)
+        if held >= self.max_per_process:
+            os.close(pidfd)
+            self.log.warning("client.too_many_connections", client=client, pid=pid, limit=self.max_per_process)
+            raise TooManyConnections(
+                f"process {pid} already holds {held} connections to session {self.session!r}, the most one "
+                f"process may (turnstile serve --max-clients-per-process)",
+                pid=pid, limit=self.max_per_process,
+            )
         try:
             writer = mailbox.MailboxWriter(self.session, client, max_pending=self.max_pending)
         except (OSError, IPCError) as exc:

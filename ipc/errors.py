@@ -125,6 +125,17 @@ class QueueFull(IPCError):
     code = "queue_full"
 
 
+class TooManyConnections(TurnstileError):
+    """A client process already holds as many connections as the broker allows one process.
+
+    Each connection costs a POSIX queue of the user's small budget, so one process
+    must not take them all (``turnstile serve --max-clients-per-process``). ``pid``
+    is the process, ``limit`` the cap.
+    """
+
+    code = "too_many_connections"
+
+
 class StateDirError(TurnstileError):
     """The broker's state directory cannot be created or written (read-only, not a directory, disk full).
 
