@@ -192,6 +192,51 @@ def test_webhooks_fifo_and_before_workers() -> None:
     assert order == [(W1, "w1"), (W2, "w2"), (W3, "w3"), (K, "k1"), (K2, "k2")]
 
 
+def test_clients_take_turns_within_a_kind_fifo_per_client() -> None:
+    """One client's backlog holds another client's request back by one turn per waiting client, not by all of it."""
+    h = H(start=False)
+    for req in ("a", "b", "c"):
+        h.submit(W1, req)
+    (acc,) = sent(h.submit(W2, "x"), W2, frames.Accepted)
+    assert acc.position == 1  # after W1's first request only
+    (acc,) = sent(h.submit(W3, "y"), W3, frames.Accepted)
+    assert acc.position == 2
+    h.submit(K, "k1")
+    h.submit(K, "k2")
+    h.submit(K2, "k3")
+    want = [(W1, "a"), (W2, "x"), (W3, "y"), (W1, "b"), (W1, "c"), (K, "k1"), (K2, "k3"), (K, "k2")]
+    assert [r.key for r in h.sched.line()] == want
+    order = [started_req(h.started())]
+    for turn in range(1, len(want)):
+        order.append(started_req(h.run(turn)))
+    assert order == want
+
+
+def test_a_client_that_queues_again_waits_for_its_turn_behind_the_others() -> None:
+    h = H(start=False)
+    h.submit(W1, "a")
+    h.submit(W2, "x")
+    h.submit(W2, "x2")
+    h.started()  # a runs; W1 has nothing queued
+    h.submit(W1, "b")  # W1 queues again: behind W2, whose turn it is
+    assert [r.req for r in h.sched.line()] == ["x", "b", "x2"]
+
+
+def test_preempted_worker_reruns_first_though_another_client_is_next_in_turn() -> None:
+    h = H()
+    h.submit(K, "k1")
+    h.init(1)
+    h.submit(K, "k1b")
+    h.submit(K2, "k3")  # K2 is next in turn among workers once k1 started
+    h.submit(W1, "w1")
+    out = h.interrupted(1)
+    assert started_req(out) == (W1, "w1")
+    assert [r.req for r in h.sched.workers] == ["k1", "k3", "k1b"]
+    assert started_req(h.run(2)) == (K, "k1")
+    assert started_req(h.run(3)) == (K2, "k3")
+    assert started_req(h.run(4)) == (K, "k1b")
+
+
 def test_preempted_worker_is_requeued_at_the_head_and_rerun_with_the_resume_note() -> None:
     h = H()
     h.submit(K, "k1", content="long task")
@@ -818,3 +863,48 @@ def test_regression_f_every_interrupt_has_a_bounded_drain(why: str) -> None:
     assert h.sched.next_deadline() == 5.0
     out = h.tick(5.0)
     assert [d for d in out if isinstance(d, s.RestartAgent)] == [s.RestartAgent(reason="drain_timeout", model="m1")]
+
+
+# ---------------------------------------------------------------- an agent that cannot start
+
+
+def restarts(out: list[s.Decision]) -> list[s.RestartAgent]:
+    return [d for d in out if isinstance(d, s.RestartAgent)]
+
+
+def test_failed_starts_are_retried_with_bounded_back_off_then_requests_end_agent_unavailable() -> None:
+    h = H(unavailable_timeout_s=6.0, spawn_backoff_s=0.5, spawn_backoff_max_s=1.0)
+    assert restarts(h.exited()) == [s.RestartAgent(reason="exited", model="m1", delay_s=0.0)]
+    h.submit(W1, "w1")
+    delays = [d.delay_s for _ in range(3) for d in restarts(h.ev(s.SpawnFailed(h.now, "[Errno 2] gone")))]
+    assert delays == [0.5, 1.0, 1.0]
+    assert h.sched.agent_state() == "unavailable" and h.sched.agent_error == "[Errno 2] gone"
+    assert h.sched.next_deadline() == 6.0  # the bound counts from the first failed start
+    assert h.tick(5.9) == []
+    r = result(h.tick(0.1), W1)
+    assert (r.status, r.error_code) == ("error", "agent_unavailable") and "[Errno 2] gone" in (r.error or "")
+    # While no agent runs, a new request does not wait at all.
+    r = result(h.submit(W2, "w2"), W2)
+    assert r.error_code == "agent_unavailable"
+    # The first start that succeeds resumes service.
+    h.started()
+    assert h.sched.agent_state() == "up"
+    assert user(h.submit(W1, "w3")).turn == 1
+    h.init(1)
+    assert h.sched.failures == 0 and not h.sched.gave_up
+
+
+def test_an_agent_that_starts_and_never_answers_is_a_failed_start() -> None:
+    h = H(start_timeout_s=4.0, spawn_backoff_s=0.5)
+    assert user(h.submit(W1, "w1")).turn == 1  # the agent was never heard from: a start deadline runs
+    assert h.sched.next_deadline() == 4.0
+    out = h.tick(4.0)
+    assert restarts(out) == [s.RestartAgent(reason="start failed: no output within 4 s of its first turn",
+                                            model="m1", delay_s=0.5)]
+    assert sent(out, W1) == []  # never begun: back at the head of the line, unannounced
+    assert [r.key for r in h.sched.line()] == [(W1, "w1")]
+    out = h.started()
+    assert user(out).turn == 2 and started_req(out) == (W1, "w1")
+    assert result(h.run(2), W1).status == "ok"
+    assert user(h.submit(W1, "w2")).turn == 3
+    assert h.sched.next_deadline() is None  # heard from: no start deadline any more
