@@ -1042,6 +1042,12 @@ class World:
         if t.pending_ctrl is not None and not t.mute:
             evs.append(("model answered", s.ModelAnswered(now, t.pending_ctrl, ok=True, model=None)))
         dl = self.sched.next_deadline()
+        f = t.flight
+        if f is not None and f.start_by is not None and not f.inited and not t.mute and dl is not None \
+                and dl >= f.start_by:
+            # A plausible agent prints its first turn's system/init before the start deadline:
+            # only a mute one (the explorer's "agent starts mute") lets that deadline pass.
+            dl = None
         if dl is not None:
             evs.append((f"tick {dl:g}", s.Tick(max(dl, now))))
         return evs
