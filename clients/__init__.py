@@ -29,6 +29,7 @@ from ipc.errors import (
     QueueGone,
     StateDamaged,
     StateDirError,
+    TooManyConnections,
     TurnstileError,
     TurnTimeout,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "QueueGone",
     "StateDamaged",
     "StateDirError",
+    "TooManyConnections",
     "Turn",
     "TurnResult",
     "TurnTimeout",
