@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from broker import log as blog
 from broker.agents.base import AgentLaunch
 from ipc import names
 from ipc.errors import IPCError
@@ -31,14 +32,33 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
         os._exit(1)  # the broker already died between fork and prctl
 
 
-class LineSplitter:
-    """Splits a byte stream into lines of at most ``max_line_bytes``; longer ones are dropped whole."""
+def _log_line_error(exc: Exception, line: bytes) -> None:
+    blog.get("turnstile.agentproc").error(
+        "agent.line_failed", error=repr(exc), bytes=len(line), head=line[:200].decode(errors="replace"),
+    )
 
-    def __init__(self, on_line: Callable[[bytes], None], on_overlong: Callable[[int], None], max_line_bytes: int):
+
+class LineSplitter:
+    """Splits a byte stream into lines of at most ``max_line_bytes``; longer ones are dropped whole.
+
+    The reader contract: whatever a handler does with one line, the next line
+    is read exactly as if it had succeeded. A handler that raises costs only
+    its own line (``on_error`` is told, default: an ``agent.line_failed`` log
+    line); the buffer never keeps that line's bytes to glue them to the next.
+    """
+
+    def __init__(
+        self,
+        on_line: Callable[[bytes], None],
+        on_overlong: Callable[[int], None],
+        max_line_bytes: int,
+        on_error: Callable[[Exception, bytes], None] = _log_line_error,
+    ):
         self._buf = bytearray()
         self._skipping = 0  # bytes dropped of the current over-long line (0: not skipping)
         self.on_line = on_line
         self.on_overlong = on_overlong
+        self.on_error = on_error
         self.max = max_line_bytes
 
     def feed(self, data: bytes) -> None:
@@ -51,15 +71,19 @@ class LineSplitter:
             nl = buf.find(b"\n", scan)
             if nl < 0:
                 break
-            if self._skipping:
-                self.on_overlong(self._skipping + nl - start)
-                self._skipping = 0
-            elif nl - start > self.max:
-                # A whole over-long line can arrive in one read: the bound holds for it too.
-                self.on_overlong(nl - start)
-            elif nl > start:
-                self.on_line(bytes(buf[start:nl]))
-            start = scan = nl + 1
+            line_start, start = start, nl + 1
+            scan = start
+            try:
+                if self._skipping:
+                    skipped, self._skipping = self._skipping, 0
+                    self.on_overlong(skipped + nl - line_start)
+                elif nl - line_start > self.max:
+                    # A whole over-long line can arrive in one read: the bound holds for it too.
+                    self.on_overlong(nl - line_start)
+                elif nl > line_start:
+                    self.on_line(bytes(buf[line_start:nl]))
+            except Exception as exc:  # the reader contract: one line's failure is that line's only
+                self.on_error(exc, bytes(buf[line_start:nl]))
         if start:
             del buf[:start]
         if len(buf) > self.max:
@@ -94,11 +118,12 @@ class AgentProcess:
         on_overlong: Callable[[int], None],
         on_stderr: Callable[[bytes], None],
         max_line_bytes: int,
+        on_line_error: Callable[[Exception, bytes], None] = _log_line_error,
     ) -> None:
         self.launch = launch
         self.on_exit = on_exit
         self.on_stderr = on_stderr
-        self._stdout = LineSplitter(on_line, on_overlong, max_line_bytes)
+        self._stdout = LineSplitter(on_line, on_overlong, max_line_bytes, on_line_error)
         self.transport: asyncio.SubprocessTransport | None = None
         self._stdin: Any = None
         self.pid = 0

@@ -262,3 +262,4 @@ class AsyncClient(BaseClient[AsyncTurn]):
             finally:
                 timer.cancel()
                 waiters.discard(st.req, fut)
+            conn.check_queue()  # our frames may sit in a queue nobody reads (one fstat)

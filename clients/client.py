@@ -176,6 +176,8 @@ class Client(BaseClient[Turn]):
             wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
             fds = [conn.mailbox.fileno(), conn.broker_pidfd]
             readable, _, _ = select.select(fds, [], [], wait)
+            if not readable:
+                conn.check_queue()  # nothing came: our frames may sit in a queue nobody reads
             if conn.mailbox.fileno() in readable:
                 conn.mailbox.clear_bell()
             if conn.broker_pidfd in readable:

@@ -104,8 +104,12 @@ class Connection:
 
     # ------------------------------------------------------------ broker discovery
 
-    def try_attach(self) -> bool:
-        """Attach to the session's live broker if there is one; True when attached (or already)."""
+    def try_attach(self, *, resubmit: bool = False) -> bool:
+        """Attach to the session's live broker if there is one; True when attached (or already).
+
+        Every request without a result is sent again when the broker is a new
+        one, or when ``resubmit`` says the old queue may have swallowed frames.
+        """
         try:
             block = state.StateBlock.open(self.session)
         except StateDamaged as exc:
@@ -148,9 +152,23 @@ class Connection:
             client=self.client_id, kind=self.kind, pid=self.pid, start_time=self.start_time,
             handles=self._handles(), label=self.label,
         ))
-        if changed:
+        if changed or resubmit:
             self._resubmit()
         return True
+
+    def check_queue(self) -> bool:
+        """Reattach if our request queue's name was removed and a broker serves a new one; True if it did.
+
+        What systemd-logind's ``RemoveIPC=yes`` does to a running broker's
+        queue: the broker recreates it and reads only the new one, so frames
+        this client sends to the old one would never be read. Requests that
+        may have been sent there are resubmitted (same ids: the broker answers
+        a duplicate, never reruns it). Until a new queue exists the old one is
+        kept: the broker reads what is in it when it moves.
+        """
+        if self.rq is None or not self.rq.unlinked():
+            return False
+        return self.try_attach(resubmit=True)
 
     def _handles(self) -> list[str]:
         out = []
@@ -256,6 +274,7 @@ class Connection:
             # be resubmitted behind its back when a new broker comes.
             del self.requests[frame.req]
             raise
+        self.check_queue()  # sent to a queue whose name is gone: send it where the broker reads now
         return st
 
     def prompt_frame(

@@ -8,6 +8,7 @@ broker runs are served by the next one.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Final
 
@@ -97,6 +98,18 @@ class RequestQueue:
     def fileno(self) -> int:
         """The queue descriptor; pollable on Linux (readable when a message waits)."""
         return int(self._mq.mqd)
+
+    def unlinked(self) -> bool:
+        """True once this queue's name was removed (stopped broker, or RemoveIPC).
+
+        Frames sent to an unlinked queue reach nobody once the broker that read
+        it has moved to a new queue of the same name: a client that sees this
+        reattaches. One fstat of our own descriptor, no name lookup.
+        """
+        try:
+            return os.fstat(self.fileno()).st_nlink == 0
+        except OSError:
+            return True
 
     @property
     def current_messages(self) -> int:
