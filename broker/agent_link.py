@@ -212,6 +212,7 @@ class AgentLink:
             on_overlong=on_overlong,
             on_stderr=self._on_stderr,
             max_line_bytes=self.cfg.max_line_bytes,
+            on_line_error=self._on_line_error,
         )
         await agent.start()
         self.agent = agent
@@ -245,6 +246,13 @@ class AgentLink:
         text = data.decode(errors="replace").strip()
         if text:
             self.log.info("agent.stderr", text=text[:2000])
+
+    def _on_line_error(self, exc: Exception, line: bytes) -> None:
+        # A bug or a failure while handling one line (the reader itself goes on): count
+        # and log it with its traceback. What failed for one client was that client's.
+        self.publisher.count("unrouted_lines")
+        self.log.error("agent.line_failed", error=repr(exc), bytes=len(line),
+                       head=line[:200].decode(errors="replace"), exc_info=exc)
 
     def _on_overlong(self, size: int) -> None:
         self.publisher.count("unrouted_lines")

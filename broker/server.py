@@ -177,6 +177,7 @@ class Broker:
             self.ingress.tick(now)
             self._feed(Tick(now))
             self.publisher.tick(self.ingress)
+            self.store.retry()
 
     # ---------------------------------------------------------------- the scheduler: events in, decisions out
 

@@ -10,6 +10,7 @@ process group, so a broker that finds its predecessor's agent still running
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -35,6 +36,9 @@ class SessionStore:
         #: The conversation has begun (printed system/init): later starts pass ``--resume``.
         self.resumable = False
         self._lock_fd: int | None = None
+        self._model: str | None = None  # the model of the last save asked for
+        self._unsaved = False  # the last save failed: retry() writes it again
+        self._failing = False  # a failure was logged and no save has succeeded since
 
     def open(self) -> None:
         """Create the directory and take the lock, or raise :class:`AlreadyRunning`."""
@@ -83,12 +87,42 @@ class SessionStore:
             self.resumable = False
             return None
 
-    def save(self, model: str | None) -> None:
-        """Write session.json atomically (a crash leaves the old or the new record, never half)."""
+    def save(self, model: str | None) -> bool:
+        """Write session.json atomically (a crash leaves the old or the new record, never half).
+
+        Never raises: it is called while agent output is being delivered, and a
+        full or read-only disk must not cost a client its events. A failed save
+        is logged once and written again by :meth:`retry` (every tick) until it
+        succeeds. Returns True if the record is on disk now.
+        """
+        self._unsaved = True
+        self._model = model
+        return self._write()
+
+    def retry(self) -> None:
+        """Write session.json again if the last save failed (the disk may have room now)."""
+        if self._unsaved:
+            self._write()
+
+    def _write(self) -> bool:
         path = self.dir / "session.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"session_id": self.session_id, "model": model, "resumable": self.resumable}))
-        os.replace(tmp, path)
+        record = {"session_id": self.session_id, "model": self._model, "resumable": self.resumable}
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a half-written temporary holds the space we lack
+            if not self._failing:
+                self.log.error("session.save_failed", error=str(exc), retry_s="every tick")
+            self._failing = True
+            return False
+        self._unsaved = False
+        if self._failing:
+            self._failing = False
+            self.log.warning("session.saved", after_failure=True, resumable=self.resumable)
+        return True
 
     def record_agent(self, pid: int, start_time: int) -> None:
         """Name the running agent's process group for the next broker's reaping."""

@@ -29,6 +29,7 @@ from ipc.errors import (
     BrokerUnavailable,
     InvalidArgument,
     IPCError,
+    LimitError,
     ProtocolError,
     QueueGone,
     StateDamaged,
@@ -89,6 +90,8 @@ class Connection:
         self.requests: dict[str, RequestState] = {}
         self.lease_state: str = "none"  # none | waiting | held
         self.closed = False
+        #: The broker's refusal of this connection (it could not open our mailbox), if it sent one.
+        self.refusal: frames.Error | None = None
         # Ids of requests whose state changed since the last take_changed(): the asyncio
         # front end wakes only those requests' waiters.
         self.changed: set[str] = set()
@@ -398,6 +401,8 @@ class Connection:
                 if st is not None:
                     st.result = TurnResult(status="error", error_code=frame.code, error=frame.message,
                                            request_id=frame.req)
+                elif not frame.req and frame.code == LimitError.code:
+                    self._refused(frame)
                 else:
                     self.errors.append(frame)
                     log.warning("broker error for no pending request: req=%r code=%s: %s",
@@ -418,6 +423,16 @@ class Connection:
             # Finished: the Turn keeps its state; the table keeps only what may need resubmitting,
             # so a long-lived client does not grow by one entry per turn.
             self.requests.pop(st.req, None)
+
+    def _refused(self, frame: frames.Error) -> None:
+        # The broker answered our hello with a refusal: nothing we sent will be served
+        # (it refuses each later frame too, until it has room). End what waits now.
+        self.refusal = frame
+        for st in list(self.requests.values()):
+            if st.result is None:
+                st.result = TurnResult(status="error", error_code=frame.code, error=frame.message, request_id=st.req)
+                self.changed.add(st.req)
+                self.requests.pop(st.req, None)
 
     def take_changed(self) -> set[str]:
         """Ids of the requests whose state changed since the last call."""

@@ -9,7 +9,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipc import frames
-from ipc.errors import AgentError, BrokerUnavailable, Cancelled, Preempted
+from ipc.errors import (
+    AgentError,
+    BrokerUnavailable,
+    Cancelled,
+    ClientTooSlow,
+    LimitError,
+    Preempted,
+    QueueFull,
+    TurnstileError,
+)
+
+#: A broker-side refusal's ``error_code`` and the error it raises as (the broker's budgets and limits).
+REFUSALS: dict[str, type[TurnstileError]] = {
+    QueueFull.code: QueueFull,  # a prompt over a queued-bytes budget
+    ClientTooSlow.code: ClientTooSlow,  # replies over a buffered-bytes budget
+    LimitError.code: LimitError,  # the broker could not open this client's mailbox (open-file limit)
+}
 
 
 @dataclass
@@ -43,7 +59,9 @@ class TurnResult:
         """Return this result if the turn completed, else raise what ended it.
 
         :class:`Preempted` (``on_preempt="return"``), :class:`Cancelled`,
-        :class:`BrokerUnavailable` (no broker came back for it), or
+        :class:`BrokerUnavailable` (no broker came back for it), the
+        broker's refusals (:class:`QueueFull`, :class:`ClientTooSlow`,
+        :class:`LimitError`: a budget or limit, named in the message), or
         :class:`AgentError` for any other error; ``reason`` carries
         ``error_code``. Each error's ``exit_code`` is what ``turnstile prompt``
         exits with.
@@ -57,6 +75,9 @@ class TurnResult:
             message = f"{self.error_code or 'error'}: {self.error or ''}".rstrip(": ")
             if self.error_code == BrokerUnavailable.code:
                 raise BrokerUnavailable(message, reason=self.error_code, **facts)
+            refusal = REFUSALS.get(self.error_code or "")
+            if refusal is not None:
+                raise refusal(message, reason=self.error_code, **facts)
             raise AgentError(message, reason=self.error_code, **facts)
         return self
 
