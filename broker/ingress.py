@@ -194,7 +194,7 @@ class Ingress:
             return
         kind = getattr(frame, "kind", None)
         if conn is None:
-            conn = self.registry.adopt(frame.client, kind if kind in frames.KINDS else None)
+            conn = self.registry.adopt(frame.client, kind if kind in frames.KINDS else None, req=frame.req)
             if conn is None:
                 self.publisher.count("rejected_frames")
                 self.log.warning("frame.unknown_client", client=frame.client, type=type(frame).__name__)

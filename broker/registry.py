@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,12 +25,40 @@ from broker.config import BrokerConfig
 from broker.publisher import Publisher
 from broker.scheduler import ClientGone, Connected, SchedEvent
 from ipc import frames, mailbox, names, sweep
-from ipc.errors import ClientTooSlow, IPCError, TooManyConnections
+from ipc.errors import ClientTooSlow, IPCError, LimitError, TooManyConnections
 
 #: While a client's mailbox is full, how often the broker moves its buffered frames in as it frees room.
 PUMP_S = 0.001
 #: Every this many ticks, remove the mailboxes of clients that died unwatched.
 SWEEP_EVERY = 10
+#: What a connected client costs the broker in open descriptors: its pidfd, its ring's
+#: mapping (mmap keeps a duplicate of the segment's descriptor) and its doorbell queue.
+FDS_PER_CLIENT = 3
+#: Descriptors held back so that a client refused for want of descriptors can still be
+#: told: opening its mailbox needs two at once for the ring, one for the doorbell, and
+#: one to read /proc for its owner's identity.
+RESERVE_FDS = 4
+
+
+def _out_of_descriptors(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) is EMFILE/ENFILE: no descriptor could be had."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _hold_descriptors(n: int) -> list[int]:
+    """Open up to ``n`` descriptors on /dev/null (as many as can be had now)."""
+    held = []
+    for _ in range(n):
+        try:
+            held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            break
+    return held
 
 
 @dataclass
@@ -62,6 +92,7 @@ class Registry:
         self._slow: set[str] = set()
         self._pump_handle: asyncio.TimerHandle | None = None
         self._ticks = 0
+        self._reserve = _hold_descriptors(RESERVE_FDS)
 
     def __len__(self) -> int:
         return len(self._clients)
@@ -75,40 +106,66 @@ class Registry:
         conn = self._clients.get(client)
         return conn.label if conn is not None else ""
 
-    def adopt(self, client: str, kind: frames.Kind | None, hello: frames.Hello | None = None) -> ClientConn | None:
-        """Register a client from its hello, or from its mailbox header (frames a dead broker never read)."""
+    def adopt(
+        self, client: str, kind: frames.Kind | None, hello: frames.Hello | None = None, *, req: str = ""
+    ) -> ClientConn | None:
+        """Register a client from its hello, or from its mailbox header (frames a dead broker never read).
+
+        A client the broker has no descriptors for is told so at once (a
+        ``limit`` error naming the open-file limit, for ``req``: "" for a
+        hello, which the client takes as the refusal of its connection).
+        """
         if hello is not None:
             pid, start = hello.pid, hello.start_time
         else:
-            owner = mailbox.read_owner(self.session, client)
+            try:
+                owner = mailbox.read_owner(self.session, client)
+            except OSError as exc:
+                if _out_of_descriptors(exc):
+                    self._refuse(client, req, exc)
+                return None
             if owner is None:
                 return None
             pid, start = owner
         if kind is None:
             return None
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return None
-        # The pidfd now pins the process; checking the start time after opening it
-        # makes sure it is the client, not a later process that reused the pid.
-        if names.proc_start_time(pid) != start:
-            os.close(pidfd)
-            return None
         held = sum(1 for c in self._clients.values() if c.pid == pid)
         if held >= self.max_per_process:
-            os.close(pidfd)
             self.log.warning("client.too_many_connections", client=client, pid=pid, limit=self.max_per_process)
             raise TooManyConnections(
                 f"process {pid} already holds {held} connections to session {self.session!r}, the most one "
                 f"process may (turnstile serve --max-clients-per-process)",
                 pid=pid, limit=self.max_per_process,
             )
+        # One descriptor more than the client keeps, for reading /proc/<pid>/maps below:
+        # a check that cannot open its file must not read as a forged claim.
+        spare = _hold_descriptors(1)
+        if not spare:
+            self._refuse(client, req, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
+            return None
         try:
-            writer = mailbox.MailboxWriter(self.session, client, max_pending=self.max_pending)
-        except (OSError, IPCError) as exc:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                if _out_of_descriptors(exc):
+                    self._refuse(client, req, exc)
+                return None
+            try:
+                # The pidfd now pins the process; checking the start time after opening it
+                # makes sure it is the client, not a later process that reused the pid.
+                same = names.proc_start_time(pid) == start
+                writer = mailbox.MailboxWriter(self.session, client, max_pending=self.max_pending) if same else None
+            except (OSError, IPCError) as exc:
+                os.close(pidfd)
+                if _out_of_descriptors(exc):
+                    self._refuse(client, req, exc)
+                else:
+                    self.log.warning("client.mailbox_refused", client=client, error=str(exc))
+                return None
+        finally:
+            os.close(spare[0])
+        if writer is None:
             os.close(pidfd)
-            self.log.warning("client.mailbox_refused", client=client, error=str(exc))
             return None
         if (writer.owner_pid, writer.owner_start) != (pid, start):
             writer.close()
@@ -131,6 +188,27 @@ class Registry:
         self.log.info("client.connected", client=client, kind=kind, pid=pid, via="hello" if hello else "mailbox")
         return conn
 
+    def _refuse(self, client: str, req: str, exc: BaseException) -> None:
+        """Tell a client we have no descriptors for that it is refused, with descriptors held in reserve."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.publisher.count("rejected_frames")
+        self.log.error("client.refused_no_descriptors", client=client, req=req, error=str(exc), nofile=soft)
+        message = (
+            f"the broker cannot open this client's mailbox: it is at its open-file limit (RLIMIT_NOFILE {soft}, "
+            f"hard {hard}; each client costs it {FDS_PER_CLIENT} descriptors, and `turnstile serve` already raised "
+            "its soft limit to the hard one). Raise the hard limit for the broker (`ulimit -n N` before "
+            "`turnstile serve`, LimitNOFILE= in a systemd unit) or connect fewer clients."
+        )
+        for fd in self._reserve:
+            os.close(fd)
+        self._reserve = []
+        try:
+            self.send_to_mailbox(client, frames.Error(client=client, req=req, code=LimitError.code, message=message))
+        except (OSError, IPCError) as err:
+            self.log.error("client.refusal_unsent", client=client, error=str(err))
+        finally:
+            self._reserve = _hold_descriptors(RESERVE_FDS)
+
     def gone(self, client: str, why: str) -> None:
         """The client died, said bye or was failed: tell the hooks, then the scheduler."""
         conn = self._clients.get(client)
@@ -152,6 +230,9 @@ class Registry:
         """Close every client's handles (the broker stops; clients own their names)."""
         for conn in list(self._clients.values()):
             self._close(conn)
+        for fd in self._reserve:
+            os.close(fd)
+        self._reserve = []
 
     def _close(self, conn: ClientConn) -> None:
         self._clients.pop(conn.id, None)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import resource
 import signal
 import time
+from typing import Any
 
 from broker import log as blog
 from broker.agent_link import AgentLink
@@ -25,7 +27,7 @@ from broker.config import BrokerConfig
 from broker.exits import RET_OK, RET_SIGNAL
 from broker.ingress import Ingress
 from broker.publisher import Publisher
-from broker.registry import Registry
+from broker.registry import FDS_PER_CLIENT, Registry
 from broker.scheduler import (
     Config,
     Decision,
@@ -50,6 +52,11 @@ TICK_S = 0.5
 #: Signals that stop the broker gracefully. SIGHUP is one: a foreground `serve` whose
 #: terminal closes gets it, and must drain and clean up as for SIGTERM, not die unlogged.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Descriptors a broker uses before any client (stdio, log, lock, queue, state block, agent
+#: pipes, the event loop's own, the refusal reserve): what the client budget is counted after.
+NOFILE_BASE = 32
+#: Where the soft limit goes when the hard one is unlimited (the kernel's usual nr_open).
+NOFILE_IF_UNLIMITED = 1 << 20
 
 
 class Broker:
@@ -171,13 +178,20 @@ class Broker:
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            self.link.tick(now)
-            self.registry.tick()
-            self.ingress.tick(now)
-            self._feed(Tick(now))
-            self.publisher.tick(self.ingress)
-            self.store.retry()
+            try:
+                self._tick(time.monotonic())
+            except Exception as exc:
+                # Out of descriptors, say (a sweep lists /dev/shm): this tick's work is lost,
+                # the next one runs. A dead tick loop would leave the heartbeat stale for good.
+                self.log.exception("broker.tick_failed", error=repr(exc))
+
+    def _tick(self, now: float) -> None:
+        self.link.tick(now)
+        self.registry.tick()
+        self.ingress.tick(now)
+        self._feed(Tick(now))
+        self.publisher.tick(self.ingress)
+        self.store.retry()
 
     # ---------------------------------------------------------------- the scheduler: events in, decisions out
 
@@ -270,11 +284,31 @@ def _client_side(d: Decision) -> bool:
     return not isinstance(d, (WriteInterrupt, WriteUser, WriteSetModel))
 
 
+def raise_nofile_limit(log: Any) -> None:
+    """Raise the soft open-file limit to the hard one, and log the client budget it gives.
+
+    Each connected client costs the broker :data:`~broker.registry.FDS_PER_CLIENT`
+    descriptors, so the common soft default of 1024 would cap a session near
+    330 clients long before the queue limits do.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, NOFILE_IF_UNLIMITED)
+    if want > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("broker.nofile_not_raised", soft=soft, hard=hard, error=str(exc))
+    now = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    log.info("broker.nofile", soft=now, hard=hard, was=soft, fds_per_client=FDS_PER_CLIENT,
+             clients_max=max(0, (now - NOFILE_BASE) // FDS_PER_CLIENT))
+
+
 def run(cfg: BrokerConfig) -> int:
     """Run a broker in this process until it is stopped; returns the exit code."""
     import uvloop
 
     blog.configure(cfg.log_format, cfg.log_level)
+    raise_nofile_limit(blog.get("turnstile.broker").bind(session=cfg.session))
     return uvloop.run(Broker(cfg).serve())
 
 
