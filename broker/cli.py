@@ -156,6 +156,14 @@ def main() -> None:
 @click.option("--client-buffer-bytes", type=click.IntRange(min=1024), default=None,
               help="Bytes held for a client whose mailbox is full before it is failed with client_too_slow "
                    "(default: 65 MiB, one largest frame plus the ring).")
+@click.option("--max-buffered-bytes", type=click.IntRange(min=1024), default=512 * 1024 * 1024, show_default=True,
+              help="Bytes of replies buffered for all clients that do not read; over it, the client holding most "
+                   "is failed with client_too_slow.")
+@click.option("--max-queued-bytes-per-client", type=click.IntRange(min=1024), default=256 * 1024 * 1024,
+              show_default=True, help="Bytes of prompts one client may have queued or running; a prompt over it "
+                                      "is refused with queue_full.")
+@click.option("--max-queued-bytes", type=click.IntRange(min=1024), default=1024 * 1024 * 1024, show_default=True,
+              help="Bytes of prompts all clients together may have queued or running; over it, queue_full.")
 @click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
@@ -163,7 +171,8 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
           model: str | None, state_dir: str | None, drain_timeout_s: float, model_timeout_s: float,
           lease_idle_s: float, agent_start_timeout_s: float, agent_unavailable_timeout_s: float,
           max_clients_per_process: int, idle_output_timeout_s: float, max_line_bytes: int,
-          client_buffer_bytes: int | None, log_format: str, log_level: str) -> None:
+          client_buffer_bytes: int | None, max_buffered_bytes: int, max_queued_bytes_per_client: int,
+          max_queued_bytes: int, log_format: str, log_level: str) -> None:
     """Run the broker for a session in the foreground."""
     from broker.config import BrokerConfig
     from broker.server import run
@@ -174,7 +183,8 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
         agent_start_timeout_s=agent_start_timeout_s, agent_unavailable_timeout_s=agent_unavailable_timeout_s,
         max_clients_per_process=max_clients_per_process,
         idle_output_timeout_s=idle_output_timeout_s, max_line_bytes=max_line_bytes, log_format=log_format,
-        log_level=log_level,
+        log_level=log_level, max_buffered_bytes=max_buffered_bytes,
+        max_queued_bytes_per_client=max_queued_bytes_per_client, max_queued_bytes=max_queued_bytes,
     )
     if client_buffer_bytes is not None:
         cfg.client_buffer_bytes = client_buffer_bytes

@@ -44,6 +44,12 @@ class BrokerConfig:
     max_line_bytes: int = 64 * 1024 * 1024
     #: Bytes buffered for a client whose mailbox ring is full before it is failed (client_too_slow).
     client_buffer_bytes: int = DEFAULT_MAX_PENDING
+    #: Bytes of replies buffered for all clients whose mailboxes are full; over it, the one holding most is failed.
+    max_buffered_bytes: int = 512 * 1024 * 1024
+    #: Bytes of prompt frames one client may have queued or running; a prompt over it is refused (queue_full).
+    max_queued_bytes_per_client: int = 256 * 1024 * 1024
+    #: Bytes of prompt frames all clients together may have queued or running.
+    max_queued_bytes: int = 1024 * 1024 * 1024
     queue_max_messages: int = 10
     queue_message_bytes: int = 8192
     log_format: str = "auto"  # json | console | auto (console on a TTY)

@@ -17,12 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.agent_link import Relays
+from broker.budgets import QueuedBytes
 from broker.config import BrokerConfig
 from broker.publisher import Publisher
 from broker.registry import Registry
 from broker.scheduler import CancelAsked, Released, SchedEvent, Submitted
 from ipc import chunks, frames, rqueue
-from ipc.errors import ProtocolError, TooManyConnections, TurnstileError
+from ipc.errors import ProtocolError, QueueFull, TooManyConnections, TurnstileError
 
 #: Frames handled per wake-up before yielding to the loop (agent output must not starve).
 BATCH = 64
@@ -51,6 +52,8 @@ class Ingress:
         self.stopping = stopping
         self.rq: rqueue.RequestQueue | None = None
         self.reasm = chunks.Reassembler()
+        #: Bytes of prompts held until their requests end (the broker releases them as results go out).
+        self.queued = QueuedBytes(cfg.max_queued_bytes_per_client, cfg.max_queued_bytes)
         #: When the last message was read (perf_counter ns): the start of the latencies the broker adds.
         self.received_ns = 0
         self._adopted = False
@@ -132,6 +135,7 @@ class Ingress:
     def on_message(self, data: bytes) -> None:
         """One queue message: decode, reassemble, validate, route; reject it typed if it is bad."""
         now = time.monotonic()
+        whole: bytes | None = None
         try:
             frame = frames.decode_request(data)
             if isinstance(frame, frames.Chunk):
@@ -152,7 +156,7 @@ class Ingress:
                 if inner.client != frame.client or isinstance(inner, frames.Chunk):
                     raise ProtocolError("chunk_sequence", "a chunk set must carry one frame of its own sender")
                 frame = inner
-            self._route(frame, now)
+            self._route(frame, now, len(whole) if whole is not None else len(data))
         except (ProtocolError, TooManyConnections) as exc:
             client, req = frames.peek_sender(data)
             self.reject(client, req or "", exc)
@@ -170,7 +174,7 @@ class Ingress:
         code = str(getattr(exc, "reason", exc.code))
         self.registry.send_to_mailbox(client, frames.Error(client=client, req=req, code=code, message=str(exc)[:4000]))
 
-    def _route(self, frame: frames.RequestFrame, now: float) -> None:
+    def _route(self, frame: frames.RequestFrame, now: float, size: int) -> None:
         conn = self.registry.get(frame.client)
         if isinstance(frame, frames.Hello):
             if conn is not None:
@@ -203,6 +207,11 @@ class Ingress:
             raise ProtocolError("kind_mismatch", f"client is a {conn.kind}, fixed at connect time; frame says {kind}")
         match frame:
             case frames.Prompt():
+                try:
+                    self.queued.admit(frame.client, frame.req, size)
+                except QueueFull as exc:
+                    self.reject(frame.client, frame.req, exc)
+                    return
                 self.feed(Submitted(
                     now, frame.client, frame.req, frame.kind, "prompt", content=frame.content, model=frame.model,
                     on_preempt=frame.on_preempt, resume_prompt=frame.resume_prompt,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.budgets import Trimmer
 from broker.config import BrokerConfig
 from broker.publisher import Publisher
 from broker.scheduler import ClientGone, Connected, SchedEvent
@@ -78,10 +79,14 @@ class ClientConn:
 class Registry:
     """The session's connected clients, keyed by client id."""
 
-    def __init__(self, cfg: BrokerConfig, log: Any, publisher: Publisher, feed: Callable[[SchedEvent], None]) -> None:
+    def __init__(
+        self, cfg: BrokerConfig, log: Any, publisher: Publisher, feed: Callable[[SchedEvent], None], trimmer: Trimmer
+    ) -> None:
         self.session = cfg.session
         self.max_pending = cfg.client_buffer_bytes
         self.max_per_process = cfg.max_clients_per_process
+        self.max_buffered = cfg.max_buffered_bytes
+        self.trimmer = trimmer
         self.log = log
         self.publisher = publisher
         self.feed = feed
@@ -235,6 +240,7 @@ class Registry:
         self._reserve = []
 
     def _close(self, conn: ClientConn) -> None:
+        self.trimmer.note_freed(conn.writer.pending_bytes)
         self._clients.pop(conn.id, None)
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(conn.pidfd)
@@ -251,9 +257,8 @@ class Registry:
         try:
             conn.writer.send(frames.encode(frame))
         except ClientTooSlow as exc:
-            self.publisher.count("clients_failed_slow")
-            self.log.error("client.too_slow", client=client, error=str(exc))
-            self.gone(client, "client_too_slow")
+            self._failed_slow(client, getattr(exc, "pending_bytes", 0),
+                              f"{exc}: raise it with `turnstile serve --client-buffer-bytes=N`")
             return
         except IPCError as exc:
             self._damaged(client, exc)
@@ -261,6 +266,33 @@ class Registry:
         if conn.writer.pending_bytes:
             self._slow.add(client)
             self._arm_pump()
+            self._check_buffered()
+
+    def _check_buffered(self) -> None:
+        """Keep the replies buffered for all slow readers within --max-buffered-bytes.
+
+        Over it, the client holding most is failed (client_too_slow): it is the
+        one not reading, and a small reply to a reading client never pays for it.
+        """
+        held = {c: conn.writer.pending_bytes for c in self._slow if (conn := self._clients.get(c)) is not None}
+        total = sum(held.values())
+        while total > self.max_buffered and held:
+            victim = max(held, key=held.__getitem__)
+            size = held.pop(victim)
+            self._clients[victim].writer.fail()
+            self._slow.discard(victim)
+            self._failed_slow(victim, size, (
+                f"replies buffered for clients that do not read reached {total} bytes (budget "
+                f"--max-buffered-bytes={self.max_buffered}; raise it with `turnstile serve --max-buffered-bytes=N`): "
+                f"this client held most, {size} bytes"
+            ))
+            total -= size
+
+    def _failed_slow(self, client: str, freed: int, why: str) -> None:
+        self.trimmer.note_freed(freed)
+        self.publisher.count("clients_failed_slow")
+        self.log.error("client.too_slow", client=client, error=why)
+        self.gone(client, "client_too_slow")
 
     def send_to_mailbox(self, client: str, frame: frames.ReplyFrame) -> None:
         """Send to ``client`` whether or not it is connected (yet), if a live owner holds its mailbox."""

@@ -23,6 +23,7 @@ from broker import log as blog
 from broker.agent_link import AgentLink
 from broker.agents import make_agent
 from broker.agents.base import AgentAdapter
+from broker.budgets import Trimmer
 from broker.config import BrokerConfig
 from broker.exits import RET_OK, RET_SIGNAL
 from broker.ingress import Ingress
@@ -86,7 +87,8 @@ class Broker:
             agent_pid=lambda: self.link.pid, client_count=lambda: len(self.registry),
             client_label=lambda client: self.registry.label(client),
         )
-        self.registry = Registry(cfg, self.log, self.publisher, self._feed)
+        self.trimmer = Trimmer(self.log)
+        self.registry = Registry(cfg, self.log, self.publisher, self._feed, self.trimmer)
         self.link = AgentLink(
             cfg, self.log, adapter, incarnation=self.incarnation, sched=self.sched, store=self.store,
             registry=self.registry, publisher=self.publisher, feed=self._feed, stopping=self._is_stopping,
@@ -192,6 +194,7 @@ class Broker:
         self._feed(Tick(now))
         self.publisher.tick(self.ingress)
         self.store.retry()
+        self.trimmer.tick()
 
     # ---------------------------------------------------------------- the scheduler: events in, decisions out
 
@@ -248,6 +251,7 @@ class Broker:
                 self.registry.send(d.client, d.frame)
                 if isinstance(d.frame, frames.Result):
                     r = d.frame
+                    self.trimmer.note_freed(self.ingress.queued.release(d.client, r.req))
                     if r.turn:  # a turn ran for it (not refused, nor cancelled while queued)
                         self.publisher.observe("queue_wait_ms", r.queued_ms)
                         self.publisher.observe("turn_ms", r.turn_ms)
@@ -257,6 +261,7 @@ class Broker:
                     self.log.info("turn.preempted", client=d.client, req=d.frame.req, turn=d.frame.turn)
             case DropClient():
                 self.registry.drop(d.client)
+                self.trimmer.note_freed(self.ingress.queued.drop_client(d.client))
             case RestartAgent():
                 self.link.restart(d.reason, d.model, d.delay_s)
 
