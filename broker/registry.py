@@ -263,6 +263,9 @@ class Registry:
         except IPCError as exc:
             self._damaged(client, exc)
             return
+        except Exception as exc:
+            self._failed_send(conn, exc)
+            return
         if conn.writer.pending_bytes:
             self._slow.add(client)
             self._arm_pump()
@@ -335,9 +338,24 @@ class Registry:
             except IPCError as exc:
                 self._damaged(client, exc)
                 lagging = False
+            except Exception as exc:
+                assert conn is not None
+                self._failed_send(conn, exc)
+                lagging = False
             if not lagging:
                 self._slow.discard(client)
         return bool(self._slow)
+
+    def _failed_send(self, conn: ClientConn, exc: Exception) -> None:
+        # Writing to this client's mailbox failed in a way no bound explains (a ring its
+        # owner damaged, say): that client is dropped, and whatever the broker was doing
+        # (delivering a turn's result line, pumping others) goes on for everyone else.
+        self.log.error("client.send_failed", client=conn.id, error=repr(exc), exc_info=exc)
+        self._slow.discard(conn.id)
+        self.trimmer.note_freed(conn.writer.pending_bytes)
+        with contextlib.suppress(Exception):
+            conn.writer.fail()
+        self.gone(conn.id, "send_failed")
 
     def sweep(self) -> None:
         """Remove mailboxes of clients that died unwatched (while no broker ran, or before their hello)."""

@@ -52,6 +52,53 @@ def test_a_failing_line_handler_costs_only_its_own_line():
     assert failed == [("OSError", b"boom-1"), ("OSError", b"boom-2")]
 
 
+#: A client that damages its own mailbox ring (the read counter far past what was written), then asks
+#: for a reply larger than the ring: writing it fails in the broker, inside the handling of an agent line.
+RING_BREAKER = r"""
+import json, sys
+from clients.core import Connection
+from ipc import mailbox
+
+spec = json.loads(sys.argv[1])
+conn = Connection(spec["session"], "webhook")
+assert conn.try_attach()
+conn.mailbox._words[mailbox.OFF_READ // 8] = 2**62
+frame = conn.prompt_frame(spec["text"], model=None, on_preempt=None, resume_prompt=None, request_id=None)
+conn.submit(frame)
+print("submitted", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_client_whose_mailbox_cannot_be_written_is_dropped_and_the_session_goes_on(
+    broker_factory, spawn_client, session_name
+):
+    """A failure while delivering one agent line to its client drops that client only: its turn ends, the line
+    reader and the other clients go on."""
+    import json
+    import subprocess
+
+    from clients import Client
+
+    b = broker_factory()
+    spec = {"session": session_name, "text": "[sim:bytes=3000000] [sim:chunks=3] breaks-its-ring"}
+    p = spawn_client(RING_BREAKER, json.dumps(spec), stdin=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "submitted"
+        with Client(session_name, "webhook") as c:
+            res = c.prompt("after-the-breaker").result(timeout_s=15)
+            assert res.ok and res.text == "sim: after-the-breaker"
+            assert c.prompt("and-again").result(timeout_s=15).ok
+        assert b.proc is not None and b.proc.poll() is None
+        wait_until(lambda: rec(b).clients == 0, timeout_s=10, what="the breaker dropped (and the other gone)")
+        # Either the ring's counters are found bad before writing (client.mailbox_damaged), or the write
+        # fails (client.send_failed): both drop that client only.
+        assert any(e.get("event") in ("client.mailbox_damaged", "client.send_failed") for e in broker_log(b))
+    finally:
+        assert p.stdin is not None
+        p.stdin.close()
+
+
 def _can_mount_tmpfs() -> str | None:
     """Why a private tmpfs cannot be mounted here (None if it can)."""
     if os.geteuid() != 0:
