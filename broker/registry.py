@@ -41,11 +41,19 @@ FDS_PER_CLIENT = 3
 RESERVE_FDS = 4
 
 
+#: Descriptors adopting a client needs at its peak (see :meth:`Registry.adopt`).
+ADOPT_FDS = FDS_PER_CLIENT + 2
+
+
 def _out_of_descriptors(exc: BaseException) -> bool:
     """True if ``exc`` (or what caused it) is EMFILE/ENFILE: no descriptor could be had."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+        if isinstance(seen, OSError) and (
+            seen.errno in (errno.EMFILE, errno.ENFILE)
+            # posix_ipc raises EMFILE/ENFILE as an OSError without errno, by message only.
+            or (seen.errno is None and "maximum number of files" in str(seen))
+        ):
             return True
         seen = seen.__cause__
     return False
@@ -142,12 +150,18 @@ class Registry:
                 f"process may (turnstile serve --max-clients-per-process)",
                 pid=pid, limit=self.max_per_process,
             )
-        # One descriptor more than the client keeps, for reading /proc/<pid>/maps below:
-        # a check that cannot open its file must not read as a forged claim.
-        spare = _hold_descriptors(1)
-        if not spare:
+        # Make sure of the descriptors adopting takes before taking any: what the client
+        # keeps, one more while its ring is mapped, and one for each /proc read (a check
+        # that cannot open its file must not read as a forged claim). One stays held
+        # for reading /proc/<pid>/maps below.
+        spare = _hold_descriptors(ADOPT_FDS)
+        if len(spare) < ADOPT_FDS:
+            for fd in spare:
+                os.close(fd)
             self._refuse(client, req, OSError(errno.EMFILE, os.strerror(errno.EMFILE)))
             return None
+        for fd in spare[1:]:
+            os.close(fd)
         try:
             try:
                 pidfd = os.pidfd_open(pid)

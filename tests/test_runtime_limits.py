@@ -24,8 +24,7 @@ import pytest
 from broker.agentproc import LineSplitter
 from broker.testing.launcher import BrokerProcess
 from ipc import names
-from tests.support import rec, wait_until
-from tests.test_faults import broker_log, vm_rss_kib
+from tests.support import broker_log, rec, vm_rss_kib, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -62,6 +61,11 @@ from ipc import mailbox
 spec = json.loads(sys.argv[1])
 conn = Connection(spec["session"], "webhook")
 assert conn.try_attach()
+# Be connected first (a small turn answered), so the damage is met while writing, not at the hello.
+first = conn.submit(conn.prompt_frame("connect", model=None, on_preempt=None, resume_prompt=None, request_id=None))
+while first.result is None:
+    conn.mailbox.wait(0.25)
+    conn.drain_mailbox()
 conn.mailbox._words[mailbox.OFF_READ // 8] = 2**62
 frame = conn.prompt_frame(spec["text"], model=None, on_preempt=None, resume_prompt=None, request_id=None)
 conn.submit(frame)
