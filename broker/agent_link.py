@@ -220,11 +220,11 @@ class AgentLink:
         self._served = False
         try:
             store.record_agent(agent.pid, agent.start_time)
-            store.save(self.sched.model)
         except OSError as exc:
             # A full disk must not strand a running agent the scheduler was never told of:
             # the records only help reap orphans and resume after a broker crash.
             self.log.error("agent.record_failed", pid=agent.pid, error=str(exc))
+        store.save(self.sched.model)  # never raises: a failed save is retried every tick
         self.log.info("agent.started", pid=agent.pid, session_id=store.session_id, model=self.sched.model)
         self.feed(AgentStarted(time.monotonic()))
 
