@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-publish soak verify lint clean
+.PHONY: demo demo-fleet test bench bench-publish soak verify lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/turnstile demo
+
+demo-fleet: $(STAMP)
+	$(VENV)/bin/turnstile demo --fleet
 
 test: $(STAMP)
 	$(PY) -m pytest -n auto

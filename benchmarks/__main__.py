@@ -8,7 +8,7 @@ table and writes ``results.json`` and PNG plots to the output directory
 ``benchmarks/results/`` and the generated section of ``benchmarks/RESULTS.md``.
 
 Scenarios (in run order): floor, ipc_micro (benchmarks.ipc_micro's rows), preempt, threaded, per_turn,
-shared_client, throughput, scale, startup, real_cli. ``floor`` always runs: every ratio needs it.
+shared_client, throughput, scale, startup, real_cli, fleet. ``floor`` always runs: every ratio needs it.
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class Sizes:
     shared_rounds: int
     shared_warmup: int
     shared_concurrent: int
+    fleet_n: int = 1_000
+    fleet_warmup: int = 50
+    fleet_clients: int = 200
 
 
 FULL = Sizes(
@@ -83,6 +86,7 @@ QUICK = Sizes(
     startup_n=5, startup_warmup=1,
     realcli_n=5, realcli_warmup=1,
     shared_rounds=10, shared_warmup=1, shared_concurrent=50,
+    fleet_n=200, fleet_warmup=10,
 )
 SMOKE = Sizes(
     floor_n=200, floor_warmup=20,
@@ -94,15 +98,16 @@ SMOKE = Sizes(
     startup_n=2, startup_warmup=0,
     realcli_n=1, realcli_warmup=0,
     shared_rounds=2, shared_warmup=0, shared_concurrent=10,
+    fleet_n=10, fleet_warmup=2, fleet_clients=20,
 )
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
 SCENARIOS = ("floor", "ipc_micro", "preempt", "threaded", "per_turn", "shared_client", "throughput", "scale", "startup",
-             "real_cli")
+             "real_cli", "fleet")
 
 
 def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], None]], None]]:
-    from benchmarks import floor, real_cli, scenarios, shared_client, threaded_baseline
+    from benchmarks import fleet, floor, real_cli, scenarios, shared_client, threaded_baseline
 
     return {
         "floor": lambda res, p: floor.run(res, sz.floor_n, sz.floor_warmup, tmp),
@@ -118,6 +123,7 @@ def _runners(sz: Sizes, tmp: str) -> dict[str, Callable[[Any, Callable[[str], No
                                                 fill=sz.scale_fill),
         "startup": lambda res, p: scenarios.startup(res, sz.startup_n, sz.startup_warmup, p),
         "real_cli": lambda res, p: real_cli.run(res, sz.realcli_n, sz.realcli_warmup, p),
+        "fleet": lambda res, p: fleet.run(res, sz.fleet_n, sz.fleet_warmup, sz.fleet_clients, p),
     }
 
 

@@ -137,6 +137,14 @@ def _shared_client(res: Results) -> tuple[str, bool | None]:
             _verdict(s - o <= 2000, s, o))
 
 
+def _gateway(res: Results) -> tuple[str, bool | None]:
+    # Same path but remote: the difference is what NATS and the gateway add.
+    d50 = _lat(res, "fleet.remote_webhook") - _lat(res, "preempt.turnstile_webhook")
+    d99 = _lat(res, "fleet.remote_webhook", "p99") - _lat(res, "preempt.turnstile_webhook", "p99")
+    return f"+{fmt_us(d50)} p50, +{fmt_us(d99)} p99 over the local webhook", _verdict(d50 <= 1000 and d99 <= 5000,
+                                                                                     d50, d99)
+
+
 TARGETS = [
     Target("preempt vs RTT", "preempt p50 ≤ 2× queue RTT", _preempt_rtt),
     Target("preempt p99", "preempt p99 ≤ 1 ms", _preempt_p99),
@@ -147,6 +155,7 @@ TARGETS = [
            "one client per request", _shared_client),
     Target("throughput", "to one client ≥ 50% of read-alone", _tput),
     Target("scale p99", "at 200 clients preempt p99 ≤ 2 ms", _scale_p99),
+    Target("gateway overhead", "remote webhook over NATS: ≤ +1 ms p50, ≤ +5 ms p99 over local", _gateway),
     Target("RSS per client", "≤ 1 MiB broker RSS per idle client", _rss),
     Target("real CLI", "webhook prompt at the API p50 ≤ 60 ms", _real_cli),
     Target("CLI start-up", "`turnstile prompt` start → queue ≤ 150 ms", _startup),

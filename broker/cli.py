@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from broker import exits
+from broker.fleet import cli as fleet_cli
 from ipc import defaults
 from ipc.errors import (
     AgentError,
@@ -120,6 +121,9 @@ def main() -> None:
     """
 
 
+fleet_cli.register(main)
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -210,9 +214,10 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: accepted, agent, preempted, result.")
 @click.option("--label", default=None, envvar="TURNSTILE_LABEL",
               help="Name shown by `turnstile status` for this client (1-32 of A-Z a-z 0-9 _ . : @ / + -).")
+@fleet_cli.nats_option
 @click.argument("text", callback=_check_utf8)
 def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_s: float | None,
-           connect_timeout_s: float, as_json: bool, label: str | None, text: str) -> None:
+           connect_timeout_s: float, as_json: bool, label: str | None, nats_url: str | None, text: str) -> None:
     """Send TEXT (or - for stdin) as one turn and stream the answer."""
     from clients.client import Client
 
@@ -228,7 +233,9 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
         out.write(_dumps(obj) + "\n")
         out.flush()
 
-    with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label) as c:  # type: ignore[arg-type]
+    nats = fleet_cli.fleet_options(nats_url, connect_timeout_s) if nats_url else None
+    with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label,  # type: ignore[arg-type]
+                nats=nats) as c:
         turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
         if as_json:
             emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
@@ -262,13 +269,18 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (a list without --session).")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval-s", type=_positive_s, default=0.5, show_default=True)
-def status(session: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
+@fleet_cli.nats_option
+def status(session: str | None, as_json: bool, watch: bool, interval_s: float, nats_url: str | None) -> None:
     """Show the holder, the line, the model and the counters (read from shared memory, not the broker).
 
     Without --session: one line per session on the host (session, broker, agent,
     holder, line, model); exit 0 when at least one of them has a live broker.
+    With --nats: every session of the fleet (or the one given with --session), from its registry.
     """
     import time
+
+    if nats_url:
+        sys.exit(fleet_cli.fleet_status(nats_url, session, as_json))
 
     def show() -> bool:
         if session is None:
@@ -403,13 +415,16 @@ def metrics(port: int, host: str, sessions: tuple[str, ...]) -> None:
 @click.option("--turn", "turn_id", type=click.IntRange(min=1), default=None, callback=_check_turn,
               help="Turn id to cancel (of the current broker).")
 @click.option("--holder", is_flag=True, help="Cancel whatever turn runs now.")
-def cancel(session: str, turn_id: int | None, holder: bool) -> None:
+@fleet_cli.nats_option
+def cancel(session: str, turn_id: int | None, holder: bool, nats_url: str | None) -> None:
     """Cancel one turn. A cancel names its turn: it never hits a later one."""
     from clients.core import Connection
     from ipc import state
 
     if (turn_id is None) == (not holder):
         raise click.UsageError("give exactly one of --turn ID or --holder")
+    if nats_url:
+        sys.exit(fleet_cli.fleet_cancel(nats_url, session, turn_id, holder))
     try:
         block = state.StateBlock.open(session)
         rec = block.read_record()
@@ -457,9 +472,16 @@ def sweep(session: str | None, as_json: bool) -> None:
 @click.option("--webhooks", type=int, default=3, show_default=True)
 @click.option("--worker-ms", type=int, default=3000, show_default=True, help="Length of the worker's long turn.")
 @click.option("--plain", is_flag=True, help="No live view; print events as lines.")
-def demo(agent: str, webhooks: int, worker_ms: int, plain: bool) -> None:
+@click.option("--fleet", is_flag=True, help="Webhooks arrive over NATS through a gateway (private nats-server; "
+                                            "each webhook in its own IPC namespace when root allows).")
+def demo(agent: str, webhooks: int, worker_ms: int, plain: bool, fleet: bool) -> None:
     """A broker on a private session, a long worker turn and webhooks preempting it, live."""
     from broker.demo import run_demo
+
+    if fleet:
+        from broker.fleet.demo import run_fleet_demo
+
+        sys.exit(run_fleet_demo(webhooks=webhooks, worker_ms=worker_ms, plain=plain))
 
     sys.exit(run_demo(agent=agent, webhooks=webhooks, worker_ms=worker_ms, plain=plain))
 

@@ -163,6 +163,9 @@ class AsyncClient(BaseClient[AsyncTurn]):
     ``on_permission=`` / ``on_hook=`` may be plain functions or ``async def``.
     """
 
+    #: The subclass ``AsyncClient(..., nats=URL)`` builds (see ``BaseClient.__new__``).
+    _remote_class = "clients.remote_aio:RemoteAsyncClient"
+
     def _setup(self) -> None:
         self._waiters = Waiters(self._conn)
         self._tasks: set[asyncio.Task[None]] = set()

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
 from clients import handlers
 from clients.core import Connection, HookHandler, PermissionHandler
 from clients.requests import RequestState, TurnResult
 from ipc import defaults, frames
+
+if TYPE_CHECKING:
+    from clients.fleet_conn import FleetOptions
 
 TurnT = TypeVar("TurnT", bound="BaseTurn")
 
@@ -20,6 +24,18 @@ class BaseClient(Generic[TurnT]):
     ``label`` (1-32 of ``A-Z a-z 0-9 _ . : @ / + -``) names the client in
     ``turnstile status`` instead of its hex id.
     """
+
+    #: ``"module:Class"`` of the remote subclass that ``nats=URL`` gives (None: this class is one).
+    _remote_class: ClassVar[str | None] = None
+
+    def __new__(cls, *args: Any, nats: str | FleetOptions | None = None, **kwargs: Any) -> Self:
+        # With ``nats=URL`` the same constructor gives the remote client, a subclass whose
+        # __init__ then runs with these arguments: one hook, the local path untouched.
+        if nats is not None and cls._remote_class is not None:
+            module, _, name = cls._remote_class.partition(":")
+            remote: type[Self] = getattr(importlib.import_module(module), name)
+            return object.__new__(remote)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -32,7 +48,10 @@ class BaseClient(Generic[TurnT]):
         on_permission: PermissionHandler | None = None,
         on_hook: HookHandler | None = None,
         label: str | None = None,
+        nats: str | FleetOptions | None = None,
     ) -> None:
+        # ``nats`` is taken by ``Client.__new__``/``AsyncClient.__new__``, which return the remote
+        # client for it; a local client never sees one.
         self.session = session
         self.kind = kind
         self.on_preempt: frames.OnPreempt = on_preempt

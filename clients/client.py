@@ -72,6 +72,9 @@ class Client(BaseClient[Turn]):
     :class:`~clients.AsyncClient` between concurrent tasks.
     """
 
+    #: The subclass ``Client(..., nats=URL)`` builds (see ``BaseClient.__new__``).
+    _remote_class = "clients.remote_sync:RemoteClient"
+
     def _setup(self) -> None:
         # Which thread is inside the client now, and how deep (a handler may call back in).
         self._guard = threading.Lock()

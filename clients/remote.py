@@ -1,0 +1,325 @@
+"""The remote clients' core: the same API as the local clients, over NATS JetStream through a session's gateway.
+
+:class:`RemoteCore` is the asyncio core both front ends (:mod:`clients.remote_aio`,
+:mod:`clients.remote_sync`) share: it publishes a
+request durably (``Nats-Msg-Id`` = request id, so a retry or a second submit of
+the same id is stored once), follows the request's live events, and collects
+its one result from the session's results bucket, where it stays for a bounded
+time; a client that reconnects with the same request id collects it there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+
+from clients import fleet_wire as wire
+from clients import handlers
+from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic, new_request_id
+from clients.fleet_conn import FleetOptions, connect, redact
+from ipc import frames, names
+from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, TurnTimeout
+
+#: Longest wait without looking at the results bucket: notices are best effort (a NATS
+#: restart or a gateway crash loses some), the stored result is not.
+POLL_S = 1.0
+PUBLISH_TIMEOUT_S = 5.0
+
+_TRANSIENT = (TimeoutError, nats.errors.Error, OSError)
+
+
+@dataclass
+class RemoteRequestState:
+    """One request this remote client submitted."""
+
+    req: str
+    events: deque[dict[str, Any]] = field(default_factory=deque)
+    turn: int = 0
+    incarnation: str = ""
+    preemptions: int = 0
+    result: TurnResult | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    sub: Subscription | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the result is in."""
+        return self.result is not None
+
+
+def turn_result(d: dict[str, Any]) -> TurnResult:
+    """A stored result dict back as a :class:`TurnResult`."""
+    known = TurnResult.__dataclass_fields__
+    return TurnResult(**{k: v for k, v in d.items() if k in known})
+
+
+class RemoteCore:
+    """One remote client's NATS connection and request table (asyncio)."""
+
+    def __init__(self, session: str, kind: frames.Kind, opts: FleetOptions, *,
+                 on_permission: PermissionHandler | None = None, on_hook: HookHandler | None = None) -> None:
+        if kind not in frames.KINDS:
+            raise InvalidArgument(f"kind must be 'webhook' or 'worker', not {kind!r}", argument="kind")
+        names.check_session(session)
+        self.session = session
+        self.kind: frames.Kind = kind
+        self.opts = opts
+        self.client_id = names.new_client_id()
+        self.nc: NATS | None = None
+        self.kv: KeyValue | None = None
+        self.requests: dict[str, RemoteRequestState] = {}
+        #: Permission violations NATS reported for this connection (they come asynchronously).
+        self.denied: list[str] = []
+        self.handlers: dict[str, PermissionHandler | HookHandler] = {}
+        if on_permission is not None:
+            self.handlers["can_use_tool"] = on_permission
+        if on_hook is not None:
+            self.handlers["hook_callback"] = on_hook
+
+    async def connect(self) -> None:
+        """Connect and find the session's results bucket (made by its gateway)."""
+        nc = await connect(self.opts, session=self.session, name=f"turnstile-{self.kind}-{self.client_id}",
+                           on_error=self._on_nats_error)
+        try:
+            js = nc.jetstream(timeout=max(1.0, min(5.0, self.opts.connect_timeout_s)))
+            self.kv = await js.key_value(wire.results_bucket(self.session))
+        except nats.js.errors.BucketNotFoundError:
+            await nc.close()
+            raise FleetUnavailable(
+                f"no gateway has served session {self.session!r} on {redact(self.opts.url)}. Start one on the "
+                f"session's host with: turnstile gateway --nats URL --session {self.session}",
+                url=redact(self.opts.url), session=self.session, waited_s=0.0,
+            ) from None
+        except (nats.errors.Error, TimeoutError) as exc:
+            await nc.close()
+            raise FleetUnavailable(
+                f"NATS at {redact(self.opts.url)} refused the session {self.session!r}: "
+                f"{self._denial() or repr(exc)}",
+                url=redact(self.opts.url), session=self.session, waited_s=0.0,
+            ) from None
+        if self.handlers:
+            # Before any request names us as its answerer.
+            await nc.subscribe(wire.ask_subject(self.session, self.client_id), cb=self._on_ask)
+        self.nc = nc
+
+    async def _on_ask(self, msg: Msg) -> None:
+        # The same rules as a local client's handlers (clients.handlers): a handler that raises or
+        # answers nonsense becomes a deny with the reason, never an unanswered agent.
+        try:
+            ask = wire.decode_ask(msg.data)
+        except Exception:  # answered with an error, as a local client answers what it cannot handle
+            reply = wire.AskReply(error="malformed question")
+        else:
+            handler = self.handlers.get(ask.subtype)
+            if handler is None:
+                reply = wire.AskReply(error=f"no handler for {ask.subtype}")
+            else:
+                answer = handlers.call(handler, ask.subtype, ask.data)
+                if not isinstance(answer, handlers.Answer):
+                    answer = await handlers.settle(answer, ask.subtype)
+                reply = wire.AskReply(response=answer.response, error=answer.error)
+        with contextlib.suppress(*_TRANSIENT):
+            await msg.respond(wire.encode(reply))
+
+    def _on_nats_error(self, exc: Exception) -> None:
+        if "permissions violation" in str(exc).lower():  # nats-py lowercases server errors
+            self.denied.append(str(exc))
+
+    def _denial(self, subject: str = "") -> str | None:
+        """The permission violation NATS reported (for ``subject``), if any."""
+        for text in reversed(self.denied):
+            if subject.lower() in text:
+                return text
+        return None
+
+    def _nc(self) -> NATS:
+        if self.nc is None:
+            raise FleetUnavailable("not connected", url=redact(self.opts.url), session=self.session, waited_s=0.0)
+        return self.nc
+
+    async def submit(self, msg: wire.RemoteRequest) -> RemoteRequestState:
+        """Publish ``msg`` and return once JetStream has stored it."""
+        nc = self._nc()
+        st = self.requests.get(msg.req)
+        if st is not None:
+            return st
+        st = RemoteRequestState(req=msg.req)
+        self.requests[msg.req] = st
+        # Subscribe first: the gateway may answer before the publish returns.
+        st.sub = await nc.subscribe(wire.events_subject(self.session, msg.req), cb=self._on_notice)
+        try:
+            ack = await self._publish(msg)
+        except BaseException:
+            await self._forget(st)
+            raise
+        if ack.duplicate:
+            await self.poll_result(st)  # submitted before (by us or an earlier client): it may be done
+        return st
+
+    async def _publish(self, msg: wire.RemoteRequest) -> Any:
+        js = self._nc().jetstream()
+        subject = wire.request_subject(self.session, msg.kind)
+        data = wire.encode(msg)
+        deadline = monotonic() + max(PUBLISH_TIMEOUT_S, self.opts.connect_timeout_s)
+        while True:
+            try:
+                return await js.publish(subject, data, timeout=2.0, stream=wire.stream_name(self.session),
+                                        headers={"Nats-Msg-Id": msg.req})
+            except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+                detail = "no stream answered"
+            except (TimeoutError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+                detail = "no acknowledgement"
+                denial = self._denial(subject)
+                if denial is not None:  # no retry will be allowed either
+                    raise FleetUnavailable(
+                        f"NATS at {redact(self.opts.url)} does not let this identity submit {msg.kind} requests to "
+                        f"session {self.session!r}: {denial}", url=redact(self.opts.url), session=self.session,
+                        waited_s=0.0,
+                    ) from None
+            except nats.js.errors.APIError as exc:
+                raise FleetUnavailable(
+                    f"NATS at {redact(self.opts.url)} refused the request for session {self.session!r}: {exc}",
+                    url=redact(self.opts.url), session=self.session, waited_s=0.0,
+                ) from None
+            # Retrying is safe: the same Nats-Msg-Id is stored once.
+            if monotonic() >= deadline:
+                raise FleetUnavailable(
+                    f"request for session {self.session!r} not stored by NATS at {redact(self.opts.url)} "
+                    f"({detail})", url=redact(self.opts.url), session=self.session,
+                    waited_s=PUBLISH_TIMEOUT_S,
+                )
+            await asyncio.sleep(0.1)
+
+    async def _on_notice(self, msg: Msg) -> None:
+        try:
+            n = wire.decode_notice(msg.data)
+        except Exception:  # junk on our subject is ignored, as a local client ignores a bad frame
+            return
+        st = self.requests.get(n.req)
+        if st is None or st.done:
+            return
+        if n.turn:
+            st.turn = n.turn
+        if n.incarnation:
+            st.incarnation = n.incarnation
+        if n.event is not None:
+            if n.event.get("type") == "turnstile" and n.event.get("subtype") == "preempted":
+                st.preemptions += 1
+            st.events.append(n.event)
+        if n.result is not None:
+            st.result = turn_result(n.result)
+        st.changed.set()
+
+    async def poll_result(self, st: RemoteRequestState) -> None:
+        """Look for the request's stored result (a missed notice, a reconnect, a duplicate submit)."""
+        if self.kv is None or st.done:
+            return
+        try:
+            entry = await self.kv.get(wire.escape(st.req))
+        except nats.js.errors.KeyNotFoundError:
+            return
+        except _TRANSIENT:
+            return  # NATS is reconnecting: the next poll looks again
+        if entry.value:
+            st.result = turn_result(wire.decode_result(entry.value))
+            st.changed.set()
+
+    async def wait(self, st: RemoteRequestState, deadline: float | None, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()``; raise :class:`TurnTimeout` at ``deadline``."""
+        while not ready():
+            now = monotonic()
+            if deadline is not None and now >= deadline:
+                raise TurnTimeout("no result in time", session=self.session)
+            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
+            st.changed.clear()
+            try:
+                await asyncio.wait_for(st.changed.wait(), wait)
+            except TimeoutError:
+                await self.poll_result(st)
+        if st.done:
+            await self._forget(st)
+
+    async def _forget(self, st: RemoteRequestState) -> None:
+        self.requests.pop(st.req, None)
+        if st.sub is not None:
+            with contextlib.suppress(*_TRANSIENT):
+                await st.sub.unsubscribe()
+            st.sub = None
+
+    async def cancel(self, st: RemoteRequestState) -> None:
+        """Ask the gateway to cancel this request (queued in NATS, queued at the broker, or running)."""
+        await self._control(wire.Control(op="cancel", client=self.client_id, target=st.req))
+
+    async def cancel_turn(self, incarnation: str, turn: int) -> None:
+        """Cancel the session's turn (incarnation, turn), whoever holds it."""
+        await self._control(wire.Control(op="cancel_turn", incarnation=incarnation, turn=turn))
+
+    async def _control(self, ctl: wire.Control) -> wire.ControlReply:
+        try:
+            msg = await self._nc().request(wire.control_subject(self.session), wire.encode(ctl), timeout=5.0)
+        except (nats.errors.NoRespondersError, TimeoutError, nats.errors.TimeoutError):
+            raise FleetUnavailable(
+                f"no gateway answered for session {self.session!r} on {redact(self.opts.url)}",
+                url=redact(self.opts.url), session=self.session, waited_s=5.0,
+            ) from None
+        return wire.decode_control_reply(msg.data)
+
+    async def close(self) -> None:
+        """Leave. Submitted requests still run; their results stay collectable by request id."""
+        for st in list(self.requests.values()):
+            await self._forget(st)
+        if self.nc is not None:
+            with contextlib.suppress(*_TRANSIENT):
+                await self.nc.close()
+            self.nc = None
+
+    def prompt_request(
+        self, content: str | list[dict[str, Any]], *, model: str | None, on_preempt: frames.OnPreempt,
+        resume_prompt: str | None, request_id: str | None,
+    ) -> wire.RemoteRequest:
+        """Build and validate a prompt request (bad input fails here, not at the broker)."""
+        req = request_id or new_request_id()
+        frame = frames.Prompt(client=self.client_id, req=req, kind=self.kind, content=content, model=model,
+                              on_preempt=on_preempt, resume_prompt=resume_prompt)
+        frames.decode_request(frames.encode(frame))
+        return wire.RemoteRequest(op="prompt", client=self.client_id, req=req, kind=self.kind, content=content,
+                                  model=model, on_preempt=on_preempt, resume_prompt=resume_prompt,
+                                  handles=sorted(self.handlers))
+
+    def lease_request(self, idle_timeout_s: float | None) -> wire.RemoteRequest:
+        """Build a lease request (it travels in line with the client's prompts)."""
+        return wire.RemoteRequest(op="lease", client=self.client_id, req=new_request_id(), kind=self.kind,
+                                  idle_timeout_s=idle_timeout_s, handles=sorted(self.handlers))
+
+    async def hold_lease(self, idle_timeout_s: float | None, timeout_s: float | None) -> None:
+        """Ask for a lease and wait until it is granted (or raise why not)."""
+        st = await self.submit(self.lease_request(idle_timeout_s))
+        deadline = None if timeout_s is None else monotonic() + timeout_s
+        await self.wait(st, deadline, lambda: st.done)
+        assert st.result is not None
+        if not st.result.ok:
+            raise BrokerUnavailable(f"lease not granted: {st.result.error_code or st.result.status}",
+                                    session=self.session)
+
+    async def release_lease(self) -> None:
+        """End this client's lease."""
+        await self._control(wire.Control(op="release", client=self.client_id))
+
+    def model_request(self, model: str) -> wire.RemoteRequest:
+        """Build and validate a set_model request."""
+        req = new_request_id()
+        frames.decode_request(frames.encode(frames.SetModel(client=self.client_id, req=req, kind=self.kind,
+                                                            model=model)))
+        return wire.RemoteRequest(op="set_model", client=self.client_id, req=req, kind=self.kind, model=model,
+                                  handles=sorted(self.handlers))
