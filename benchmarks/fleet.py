@@ -88,7 +88,7 @@ def run(res: Results, n: int, warmup: int, clients: int, progress: Progress) -> 
         gateway = GatewayProcess(nats.url, [ws.session], ws.path("gateway.log"))
         try:
             stamp_file = ws.path("stamps")
-            ws.start_broker(stamp_file)
+            ws.start_broker(stamp_file, extra_args=("--max-clients-per-process", str(clients + 16)))
             gateway.start()
             stamps = StampReader(stamp_file)
             try:

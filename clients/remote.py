@@ -68,7 +68,8 @@ class RemoteCore:
     """One remote client's NATS connection and request table (asyncio)."""
 
     def __init__(self, session: str, kind: frames.Kind, opts: FleetOptions, *,
-                 on_permission: PermissionHandler | None = None, on_hook: HookHandler | None = None) -> None:
+                 on_permission: PermissionHandler | None = None, on_hook: HookHandler | None = None,
+                 label: str | None = None) -> None:
         if kind not in frames.KINDS:
             raise InvalidArgument(f"kind must be 'webhook' or 'worker', not {kind!r}", argument="kind")
         names.check_session(session)
@@ -76,6 +77,8 @@ class RemoteCore:
         self.kind: frames.Kind = kind
         self.opts = opts
         self.client_id = names.new_client_id()
+        #: Shown as the NATS connection's name (the broker sees the gateway's local client).
+        self.label = label
         self.nc: NATS | None = None
         self.kv: KeyValue | None = None
         self.requests: dict[str, RemoteRequestState] = {}
@@ -89,7 +92,8 @@ class RemoteCore:
 
     async def connect(self) -> None:
         """Connect and find the session's results bucket (made by its gateway)."""
-        nc = await connect(self.opts, session=self.session, name=f"turnstile-{self.kind}-{self.client_id}",
+        nc = await connect(self.opts, session=self.session,
+                           name=f"turnstile-{self.kind}-{self.label or self.client_id}",
                            on_error=self._on_nats_error)
         try:
             js = nc.jetstream(timeout=max(1.0, min(5.0, self.opts.connect_timeout_s)))

@@ -90,6 +90,7 @@ class RemoteAsyncClient(AsyncClient):
         on_preempt: frames.OnPreempt = "requeue",
         on_permission: PermissionHandler | None = None,
         on_hook: HookHandler | None = None,
+        label: str | None = None,
     ) -> None:
         assert nats is not None
         opts = FleetOptions.of(nats)
@@ -100,7 +101,7 @@ class RemoteAsyncClient(AsyncClient):
         self.on_preempt: frames.OnPreempt = on_preempt
         self.connect_timeout_s = connect_timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook)
+        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook, label=label)
         self._background: set[asyncio.Task[Any]] = set()
 
     @property

@@ -101,6 +101,7 @@ class RemoteClient(Client):
         on_preempt: frames.OnPreempt = "requeue",
         on_permission: PermissionHandler | None = None,
         on_hook: HookHandler | None = None,
+        label: str | None = None,
     ) -> None:
         assert nats is not None
         opts = FleetOptions.of(nats)
@@ -110,7 +111,7 @@ class RemoteClient(Client):
         self.kind = kind
         self.on_preempt: frames.OnPreempt = on_preempt
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook)
+        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook, label=label)
         self._loop = _LoopThread()
         try:
             self._run(self._core.connect())

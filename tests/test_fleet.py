@@ -414,7 +414,9 @@ def test_remote_client_in_another_ipc_namespace(nats_factory, broker_factory, ga
 
 def test_200_remote_clients_on_one_gateway(nats_factory, broker_factory, gateway_factory, remote):
     n = nats_factory()
-    b = broker_factory()
+    # The gateway is one process with a local client per remote requester: its broker's
+    # per-process cap must admit them (docs/deploy.md).
+    b = broker_factory(extra_args=("--max-clients-per-process", "512"))
     gateway_factory(n.url)
     t0 = time.monotonic()
     c = remote(n.url, "webhook", [{"text": "hi"}], clients=200, events=False, timeout_s=50)
