@@ -32,7 +32,7 @@ soak: $(STAMP)
 	TURNSTILE_SOAK_S=600 $(PY) -m pytest -n 0 tests/test_soak.py -s --timeout=1200
 
 verify: $(STAMP)
-	TURNSTILE_EXPLORE=large $(PY) -m pytest -n 0 tests/test_explore.py -s --timeout=3600
+	TURNSTILE_EXPLORE=large TURNSTILE_PROPS_EXAMPLES=2000 $(PY) -m pytest -n 0 tests/test_explore.py tests/test_scheduler_props.py -s --timeout=3600
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check broker clients ipc tests benchmarks examples
