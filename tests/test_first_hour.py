@@ -72,7 +72,7 @@ def test_no_install_line_names_the_wrong_distribution():
 
 def test_plain_prompt_marks_a_preemption_and_starts_the_rerun_on_a_new_line(broker_factory, session_name, start_ts):
     b = broker_factory()
-    w = start_ts("prompt", "--session", session_name, "--kind", "worker", "[sim:turn_ms=1500] long")
+    w = start_ts("prompt", "--session", session_name, "--kind", "worker", "[sim:turn_ms=4000] long")
     assert w.stdout is not None
     w.stdout.read(1)  # the first attempt's text is on the terminal: the preemption cuts it
     wait_until(running(b, "worker"), what="worker running")
