@@ -31,11 +31,12 @@ from ipc.errors import (
 # Each command's exit codes, generated from the error classes that end it (broker/exits.py).
 SERVE_EXITS = exits.epilog(
     (exits.RET_OK, "clean stop (SIGTERM/SIGINT, turn drained)"), TurnstileError, InvalidArgument,
-    AlreadyRunning, IPCError, AgentNotFound, StateDirError, (exits.RET_SIGNAL, exits.EXIT_CODES[exits.RET_SIGNAL]),
+    AlreadyRunning, IPCError, AgentNotFound, StateDirError,
+    (exits.RET_SIGNAL, "stopped at once by a second SIGINT/SIGTERM"),
 )
 PROMPT_EXITS = exits.epilog(
     (exits.RET_OK, "ok"), TurnstileError, InvalidArgument, Preempted, Cancelled, BrokerUnavailable, AgentError,
-    TurnTimeout, IPCError,
+    TurnTimeout, IPCError, (exits.RET_SIGNAL, "interrupted (Ctrl-C): the request was cancelled"),
 )
 # status, cancel and sweep send no prompt, so their code 2 is only a bad argument.
 _BAD_ARGUMENTS = (exits.RET_USAGE, "usage error (bad arguments)")

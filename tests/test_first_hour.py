@@ -111,6 +111,7 @@ def test_ctrl_c_on_prompt_cancels_and_exits_130(broker_factory, session_name, st
     # The turn was cancelled by its request (not left to run for 20 s), and no frame was refused.
     wait_until(lambda: rec(b).counters["results_cancelled"] == 1, what="cancelled result counted")
     assert rec(b).counters["cancels"] == 1 and rec(b).counters["rejected_frames"] == 0
+    assert "130 interrupted (Ctrl-C)" in " ".join(ts("prompt", "--help").stdout.split())
 
 
 # ---------------------------------------------------------------- help
