@@ -74,14 +74,16 @@ def test_plain_prompt_marks_a_preemption_and_starts_the_rerun_on_a_new_line(brok
     b = broker_factory()
     w = start_ts("prompt", "--session", session_name, "--kind", "worker", "[sim:turn_ms=4000] long")
     assert w.stdout is not None
-    w.stdout.read(1)  # the first attempt's text is on the terminal: the preemption cuts it
+    # One byte straight from the pipe (communicate() reads the descriptor, not the text wrapper's buffer):
+    # the first attempt's text is on the terminal, so the preemption cuts it.
+    head = os.read(w.stdout.fileno(), 1).decode()
     wait_until(running(b, "worker"), what="worker running")
     assert ts("prompt", "--session", session_name, "--kind", "webhook", "hook").returncode == 0
     out, err = w.communicate(timeout=30)
     rc = w.returncode
     assert rc == 0, err
     assert "turnstile: preempted by a webhook; rerunning" in err
-    first, rerun = ("s" + out).split("\n", 1)  # "s": the byte read above
+    first, rerun = (head + out).split("\n", 1)
     assert first.startswith("sim: ") and "[turnstile:" not in first  # the first attempt, on its own line
     assert rerun.startswith("sim: [turnstile: your previous answer")
     assert out.endswith("\n")
