@@ -6,6 +6,7 @@ shell webhook handlers) loads only what it needs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -31,24 +32,27 @@ from ipc.errors import (
 # Each command's exit codes, generated from the error classes that end it (broker/exits.py).
 SERVE_EXITS = exits.epilog(
     (exits.RET_OK, "clean stop (SIGTERM/SIGINT, turn drained)"), TurnstileError, InvalidArgument,
-    AlreadyRunning, IPCError, AgentNotFound, StateDirError, (exits.RET_SIGNAL, exits.EXIT_CODES[exits.RET_SIGNAL]),
+    AlreadyRunning, IPCError, AgentNotFound, StateDirError,
+    (exits.RET_SIGNAL, "stopped at once by a second SIGINT/SIGTERM"),
 )
 PROMPT_EXITS = exits.epilog(
     (exits.RET_OK, "ok"), TurnstileError, InvalidArgument, Preempted, Cancelled, BrokerUnavailable, AgentError,
-    TurnTimeout, IPCError,
+    TurnTimeout, IPCError, (exits.RET_SIGNAL, "interrupted (Ctrl-C): the request was cancelled"),
 )
+# status, cancel and sweep send no prompt, so their code 2 is only a bad argument.
+_BAD_ARGUMENTS = (exits.RET_USAGE, "usage error (bad arguments)")
 STATUS_EXITS = exits.epilog(
-    (exits.RET_OK, "a live broker serves the session"), InvalidArgument, BrokerUnavailable,
+    (exits.RET_OK, "a live broker serves the session"), _BAD_ARGUMENTS, BrokerUnavailable,
 )
 CANCEL_EXITS = exits.epilog(
     (exits.RET_OK, "cancel sent (honoured only if that turn still runs)"),
-    (exits.RET_ERROR, "no turn is running (--holder), or any other error"), InvalidArgument, BrokerUnavailable,
+    (exits.RET_ERROR, "no turn is running (--holder), or any other error"), _BAD_ARGUMENTS, BrokerUnavailable,
     IPCError,
 )
 METRICS_EXITS = exits.epilog(
     (exits.RET_OK, "stopped by SIGTERM/SIGINT"), (exits.RET_USAGE, "bad arguments, or the address cannot be bound"),
 )
-SWEEP_EXITS = exits.epilog((exits.RET_OK, "swept"), TurnstileError, InvalidArgument)
+SWEEP_EXITS = exits.epilog((exits.RET_OK, "swept"), TurnstileError, _BAD_ARGUMENTS)
 DEMO_EXITS = exits.epilog(
     (exits.RET_OK, "every request got its result, in the right order"),
     (exits.RET_ERROR, "a request failed or finished out of order"),
@@ -98,6 +102,10 @@ session_option = click.option(
     callback=_check_session, help="Session name: 1-64 of A-Z a-z 0-9 _ - (env TURNSTILE_SESSION).",
 )
 _positive_s = click.FloatRange(min=0, min_open=True)
+_CANCEL_WAIT_S = defaults.DRAIN_TIMEOUT_S  # how long Ctrl-C on `prompt` waits for the cancelled turn to end
+# What `status` reports as current even when the broker is dead; the rest of the block goes under last_known.
+_BROKER_FIELDS = ("session", "broker_alive", "broker_pid", "broker_start", "incarnation", "started_unix_ns",
+                  "heartbeat_unix_ns", "heartbeat_age_s", "closed")
 
 
 class _Main(click.Group):
@@ -137,12 +145,15 @@ fleet_cli.register(main)
 @click.option("--cwd", "agent_cwd", type=click.Path(exists=True, file_okay=False), default=None, envvar="TURNSTILE_CWD",
               help="The agent's working directory (env TURNSTILE_CWD; default: where serve runs).")
 @click.option("--model", default=None, help="Model to start the agent with.")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+# Not click.Path(file_okay=False): a regular file here is StateDirError's exit 13, checked below.
+@click.option("--state-dir", type=click.Path(), default=None,
               help="Where the agent session id persists (default: $XDG_STATE_HOME/turnstile).")
 @click.option("--drain-timeout-s", type=_positive_s, default=defaults.DRAIN_TIMEOUT_S, show_default=True,
               help="How long an interrupted turn may take to end before the agent is killed and resumed.")
-@click.option("--model-timeout-s", type=_positive_s, default=defaults.MODEL_TIMEOUT_S, show_default=True)
-@click.option("--lease-idle-s", type=_positive_s, default=defaults.LEASE_IDLE_S, show_default=True)
+@click.option("--model-timeout-s", type=_positive_s, default=defaults.MODEL_TIMEOUT_S, show_default=True,
+              help="How long a model switch may wait for the agent's answer before it is restarted with --model.")
+@click.option("--lease-idle-s", type=_positive_s, default=defaults.LEASE_IDLE_S, show_default=True,
+              help="A lease with no request this long is released (a client may ask for its own idle timeout).")
 @click.option("--agent-start-timeout-s", type=_positive_s, default=defaults.AGENT_START_TIMEOUT_S, show_default=True,
               help="A (re)started agent that prints nothing for its first turn this long failed to start.")
 @click.option("--agent-unavailable-timeout-s", type=_positive_s, default=defaults.AGENT_UNAVAILABLE_TIMEOUT_S,
@@ -168,9 +179,10 @@ fleet_cli.register(main)
                                       "is refused with queue_full.")
 @click.option("--max-queued-bytes", type=click.IntRange(min=1024), default=1024 * 1024 * 1024, show_default=True,
               help="Bytes of prompts all clients together may have queued or running; over it, queue_full.")
-@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True,
+              help="Log lines as JSON or for people; auto: console on a terminal, else JSON.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="Least severe log level written (to stderr).")
 def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], agent_cwd: str | None,
           model: str | None, state_dir: str | None, drain_timeout_s: float, model_timeout_s: float,
           lease_idle_s: float, agent_start_timeout_s: float, agent_unavailable_timeout_s: float,
@@ -207,10 +219,13 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 @session_option
 @click.option("--kind", type=click.Choice(["worker", "webhook"]), default=defaults.PROMPT_KIND, show_default=True,
               help="worker (the default) waits its turn behind webhooks; webhook preempts a running worker turn.")
-@click.option("--model", default=None)
-@click.option("--on-preempt", type=click.Choice(["requeue", "return"]), default="requeue", show_default=True)
+@click.option("--model", default=None,
+              help="Switch the session to this model before the turn (it stays for later turns).")
+@click.option("--on-preempt", type=click.Choice(["requeue", "return"]), default="requeue", show_default=True,
+              help="A preempted worker turn: rerun it after the webhooks, or end with exit 3.")
 @click.option("--timeout-s", type=_positive_s, default=None, help="Give up after this many seconds (exit 7).")
-@click.option("--connect-timeout-s", type=_positive_s, default=defaults.CONNECT_TIMEOUT_S, show_default=True)
+@click.option("--connect-timeout-s", type=_positive_s, default=defaults.CONNECT_TIMEOUT_S, show_default=True,
+              help="How long to wait for a broker to serve the session (else exit 5).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: accepted, agent, preempted, result.")
 @click.option("--label", default=None, envvar="TURNSTILE_LABEL",
               help="Name shown by `turnstile status` for this client (1-32 of A-Z a-z 0-9 _ . : @ / + -).")
@@ -233,29 +248,61 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
         out.write(_dumps(obj) + "\n")
         out.flush()
 
-    nats = fleet_cli.fleet_options(nats_url, connect_timeout_s) if nats_url else None
-    with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label,  # type: ignore[arg-type]
-                nats=nats) as c:
-        turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
-        if as_json:
-            emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
-        for ev in turn.events(timeout_s):
-            if ev.get("type") == "turnstile":
+    at_line_start = True  # plain output: whether the last text written ended a line
+
+    def show_text(ev: dict[str, Any]) -> None:
+        nonlocal at_line_start
+        for block in (ev.get("message") or {}).get("content") or []:
+            if isinstance(block, dict) and block.get("type") == "text" and block.get("text"):
+                out.write(block["text"])
+                out.flush()
+                at_line_start = block["text"].endswith("\n")
+
+    def show_notice(ev: dict[str, Any]) -> None:
+        # The preempted attempt's partial text stays on its own line; the rerun starts a fresh one.
+        nonlocal at_line_start
+        if ev.get("subtype") != "preempted":
+            return
+        if not at_line_start:
+            out.write("\n")
+            out.flush()
+            at_line_start = True
+        then = "rerunning" if ev.get("requeued") else "returning"
+        click.echo(f"turnstile: preempted by a webhook; {then}", err=True)
+
+    try:
+        nats = fleet_cli.fleet_options(nats_url, connect_timeout_s) if nats_url else None
+        with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label,  # type: ignore[arg-type]
+                    nats=nats) as c:
+            turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
+            try:
                 if as_json:
-                    rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
-                    emit({"event": ev.get("subtype"), **rest})
-                continue
-            if as_json:
-                emit({"event": "agent", "data": ev})
-            elif ev.get("type") == "assistant":
-                for block in (ev.get("message") or {}).get("content") or []:
-                    if isinstance(block, dict) and block.get("type") == "text":
-                        out.write(block.get("text", ""))
-                        out.flush()
-        res = turn.result(timeout_s)
+                    emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
+                for ev in turn.events(timeout_s):
+                    if ev.get("type") == "turnstile":
+                        if as_json:
+                            rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
+                            emit({"event": ev.get("subtype"), **rest})
+                        else:
+                            show_notice(ev)
+                    elif as_json:
+                        emit({"event": "agent", "data": ev})
+                    elif ev.get("type") == "assistant":
+                        show_text(ev)
+                res = turn.result(timeout_s)
+            except KeyboardInterrupt:
+                # Cancel and wait for the cancelled result: a bye sent first would overtake the cancel
+                # (bye goes at control priority). Bounded, and a second Ctrl-C stops waiting.
+                turn.cancel()
+                with contextlib.suppress(TurnstileError, KeyboardInterrupt):
+                    turn.result(_CANCEL_WAIT_S)
+                raise
+    except KeyboardInterrupt:
+        click.echo("turnstile: interrupted", err=True)
+        sys.exit(exits.RET_SIGNAL)
     if as_json:
         emit({"event": "result", **res.as_dict()})
-    else:
+    elif not at_line_start:
         out.write("\n")
     res.raise_for_status()
 
@@ -268,9 +315,8 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
               help="Session name (env TURNSTILE_SESSION); without it, one line for every session on the host.")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (a list without --session).")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
-@click.option("--interval-s", type=_positive_s, default=0.5, show_default=True)
-@fleet_cli.nats_option
-def status(session: str | None, as_json: bool, watch: bool, interval_s: float, nats_url: str | None) -> None:
+@click.option("--interval-s", type=_positive_s, default=0.5, show_default=True, help="Refresh period of --watch.")
+def status(session: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
     """Show the holder, the line, the model and the counters (read from shared memory, not the broker).
 
     Without --session: one line per session on the host (session, broker, agent,
@@ -285,7 +331,7 @@ def status(session: str | None, as_json: bool, watch: bool, interval_s: float, n
     def show() -> bool:
         if session is None:
             return _show_all(as_json)
-        d = _read_status(session)
+        d = _as_reported(_read_status(session))
         if as_json:
             click.echo(_dumps(d if d is not None else {"session": session, "broker_alive": False}))
         elif d is None:
@@ -359,6 +405,16 @@ def _read_status_once(session: str) -> dict[str, Any] | None:
     return d
 
 
+def _as_reported(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``d`` as status reports it: a dead broker's block is its last word, so all but the broker's own facts
+    go under ``last_known``."""
+    if d is None or d["broker_alive"]:
+        return d
+    rest = dict(d)
+    broker = {k: rest.pop(k) for k in _BROKER_FIELDS}
+    return {**broker, "last_known": rest}
+
+
 def _show_all(as_json: bool) -> bool:
     """Every session on the host, one line (or one JSON object in a list) each; True if any broker is alive."""
     from broker.render import sessions_table
@@ -366,7 +422,7 @@ def _show_all(as_json: bool) -> bool:
 
     found = [d for d in map(_read_status, sessions_on_host()) if d is not None]
     if as_json:
-        click.echo(_dumps(found))
+        click.echo(_dumps([_as_reported(d) for d in found]))
     elif not found:
         click.echo("no turnstile sessions on this host (for this user)")
     else:
@@ -450,7 +506,7 @@ def cancel(session: str, turn_id: int | None, holder: bool, nats_url: str | None
 
 @main.command(epilog=SWEEP_EXITS)
 @click.option("--session", "-s", default=None, callback=_check_session, help="Only this session.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as a JSON list.")
 def sweep(session: str | None, as_json: bool) -> None:
     """Remove queues, state blocks and mailboxes whose owner process is gone."""
     from ipc import sweep as sw
@@ -468,8 +524,9 @@ def sweep(session: str | None, as_json: bool) -> None:
 
 
 @main.command(epilog=DEMO_EXITS)
-@click.option("--agent", type=click.Choice(["sim", "claude"]), default="sim", show_default=True)
-@click.option("--webhooks", type=int, default=3, show_default=True)
+@click.option("--agent", type=click.Choice(["sim", "claude"]), default="sim", show_default=True,
+              help="The simulated agent, or the real CLI against the offline fake Messages API.")
+@click.option("--webhooks", type=int, default=3, show_default=True, help="How many webhooks preempt the worker.")
 @click.option("--worker-ms", type=int, default=3000, show_default=True, help="Length of the worker's long turn.")
 @click.option("--plain", is_flag=True, help="No live view; print events as lines.")
 @click.option("--fleet", is_flag=True, help="Webhooks arrive over NATS through a gateway (private nats-server; "

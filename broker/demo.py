@@ -226,7 +226,8 @@ def _summary(st: DemoState, broker: BrokerProcess, rows: list[Row]) -> int:
             f"{row.finished_s:.2f}", f"{res.queued_ms:.1f}" if res else "-", f"{res.turn_ms:.1f}" if res else "-",
             str(row.preemptions),
         )
-    console = Console()
+    # Off a terminal nobody resizes the output: rich's default of 80 columns would cut the table's cells.
+    console = Console() if sys.stdout.isatty() else Console(width=1000)
     console.print(table)
     hooks = [r.name for r in rows if r.kind == "webhook"]
     order = [n for n in st.finish_order]

@@ -45,7 +45,8 @@ ERRORS: tuple[type[TurnstileError], ...] = (
 
 #: The whole table: exit code → meaning.
 EXIT_CODES: dict[int, str] = dict(
-    sorted({RET_OK: "ok", RET_SIGNAL: "stopped at once by a second SIGINT/SIGTERM",
+    sorted({RET_OK: "ok",
+            RET_SIGNAL: "interrupted: serve stopped at once by a second SIGINT/SIGTERM; prompt cancelled by Ctrl-C",
             **{e.exit_code: e.exit_meaning for e in ERRORS}}.items())
 )
 

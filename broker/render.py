@@ -14,7 +14,19 @@ def holder_name(d: dict[str, Any]) -> str:
 
 
 def status_lines(session: str, d: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) rows describing one state snapshot."""
+    """(label, value) rows describing one state snapshot.
+
+    A dead broker's snapshot keeps its session state under ``last_known``:
+    those rows say "last known", since nothing keeps them current.
+    """
+    last_known = d.get("last_known")
+    if last_known is not None:
+        rows = _rows(session, {**d, **last_known})
+        return rows[:2] + [(k, f"last known: {v}") for k, v in rows[2:]]
+    return _rows(session, d)
+
+
+def _rows(session: str, d: dict[str, Any]) -> list[tuple[str, str]]:
     holder = f"{holder_name(d)} ({d['holder_kind']}, req {d['holder_req']})" if d["holder_client"] else "-"
     c = d["counters"]
     lat = d["latencies"]

@@ -35,7 +35,8 @@ DEFAULT_MODEL = "claude-sonnet-4-5"
 
 
 _MISSING_REASON = (
-    "the Claude Code CLI bundled in claude_agent_sdk is missing (pip install 'turnstile[claude]' to run real-CLI tests)"
+    "the Claude Code CLI bundled in claude_agent_sdk is missing "
+    "(pip install 'turnstile-broker[claude]' to run real-CLI tests)"
 )
 
 #: Decorator form of :func:`require_claude_bin`: ``@needs_claude``.

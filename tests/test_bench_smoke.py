@@ -85,7 +85,8 @@ def test_every_sim_scenario_produces_numbers(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_real_cli_scenario_produces_numbers(tmp_path: Path) -> None:
     if bundled_claude_bin() is None:
-        pytest.skip("the Claude Code CLI bundled in claude_agent_sdk is missing (pip install 'turnstile[claude]')")
+        pytest.skip("the Claude Code CLI bundled in claude_agent_sdk is missing "
+                    "(pip install 'turnstile-broker[claude]')")
     doc, _ = _run(tmp_path, "real_cli", plots=False)
     _assert_numbers(doc, ["floor", "real_cli"])
 

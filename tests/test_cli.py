@@ -456,13 +456,17 @@ def _zombie(pid: int) -> bool:
 
 def test_status_and_sweep_after_broker_sigkill(broker_factory, session_name):
     b = broker_factory()
-    pid = b.pid
+    pid, agent = b.pid, rec(b).agent_pid
     b.kill()
     cp = ts("status", "--session", session_name, "--json")
     assert cp.returncode == 5
     d = json.loads(cp.stdout)
     assert d["broker_alive"] is False and d["broker_pid"] == pid
-    assert "DEAD" in ts("status", "--session", session_name).stdout
+    # Nothing keeps the rest of a dead broker's block current: it is under last_known, and said so.
+    assert "agent_state" not in d and "counters" not in d
+    assert d["last_known"]["agent_pid"] == agent and d["last_known"]["agent_state"] == "up"
+    text = ts("status", "--session", session_name).stdout
+    assert "DEAD" in text and f"last known: pid {agent} up" in text
     cp = ts("sweep", "--session", session_name, "--json")
     assert cp.returncode == 0
     removed = {(r["kind"], r["name"]) for r in json.loads(cp.stdout)}

@@ -12,7 +12,7 @@ from broker.agents.base import AgentLaunch, AgentNotFound
 
 __all__ = ["ClaudeAgent", "bundled_claude_bin", "find_claude_bin"]
 
-_INSTALL_HINT = "Install it with: pip install 'turnstile[claude]', or pass --claude-bin PATH"
+_INSTALL_HINT = "Install it with: pip install 'turnstile-broker[claude]', or pass --claude-bin PATH"
 
 
 def _bundled_candidate() -> str | None:

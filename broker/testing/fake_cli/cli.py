@@ -787,8 +787,16 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point for ``python -m broker.testing.fake_cli``."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args or "-h" in args:
+        # Like the real CLI, help wins over everything else on the line; the usage is the package's docstring.
+        from broker.testing import fake_cli
+
+        sys.stdout.write(f"usage: python -m broker.testing.fake_cli [options]\n\n{fake_cli.__doc__}")
+        sys.stdout.flush()
+        os._exit(0)
     try:
-        opts = parse_argv(sys.argv[1:] if argv is None else argv)
+        opts = parse_argv(args)
     except UsageError as exc:
         sys.stderr.write(f"{exc}\n")
         sys.stderr.flush()
