@@ -316,7 +316,8 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (a list without --session).")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--interval-s", type=_positive_s, default=0.5, show_default=True, help="Refresh period of --watch.")
-def status(session: str | None, as_json: bool, watch: bool, interval_s: float) -> None:
+@fleet_cli.nats_option
+def status(session: str | None, as_json: bool, watch: bool, interval_s: float, nats_url: str | None) -> None:
     """Show the holder, the line, the model and the counters (read from shared memory, not the broker).
 
     Without --session: one line per session on the host (session, broker, agent,
