@@ -24,6 +24,8 @@ from ipc import state
 from tests.realcli import require_claude_bin
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The NATS URL README's remote-client examples use; the test points it at its own server.
+FLEET_URL = "nats://127.0.0.1:4222"
 _BLOCK = re.compile(r"^( *)```python\n(.*?)^\1```", re.M | re.S)
 
 
@@ -41,11 +43,17 @@ def test_readme_has_python_examples():
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("n", range(len(python_blocks())))
-def test_readme_python_block_runs(n, broker_factory, session_name):
+def test_readme_python_block_runs(n, broker_factory, session_name, request):
     code = python_blocks()[n]
     assert 'session="home"' in code, "every example names its session, so the test can point it at its own"
     broker_factory(agent_args=("--permission",))
-    cp = subprocess.run([sys.executable, "-c", code.replace('session="home"', f'session="{session_name}"')],
+    code = code.replace('session="home"', f'session="{session_name}"')
+    if FLEET_URL in code:
+        # A remote-client example: a real nats-server and a gateway for the test's session.
+        server = request.getfixturevalue("nats_factory")()
+        request.getfixturevalue("gateway_factory")(server.url)
+        code = code.replace(FLEET_URL, server.url)
+    cp = subprocess.run([sys.executable, "-c", code],
                         capture_output=True, text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
     assert cp.returncode == 0, f"README block {n}:\n{code}\n{cp.stdout}\n{cp.stderr}"
     if "on_permission" in code:

@@ -144,15 +144,18 @@ def fleet_cancel(url: str, session: str, turn_id: int | None, holder: bool) -> i
                    "for --results-ttl-s either way).")
 @click.option("--ack-wait-s", type=float, default=30.0, show_default=True,
               help="A relayed request not touched for this long is delivered again.")
-@click.option("--heartbeat-s", type=float, default=1.0, show_default=True)
+@click.option("--heartbeat-s", type=float, default=1.0, show_default=True,
+              help="How often the gateway renews its claim on its sessions in the registry.")
 @click.option("--stale-after-s", type=float, default=3.0, show_default=True,
               help="A gateway silent this long loses its sessions to the next gateway.")
 @click.option("--broker-wait-s", type=float, default=600.0, show_default=True,
               help="How long a relayed request waits for a broker that went away.")
-@click.option("--drain-timeout-s", type=float, default=10.0, show_default=True)
-@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True)
+@click.option("--drain-timeout-s", type=float, default=10.0, show_default=True,
+              help="On SIGTERM, how long running remote requests may take before the gateway stops.")
+@click.option("--log-format", type=click.Choice(["auto", "json", "console"]), default="auto", show_default=True,
+              help="Log lines as JSON, for a console, or auto (console on a TTY).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+              show_default=True, help="Lowest level logged.")
 def gateway(nats_url: str, sessions: tuple[str, ...], creds: str | None, user: str | None, password: str | None,
             tls_ca: str | None, insecure: bool, replicas: int, results_ttl_s: float, dedup_window_s: float,
             ack_wait_s: float,
