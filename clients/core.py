@@ -481,7 +481,10 @@ class Connection:
             return
         self.closed = True
         with contextlib.suppress(TurnstileError, OSError):
-            self._send(frames.Bye(client=self.client_id))
+            # At our requests' priority, like a cancel: the queue is FIFO within a
+            # priority, so the bye cannot overtake a release or prompt sent before it
+            # (which would then come from a client the broker no longer knows).
+            self._send(frames.Bye(client=self.client_id), priority=frames.PRIORITY[self.kind])
         self._detach()
         self.mailbox.close()
 

@@ -217,6 +217,33 @@ def test_worker_lease_yields_to_webhook_between_turns(broker_factory, client):
     wait_until(lambda: rec(b).lease_client == "", what="lease released")
 
 
+def test_release_then_close_rejects_no_frame(broker_factory, session_name):
+    """Releasing a lease and closing at once: the broker reads the release before the bye, rejects nothing.
+
+    The broker is stopped while the client releases and closes, so both frames
+    wait in the queue together and the queue's priorities alone decide which is
+    read first (a bye overtaking the release left it from an unknown client).
+    """
+    from clients import Client
+
+    b = broker_factory()
+    with Client(session_name, "worker") as c:
+        with c.lease(timeout_s=20):
+            assert c.prompt("leased turn").result(timeout_s=20).ok
+            os.kill(b.pid, signal.SIGSTOP)
+        try:
+            c.close()
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+    # A later worker's prompt is read after every frame the first client sent.
+    with Client(session_name, "worker") as s:
+        assert s.prompt("after the release").result(timeout_s=20).ok
+    after_ns = time.time_ns()
+    r = wait_until(lambda: (x := rec(b)).heartbeat_unix_ns > after_ns and x, what="a record published after it")
+    assert r.counters["rejected_frames"] == 0, b.log_text()[-3000:]
+    assert "frame.unknown_client" not in b.log_text()
+
+
 def test_lease_idle_timeout_releases(broker_factory, client):
     b = broker_factory(extra_args=("--lease-idle-s", "1.0"))
     other = client("worker", "after-idle-lease", go=True)
