@@ -819,7 +819,8 @@ class Scheduler:
             r.lost += 1
             self.counters.inc("requeues")
             self.workers.appendleft(r)
-            self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True), terminal=False)
+            self._reply(r, frames.PreemptedNotice(client=r.client, req=r.req, turn=t.id, requeued=True,
+                                                  reason="agent_restarted"), terminal=False)
         else:
             self._error(r, "agent_restarted", f"the agent stopped during this turn ({reason}) and was restarted")
 

@@ -216,6 +216,9 @@ class Connection:
         for st in list(self.requests.values()):
             if st.result is None:
                 st.accepted = False
+                if st.attempts:
+                    # It ran (maybe partly: tools and all) on the dead broker: its next start is a rerun.
+                    st.rerun_cause = "broker_restarted"
                 self._send(st.frame)
                 if st.cancelled:
                     # A cancel the dead broker never read, or one sent while none
@@ -371,6 +374,9 @@ class Connection:
                     st.incarnation = frame.incarnation
             case frames.Started():
                 if st is not None:
+                    st.attempts += 1
+                    if st.attempts > 1:
+                        st.events.append(rerun_notice(st, frame))
                     st.turn = frame.turn
                     st.incarnation = frame.incarnation
             case frames.Event():
@@ -386,8 +392,9 @@ class Connection:
             case frames.PreemptedNotice():
                 if st is not None:
                     st.preemptions += 1
+                    st.rerun_cause = frame.reason
                     st.events.append({"type": "turnstile", "subtype": "preempted", "turn": frame.turn,
-                                      "requeued": frame.requeued})
+                                      "requeued": frame.requeued, "reason": frame.reason})
             case frames.Result():
                 if st is not None:
                     st.result = TurnResult(
@@ -490,6 +497,17 @@ class Connection:
 
 
 _json_decode = msgspec.json.decode
+
+
+def rerun_notice(st: RequestState, started: frames.Started) -> dict[str, Any]:
+    """The ``turnstile``/``rerun`` event: the request starts again, so what its earlier attempt did may repeat.
+
+    Tools an earlier attempt ran may run again (at-least-once); ``cause`` is
+    what ended that attempt. Consumes the recorded cause, so each rerun has one notice.
+    """
+    cause, st.rerun_cause = st.rerun_cause or "agent_restarted", None
+    return {"type": "turnstile", "subtype": "rerun", "cause": cause, "attempt": st.attempts,
+            "turn": started.turn, "previous_turn": st.turn, "incarnation": started.incarnation}
 
 
 def _json_or_none(data: bytes | None) -> dict[str, Any] | None:

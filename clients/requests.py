@@ -115,6 +115,8 @@ class RequestState:
     granted: bool = False  # lease requests
     last_result: dict[str, Any] | None = None  # the turn's result line, from the event stream
     cancelled: bool = False  # the client asked to cancel it (sent again after a resubmission)
+    attempts: int = 0  # how many times a broker started it (every start after the first is a rerun)
+    rerun_cause: str | None = None  # why the next start is a rerun (preempted, agent_restarted, broker_restarted)
     handler_failures: list[HandlerFailure] = field(default_factory=list)
 
     @property

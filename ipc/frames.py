@@ -179,10 +179,15 @@ class Event(_Frame, tag="event"):
 
 
 class PreemptedNotice(_Frame, tag="preempted"):
-    """The request's turn was preempted by a webhook; it runs again when ``requeued``."""
+    """The request's turn ended before its result; it runs again when ``requeued``.
+
+    ``reason`` says why: ``preempted`` (a webhook took the session) or
+    ``agent_restarted`` (the agent died under a worker turn).
+    """
 
     turn: NonNeg
     requeued: bool
+    reason: Token = "preempted"
 
 
 class AgentRequest(_Frame, tag="agent_request"):

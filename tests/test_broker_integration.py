@@ -50,6 +50,12 @@ def agent_text(events: list[dict[str, Any]]) -> str:
 LONG = "[sim:turn_ms=5000]"
 
 
+def reruns(c: ClientProc) -> list[tuple[str, int]]:
+    """The (cause, attempt) of every rerun notice a client saw."""
+    return [(o["data"]["cause"], o["data"]["attempt"]) for o in c.lines
+            if o.get("ev") == "event" and o["data"].get("type") == "turnstile" and o["data"].get("subtype") == "rerun"]
+
+
 # ---------------------------------------------------------------- preemption
 
 
@@ -71,6 +77,11 @@ def test_webhook_preempts_worker_then_worker_reruns_with_resume_note(broker_fact
     kinds = [(o["data"].get("type"), o["data"].get("subtype")) for o in w.lines if o.get("ev") == "event"]
     i = kinds.index(("turnstile", "preempted"))
     assert ("system", "init") in kinds[i + 1 :]
+    # Exactly one rerun notice, between the preemption and the rerun's first line; the interrupted
+    # attempt's own result (error_during_execution) is not in the stream: it would read as the end.
+    assert reruns(w) == [("preempted", 2)]
+    assert kinds.index(("turnstile", "rerun")) == i + 1
+    assert [k for k in kinds if k[0] == "result"] == [("result", "success")], kinds
     # The rerun's prompt carried the resume note (the sim echoes its prompt).
     assert wres["text"].startswith("sim: " + RESUME_NOTE)
     assert "worker-task" in wres["text"]
@@ -341,6 +352,7 @@ def test_agent_killed_under_worker_turn_reruns_it(broker_factory, client):
     os.killpg(agent, signal.SIGKILL)
     r2 = w.wait_for(lambda o: o.get("ev") == "result" and "two" in o["text"], timeout_s=20)
     assert r2["status"] == "ok" and r2["preemptions"] == 1
+    assert reruns(w) == [("agent_restarted", 2)]
     assert r2["session_id"] == r1["session_id"]
     assert "[history=2]" in r2["text"]  # turn one, and turn two's killed first attempt
     assert rec(b).counters["agent_restarts"] == 1
@@ -445,6 +457,7 @@ def test_broker_sigkill_then_new_broker_serves_request_once(broker_factory, clie
     assert rec(b2).incarnation != ""
     res = w.ev("result", timeout_s=20)
     assert res["status"] == "ok" and "survive-the-broker" in res["text"]
+    assert reruns(w) == [("broker_restarted", 2)]
     assert w.finish() == 0
     assert len(w.results()) == 1
     assert rec(b2).counters["requests"] == 1
