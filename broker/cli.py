@@ -14,6 +14,7 @@ import click
 
 from broker import exits
 from broker.fleet import cli as fleet_cli
+from broker.agents.base import DEFAULT_HOOK_EVENTS
 from ipc import defaults
 from ipc.errors import (
     AgentError,
@@ -28,6 +29,9 @@ from ipc.errors import (
     TurnstileError,
     TurnTimeout,
 )
+
+#: The agent's permission modes (Claude Code's --permission-mode choices).
+PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan")
 
 # Each command's exit codes, generated from the error classes that end it (broker/exits.py).
 SERVE_EXITS = exits.epilog(
@@ -145,6 +149,12 @@ fleet_cli.register(main)
 @click.option("--cwd", "agent_cwd", type=click.Path(exists=True, file_okay=False), default=None, envvar="TURNSTILE_CWD",
               help="The agent's working directory (env TURNSTILE_CWD; default: where serve runs).")
 @click.option("--model", default=None, help="Model to start the agent with.")
+@click.option("--permission-mode", type=click.Choice(PERMISSION_MODES), default=None,
+              help="Passed to the agent's --permission-mode (default: the agent's own default).")
+@click.option("--default-permission", type=click.Choice(["deny", "allow"]), default="deny", show_default=True,
+              help="The answer to a tool permission request when the turn's holder has no on_permission handler.")
+@click.option("--hook-events", default=",".join(DEFAULT_HOOK_EVENTS), show_default=True,
+              help="Comma-separated hook events relayed to the holder's on_hook ('' for none).")
 # Not click.Path(file_okay=False): a regular file here is StateDirError's exit 13, checked below.
 @click.option("--state-dir", type=click.Path(), default=None,
               help="Where the agent session id persists (default: $XDG_STATE_HOME/turnstile).")
@@ -184,7 +194,8 @@ fleet_cli.register(main)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Least severe log level written (to stderr).")
 def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[str, ...], agent_cwd: str | None,
-          model: str | None, state_dir: str | None, drain_timeout_s: float, model_timeout_s: float,
+          model: str | None, permission_mode: str | None, default_permission: str, hook_events: str,
+          state_dir: str | None, drain_timeout_s: float, model_timeout_s: float,
           lease_idle_s: float, agent_start_timeout_s: float, agent_unavailable_timeout_s: float,
           max_clients_per_process: int, idle_output_timeout_s: float, max_line_bytes: int,
           client_buffer_bytes: int | None, max_buffered_bytes: int, max_queued_bytes_per_client: int,
@@ -195,7 +206,9 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 
     cfg = BrokerConfig(
         session=session, agent=agent, claude_bin=claude_bin, agent_args=list(agent_args), agent_cwd=agent_cwd,
-        model=model, drain_timeout_s=drain_timeout_s, model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
+        model=model, permission_mode=permission_mode, default_permission=default_permission,
+        hook_events=tuple(e.strip() for e in hook_events.split(",") if e.strip()), drain_timeout_s=drain_timeout_s,
+        model_timeout_s=model_timeout_s, lease_idle_s=lease_idle_s,
         agent_start_timeout_s=agent_start_timeout_s, agent_unavailable_timeout_s=agent_unavailable_timeout_s,
         max_clients_per_process=max_clients_per_process,
         idle_output_timeout_s=idle_output_timeout_s, max_line_bytes=max_line_bytes, log_format=log_format,

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.agents.base import DEFAULT_HOOK_EVENTS
 from ipc import defaults
 from ipc.errors import StateDirError
 from ipc.mailbox import DEFAULT_MAX_PENDING
@@ -31,6 +32,12 @@ class BrokerConfig:
     agent_env: dict[str, str] = field(default_factory=dict)
     agent_cwd: str | None = None
     model: str | None = None
+    #: Passed to the agent as ``--permission-mode`` (None: the agent's own default).
+    permission_mode: str | None = None
+    #: The answer to ``can_use_tool`` when the turn's holder has no ``on_permission`` handler.
+    default_permission: str = "deny"
+    #: Hook events whose ``hook_callback`` reaches the broker (the holder's ``on_hook``, else "go on").
+    hook_events: tuple[str, ...] = DEFAULT_HOOK_EVENTS
     state_dir: Path = field(default_factory=default_state_dir)
     drain_timeout_s: float = defaults.DRAIN_TIMEOUT_S
     model_timeout_s: float = defaults.MODEL_TIMEOUT_S

@@ -106,9 +106,18 @@ def control_response(obj: dict[str, Any]) -> ControlResponse:
     )
 
 
-def default_answer(subtype: str, request: dict[str, Any]) -> tuple[bool, dict[str, Any] | str]:
-    """A safe answer to an agent control request nobody handles: (ok, response or error)."""
+def default_answer(
+    subtype: str, request: dict[str, Any], permission: str = "deny"
+) -> tuple[bool, dict[str, Any] | str]:
+    """The answer to an agent control request nobody handles: (ok, response or error).
+
+    ``permission`` is the serve-level policy for ``can_use_tool`` (``deny`` unless
+    ``turnstile serve --default-permission allow``).
+    """
     if subtype == "can_use_tool":
+        if permission == "allow":
+            tool_input = request.get("input")
+            return True, {"behavior": "allow", "updatedInput": tool_input if isinstance(tool_input, dict) else {}}
         return True, {
             "behavior": "deny",
             "message": "turnstile: the turn holder registered no permission handler",

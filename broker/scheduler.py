@@ -105,10 +105,14 @@ class AgentStarted:
 
 @dataclass(frozen=True)
 class TurnInit:
-    """The agent printed ``system/init`` for the running turn: it is now interruptible."""
+    """The agent printed ``system/init`` for the running turn: it is now interruptible.
+
+    ``model`` is the model the init line names: the one the turn runs on.
+    """
 
     now: float
     turn: int
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -686,6 +690,10 @@ class Scheduler:
         t.inited = True
         t.start_deadline = None
         self._proven()
+        if e.model:
+            # The agent's word for the model this turn runs on (the broker may not have
+            # named one), so the turn's result says it.
+            self.model = e.model
         # An interrupt asked before the turn started is sent now (an interrupt
         # written before system/init can be a silent no-op).
         if t.reason is not None and not t.interrupt_sent:
@@ -744,11 +752,24 @@ class Scheduler:
             return  # a late or foreign answer: matched by id, never by order
         self._proven()
         if not e.ok:
-            self._model_failed(t, e.now, e.error or "set_model refused")
+            self._model_refused(t, e.error or "set_model refused")
             return
         self.model = e.model or t.target_model
         self.counters.inc("model_switches")
         self._after_switch(t, e.now)
+
+    def _model_refused(self, t: RunningTurn, why: str) -> None:
+        # The agent answered no (an unknown model: the CLI probes the API first) and kept
+        # its model: so does the session. The request fails; restarting the agent with
+        # --model would make the refused model stick, across broker restarts too.
+        r = t.request
+        self.turn = None
+        if t.reason == "client_gone" or r.client not in self.clients:
+            self.requests.pop(r.key, None)
+        elif t.reason == "cancel":
+            self._result(r, "cancelled")
+        else:
+            self._error(r, "model_refused", f"model {t.target_model!r} refused by the agent: {why}")
 
     def _model_failed(self, t: RunningTurn, now: float, why: str) -> None:
         # Restart with --model: the conversation survives (--resume) on the new model. (An

@@ -15,6 +15,7 @@ from ipc.errors import (
     Cancelled,
     ClientTooSlow,
     LimitError,
+    ModelRefused,
     Preempted,
     QueueFull,
     TurnstileError,
@@ -61,7 +62,8 @@ class TurnResult:
         :class:`Preempted` (``on_preempt="return"``), :class:`Cancelled`,
         :class:`BrokerUnavailable` (no broker came back for it), the
         broker's refusals (:class:`QueueFull`, :class:`ClientTooSlow`,
-        :class:`LimitError`: a budget or limit, named in the message), or
+        :class:`LimitError`: a budget or limit, named in the message),
+        :class:`ModelRefused` (the agent refused the model it named; nothing ran), or
         :class:`AgentError` for any other error; ``reason`` carries
         ``error_code``. Each error's ``exit_code`` is what ``turnstile prompt``
         exits with.
@@ -78,6 +80,8 @@ class TurnResult:
             refusal = REFUSALS.get(self.error_code or "")
             if refusal is not None:
                 raise refusal(message, reason=self.error_code, **facts)
+            if self.error_code == ModelRefused.code:
+                raise ModelRefused(message, reason=self.error_code, model=self.model, **facts)
             raise AgentError(message, reason=self.error_code, **facts)
         return self
 

@@ -199,6 +199,17 @@ class AgentError(TurnstileError):
     exit_meaning = "agent error (API error, agent restarted mid-turn)"
 
 
+class ModelRefused(AgentError):
+    """The agent refused to switch to a model (the API does not serve it); the session kept its model.
+
+    Raised by ``TurnResult.raise_for_status`` for a prompt or ``set_model``
+    naming that model (the prompt did not run). ``model`` is the model the
+    session is still on; ``turn`` and ``request_id`` as for every turn error.
+    """
+
+    code = "model_refused"
+
+
 class Preempted(TurnstileError):
     """A turn was preempted and its client asked for that back (``on_preempt="return"``).
 

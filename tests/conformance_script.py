@@ -247,6 +247,19 @@ EXCHANGES: tuple[Exchange, ...] = (
         "already on the default).",
     ),
     Exchange(
+        "set_model_unknown_model",
+        (
+            user("u1", "a turn"),
+            Until("result:@u1"),
+            control("model-1", "set_model", model="not-a-model"),
+            Until("control_response:model-1"),
+            user("u2", "still on the old model"),
+            Until("result:@u2"),
+        ),
+        "set_model to a model the API does not serve: the CLI probes it, gets a 404 and answers with an "
+        "error (error_code not_found, the model it kept); the next turn runs on the old model.",
+    ),
+    Exchange(
         "set_model_same_model",
         (
             user("u1", "a turn"),

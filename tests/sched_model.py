@@ -589,11 +589,14 @@ class Tracker:
         elif prev == "picked":
             need(r.key == self.switch_key, f"terminal frame for {r.key} in a switch it is not in")
             status = getattr(fr, "status", None)
+            refused = isinstance(ev, s.ModelAnswered) and not ev.ok
             need(
                 (status == "cancelled" and r.cancel_asked)
                 or (status == "ok" and r.op == "set_model")
                 # the switch timed out, so the agent restarts: one that cannot start fails what waits
-                or (getattr(fr, "error_code", None) == "agent_unavailable" and self.refusing()),
+                or (getattr(fr, "error_code", None) == "agent_unavailable" and self.refusing())
+                # the agent refused the model: the request fails, the session keeps its model
+                or (refused and status == "error" and getattr(fr, "error_code", None) == "model_refused"),
                 f"{r.op} request {r.key} answered {status} during its model switch",
             )
             self.switch_key = None

@@ -31,7 +31,7 @@ from broker.scheduler import RESUME_NOTE
 from broker.testing.fake_api import CLIENT_GONE, OfflineAPI, RecordedRequest, big_text
 from broker.testing.launcher import BrokerProcess
 from broker.testing.offline_env import offline_cli_env
-from clients import Client
+from clients import Client, ModelRefused
 from tests.realcli import needs_claude, require_claude_bin
 from tests.support import ClientProc, processes_under, published, wait_until
 from tests.support import rec as record
@@ -296,6 +296,34 @@ def test_model_switch_mid_session(claude_broker, api, session_name):
     assert "before the switch" in history(after)  # same conversation, new model
     r = record(b)
     assert r.model == "claude-haiku-4-5" and r.counters["model_switches"] == 1
+
+
+def test_refused_model_is_a_typed_error_and_the_session_keeps_its_model(claude_broker, api, session_name):
+    """A model the API does not serve: the CLI's set_model probe fails, the request gets ModelRefused,
+    the next turns (and the next broker) run on the model the session had."""
+    b = claude_broker()
+    with Client(session_name, "webhook") as c:
+        before = c.prompt("on the first model").result(timeout_s=T)
+        refused = c.prompt("never sent to the model", model="not-a-model").result(timeout_s=T)
+        with pytest.raises(ModelRefused) as info:
+            refused.raise_for_status()
+        with pytest.raises(ModelRefused):
+            c.set_model("also-not-a-model").raise_for_status()
+        after = c.prompt("still on the first model").result(timeout_s=T)
+    assert before.ok and after.ok, (before, after)
+    assert refused.error_code == "model_refused" and "not-a-model" in str(info.value)
+    assert info.value.model == before.model  # the model the session kept
+    assert after.model == before.model and after.model != "not-a-model"
+    assert turn_request(api, "still on the first model", 5).model == before.model
+    assert not any(r.latest == "never sent to the model" for r in api.requests)
+    assert record(b).model == before.model
+    b.stop()
+    b2 = claude_broker()
+    assert record(b2).model == before.model
+    with Client(session_name, "webhook") as c:
+        again = c.prompt("after a broker restart").result(timeout_s=T)
+    assert again.ok and again.model == before.model
+    assert turn_request(api, "after a broker restart", 5).model == before.model
 
 
 # ---------------------------------------------------------------- 5. permissions

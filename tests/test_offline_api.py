@@ -165,7 +165,7 @@ def test_non_streaming_json(api: OfflineAPI) -> None:
 
 def test_answers_from_last_user_message(api: OfflineAPI) -> None:
     payload = {
-        "model": "m",
+        "model": "claude-m",
         "stream": True,
         "messages": [
             user("first"),
@@ -252,7 +252,7 @@ def test_tool_directive_then_tool_result_answers_text(api: OfflineAPI) -> None:
     # The follow-up carries the tool_result; the original prompt (with its
     # directive) is still in the history and must not be replayed.
     follow_up = {
-        "model": "m",
+        "model": "claude-m",
         "stream": True,
         "messages": [
             user('[api:tool=Bash:{"command":"echo hi"}] do it'),
@@ -283,6 +283,20 @@ def test_status_directive(api: OfflineAPI, code: int, kind: str) -> None:
         assert headers["x-should-retry"] == "false"
 
 
+def test_unknown_model_is_refused_like_the_real_api() -> None:
+    """A model the API does not serve gets the real API's 404 (the CLI's set_model probe relies on it)."""
+    with OfflineAPI() as default_api:
+        for flag in (True, False):
+            status, headers, raw = post(default_api, body("hi", stream=flag, model="not-a-model"))
+            assert status == 404
+            assert json.loads(raw) == {"type": "error", "error": {"type": "not_found_error",
+                                                                 "message": "model: not-a-model"}}
+        assert post(default_api, body("hi", model="claude-anything"))[0] == 200
+    with OfflineAPI(models=["claude-a"]) as listed:
+        assert post(listed, body("hi", model="claude-a"))[0] == 200
+        assert post(listed, body("hi", model="claude-b"))[0] == 404
+
+
 def test_status_times_fails_n_attempts_of_the_same_request(api: OfflineAPI) -> None:
     payload = body("[api:status=500*2] flaky")
     first, second, third = (post(api, payload) for _ in range(3))
@@ -290,7 +304,7 @@ def test_status_times_fails_n_attempts_of_the_same_request(api: OfflineAPI) -> N
     assert "x-should-retry" not in first[1]
     assert streamed_text(parse_sse(third[2])) == "echo: [api:status=500*2] flaky"
     # A different conversation carrying the same prompt is counted afresh.
-    other = body("[api:status=500*2] flaky", model="other")
+    other = body("[api:status=500*2] flaky", model="claude-other")
     other["messages"].insert(0, user("earlier"))
     other["messages"].insert(1, {"role": "assistant", "content": "ok"})
     assert post(api, other)[0] == 500

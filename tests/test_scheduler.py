@@ -546,20 +546,32 @@ def test_switch_to_the_current_model_sends_nothing() -> None:
     assert [type(d) for d in writes(out)] == [s.WriteUser]
 
 
-@pytest.mark.parametrize("how", ["error", "timeout"])
-def test_model_switch_failure_restarts_the_agent_with_the_new_model(how: str) -> None:
+def test_model_switch_without_answer_restarts_the_agent_with_the_new_model() -> None:
     h = H(model_timeout_s=7.0)
     h.submit(W1, "w1", model="m2")
-    if how == "error":
-        out = h.answer(f"ts-{INC}-1", ok=False, error="refused")
-    else:
-        assert h.tick(6.9) == []
-        out = h.tick(0.1)
+    assert h.tick(6.9) == []
+    out = h.tick(0.1)
     (restart,) = writes(out)
     assert isinstance(restart, s.RestartAgent) and restart.model == "m2"
     out = h.started()
     assert user(out).turn == 2  # no second switch: the agent runs on m2 now
     assert result(h.run(2), W1).status == "ok"
+
+
+# Regression: a refused model (the CLI answers set_model with an error) restarted the agent
+# with --model set to it, so the refused model stuck, across broker restarts too.
+@pytest.mark.parametrize("op", ["prompt", "set_model"])
+def test_refused_model_fails_the_request_and_the_session_keeps_its_model(op: str) -> None:
+    h = H()
+    h.submit(W1, "w1", op=op, model="bad")
+    h.submit(W2, "w2")
+    out = h.answer(f"ts-{INC}-1", ok=False, error="Model 'bad' not found")
+    r = result(out, W1)
+    assert (r.status, r.error_code, r.model) == ("error", "model_refused", "m1")
+    assert not any(isinstance(d, s.RestartAgent) for d in out)
+    assert h.sched.model == "m1"
+    assert user(out).turn == 2  # the next request runs at once, on the old model
+    assert sent(out, W2, frames.Started)[0].model == "m1"
 
 
 def test_set_model_op() -> None:

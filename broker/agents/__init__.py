@@ -12,13 +12,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from typing import Any
 
-    from broker.agents.base import AgentAdapter
+    from broker.agents.base import AgentAdapter, AgentPolicy
 
-__all__ = ["AgentAdapter", "AgentLaunch", "AgentNotFound", "make_agent"]
+__all__ = ["AgentAdapter", "AgentLaunch", "AgentNotFound", "AgentPolicy", "make_agent"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("AgentAdapter", "AgentLaunch", "AgentNotFound"):
+    if name in ("AgentAdapter", "AgentLaunch", "AgentNotFound", "AgentPolicy"):
         from broker.agents import base
 
         return getattr(base, name)
@@ -32,14 +32,15 @@ def make_agent(
     extra_args: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    policy: AgentPolicy | None = None,
 ) -> AgentAdapter:
-    """The adapter called ``name`` (``claude`` or ``sim``)."""
+    """The adapter called ``name`` (``claude`` or ``sim``); ``policy`` says how the agent asks before acting."""
     if name == "claude":
         from broker.agents.claude import ClaudeAgent
 
-        return ClaudeAgent(bin_path=claude_bin, extra_args=extra_args, env=env, cwd=cwd)
+        return ClaudeAgent(bin_path=claude_bin, extra_args=extra_args, env=env, cwd=cwd, policy=policy)
     if name == "sim":
         from broker.agents.sim import SimAgent
 
-        return SimAgent(extra_args=extra_args, env=env, cwd=cwd)
+        return SimAgent(extra_args=extra_args, env=env, cwd=cwd, policy=policy)
     raise ValueError(f"unknown agent {name!r}: use 'claude' or 'sim'")

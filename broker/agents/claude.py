@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from broker.agents.base import AgentLaunch, AgentNotFound
+from broker.agents.base import AgentLaunch, AgentNotFound, AgentPolicy, stream_json_args
 
 __all__ = ["ClaudeAgent", "bundled_claude_bin", "find_claude_bin"]
 
@@ -74,6 +74,7 @@ class ClaudeAgent:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
+        policy: AgentPolicy | None = None,
     ) -> None:
         # Resolved eagerly so a missing binary fails at configuration time,
         # not at the first turn.
@@ -81,26 +82,11 @@ class ClaudeAgent:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.cwd = cwd
+        self.policy = policy or AgentPolicy()
 
     def launch(self, *, session_id: str, resume: bool, model: str | None) -> AgentLaunch:
-        """Return argv, environment and cwd for one CLI process of ``session_id``."""
-        argv = [
-            self.bin_path,
-            "-p",
-            "--input-format",
-            "stream-json",
-            "--output-format",
-            "stream-json",
-            # Without --verbose the CLI refuses stream-json output (exit 1).
-            "--verbose",
-        ]
-        if resume:
-            # The "=" form keeps an id starting with "-" from parsing as a flag.
-            argv.append(f"--resume={session_id}")
-        else:
-            argv += ["--session-id", session_id]
-        if model:
-            argv += ["--model", model]
-        argv += self.extra_args
+        """Return argv, environment, cwd and the ``initialize`` request for one CLI process of ``session_id``."""
+        argv = [self.bin_path, *stream_json_args(session_id=session_id, resume=resume, model=model,
+                                                 policy=self.policy), *self.extra_args]
         env = {**os.environ, **self.env}
-        return AgentLaunch(argv=argv, env=env, cwd=self.cwd)
+        return AgentLaunch(argv=argv, env=env, cwd=self.cwd, initialize=self.policy.initialize())

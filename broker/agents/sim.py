@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from broker.agents.base import AgentLaunch
+from broker.agents.base import AgentLaunch, AgentPolicy, stream_json_args
 
 
 class SimAgent:
@@ -20,21 +20,18 @@ class SimAgent:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         python: str | None = None,
+        policy: AgentPolicy | None = None,
     ) -> None:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.cwd = cwd
         self.python = python or sys.executable
+        self.policy = policy or AgentPolicy()
 
     def launch(self, *, session_id: str, resume: bool, model: str | None) -> AgentLaunch:
-        """The fake's argv mirrors the real CLI's so the runtime cannot tell them apart."""
-        argv = [
-            self.python, "-m", "broker.testing.fake_cli",
-            "-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
-        ]
-        argv += [f"--resume={session_id}"] if resume else ["--session-id", session_id]
-        if model:
-            argv += ["--model", model]
-        argv += self.extra_args
+        """The fake's argv and initialize request mirror the real CLI's so the runtime cannot tell them apart."""
+        argv = [self.python, "-m", "broker.testing.fake_cli",
+                *stream_json_args(session_id=session_id, resume=resume, model=model, policy=self.policy),
+                *self.extra_args]
         env = {**os.environ, **self.env}
-        return AgentLaunch(argv=argv, env=env, cwd=self.cwd)
+        return AgentLaunch(argv=argv, env=env, cwd=self.cwd, initialize=self.policy.initialize())

@@ -253,6 +253,10 @@ class _Handler(BaseHTTPRequestHandler):
         # would replay an old [api:status=...] forever and wedge the session.
         d = Directives() if after_tool else parse_directives(rec.latest)
         model = rec.model or "claude-offline"
+        if not self.server.api.serves(model):
+            # The real API's answer to an unknown model id (the CLI reports it as an API error).
+            self._error(404, "not_found_error", f"model: {model}", retry=False)
+            return
 
         if d.status is not None:
             if d.status_times is None:
@@ -414,8 +418,12 @@ class OfflineAPI:
         *,
         record_file: IO[str] | None = None,
         verbose: bool = False,
+        models: Sequence[str] | None = None,
     ) -> None:
         self.host = host
+        #: The models served; any other is refused with a 404, as the real API does.
+        #: None: every id starting with ``claude-`` (the form of every real model id).
+        self.models = None if models is None else frozenset(models)
         self._requested_port = port
         self._record_file = record_file
         self.verbose = verbose
@@ -427,6 +435,10 @@ class OfflineAPI:
         self._sent: dict[int, list[str]] = {}
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._stop_event = threading.Event()
+
+    def serves(self, model: str) -> bool:
+        """True if a request for ``model`` is answered (else it gets the real API's 404)."""
+        return model.startswith("claude-") if self.models is None else model in self.models
 
     # -- lifecycle ----------------------------------------------------------
 

@@ -317,6 +317,10 @@ class FakeCLI:
 
             def reply() -> None:
                 resolved = resolve_model(model)
+                if not resolved.startswith("claude-"):
+                    # The real CLI probes the API with the new model and, refused, keeps the old one.
+                    self._control_error(request_id, f"Model '{model}' not found", "not_found", model=self.model)
+                    return
                 changed = resolved != self.model
                 self.model = resolved
                 # The real CLI echoes the switch only when the model changes,
