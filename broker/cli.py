@@ -357,7 +357,16 @@ def status(session: str | None, as_json: bool, watch: bool, interval_s: float, n
         return bool(d and d["broker_alive"])
 
     if not watch:
-        sys.exit(exits.RET_OK if show() else exits.RET_UNAVAILABLE)
+        alive = show()
+        if session is not None:
+            from ipc import reach
+
+            # Alive or not from here, a broker may run out of this process's reach: say so, or
+            # "start one" would be wrong advice.
+            found = reach.diagnose(session)
+            if found is not None:
+                click.echo(f"turnstile: {found.message}", err=True)
+        sys.exit(exits.RET_OK if alive else exits.RET_UNAVAILABLE)
     try:
         while True:
             if not as_json:

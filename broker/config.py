@@ -15,10 +15,7 @@ from ipc.mailbox import DEFAULT_MAX_PENDING
 _PROBE_BYTES = 4096
 
 
-def default_state_dir() -> Path:
-    """``$XDG_STATE_HOME/turnstile`` or ``~/.local/state/turnstile``."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "turnstile"
+default_state_dir = defaults.default_state_dir
 
 
 @dataclass

@@ -24,7 +24,7 @@ import msgspec
 from clients import handlers
 from clients.handlers import Handler
 from clients.requests import RequestState, TurnResult, new_request_id
-from ipc import defaults, frames, mailbox, names, rqueue, state
+from ipc import defaults, frames, mailbox, names, reach, rqueue, state
 from ipc.errors import (
     BrokerUnavailable,
     InvalidArgument,
@@ -240,7 +240,10 @@ class Connection:
         return err
 
     def unavailable(self, waited_s: float) -> BrokerUnavailable:
-        """The error for 'no broker came' (or 'its state block stayed damaged')."""
+        """The error for 'no broker came' (or 'its state block stayed damaged').
+
+        :class:`BrokerUnreachable` when one runs out of this process's reach.
+        """
         if isinstance(self.attach_error, StateDamaged):
             return BrokerUnavailable(
                 f"session {self.session!r} has a damaged state block (waited {waited_s:g} s): "
@@ -249,6 +252,9 @@ class Connection:
                 waited_s=waited_s,
                 damaged=True,
             )
+        found = reach.diagnose(self.session)
+        if found is not None:
+            return found.error(self.session, waited_s)
         return BrokerUnavailable(
             f"no broker serves session {self.session!r} (waited {waited_s:g} s). "
             f"Start one with: {start_command(self.session)}",

@@ -8,6 +8,9 @@ import from ``ipc`` and from nothing above it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 #: The agent ``turnstile serve`` runs unless told otherwise: the real Claude Code CLI.
 AGENT = "claude"
 #: The session a command or client uses unless told otherwise.
@@ -36,3 +39,9 @@ RECONNECT_TIMEOUT_S = 30.0
 SEND_TIMEOUT_S = 5.0
 #: The kind ``turnstile prompt`` submits as: a quick shell test must not preempt the worker.
 PROMPT_KIND = "worker"
+
+
+def default_state_dir() -> Path:
+    """Where brokers keep session state: ``$XDG_STATE_HOME/turnstile`` or ``~/.local/state/turnstile``."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "turnstile"

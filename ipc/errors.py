@@ -182,6 +182,20 @@ class BrokerUnavailable(TurnstileError):
     exit_meaning = "no live broker serves the session"
 
 
+class BrokerUnreachable(BrokerUnavailable):
+    """A broker seems to serve the session, but this process cannot reach it: starting another would fail.
+
+    ``reason``: ``other_user`` (the session's names belong to ``owner_uid``),
+    ``other_ipc_namespace`` (the state block is visible, the request queue is
+    not), ``other_pid_namespace`` (``broker_pid`` is another process here),
+    ``lock_held`` (the broker's lock is held but its shared memory is not
+    visible). The message says what to do: same user, share the broker's IPC
+    namespace, or go through the NATS gateway.
+    """
+
+    code = "broker_unreachable"
+
+
 class ClientTooSlow(TurnstileError):
     """The client did not drain its mailbox and the broker's bounded buffer for it overflowed."""
 
