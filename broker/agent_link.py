@@ -65,9 +65,11 @@ class Relays:
     """
 
     def __init__(
-        self, timeout_s: float, log: Any, sched: Scheduler, registry: Registry, write: Callable[[bytes], bool]
+        self, timeout_s: float, log: Any, sched: Scheduler, registry: Registry, write: Callable[[bytes], bool],
+        default_permission: str = "deny",
     ) -> None:
         self.timeout_s = timeout_s
+        self.default_permission = default_permission
         self.log = log
         self.sched = sched
         self.registry = registry
@@ -131,7 +133,7 @@ class Relays:
                     self._answer_default(rid, r.subtype, r.request)
 
     def _answer_default(self, rid: str, subtype: str, req: dict[str, Any]) -> None:
-        ok, body = protocol.default_answer(subtype, req)
+        ok, body = protocol.default_answer(subtype, req, self.default_permission)
         if ok and isinstance(body, dict):
             line = protocol.control_success(rid, body)
         else:
@@ -173,7 +175,8 @@ class AgentLink:
         #: Our control requests awaiting the agent's response: id → what it was.
         self._pending_ctrl: dict[str, str] = {}
         #: The agent's control requests awaiting the turn holder's answer.
-        self.relays = Relays(cfg.agent_request_timeout_s, log, sched, registry, self._write)
+        self.relays = Relays(cfg.agent_request_timeout_s, log, sched, registry, self._write,
+                             default_permission=cfg.default_permission)
         self._ctrl_seq = 0
         self._last_output_s = time.monotonic()
         self._started_s = 0.0
@@ -216,6 +219,10 @@ class AgentLink:
         )
         await agent.start()
         self.agent = agent
+        if launch.initialize is not None:
+            # First on stdin, so it is read before any prompt: registers the hooks whose
+            # hook_callback requests then reach the broker (as the Agent SDK does).
+            self._write(protocol.control_request(self._ctrl_id("init"), "initialize", **launch.initialize))
         self._last_output_s = self._started_s = time.monotonic()
         self._served = False
         try:
@@ -415,12 +422,19 @@ class AgentLink:
             self.publisher.count("unrouted_lines")
             self.log.warning("agent.result_unrouted", uuids=msg.uuids, turn=t.id if t else None)
             return
-        self._deliver(t, msg.raw)
         self._saw_session_id(msg.session_id)
-        self.feed(ResultRead(
+        ended = ResultRead(
             now, turn=t.id, is_error=msg.is_error, subtype=msg.subtype, terminal_reason=msg.terminal_reason,
             text=msg.text, session_id=self.store.session_id,
-        ))
+        )
+        if ended.interrupted and t.reason == "preempt" and t.request.on_preempt == "requeue":
+            # The preempted attempt's own result (error_during_execution) is not the request's:
+            # in the stream it would read as its end. The preempted notice, then the rerun, follow.
+            self.log.info("turn.attempt_result_withheld", turn=t.id, subtype=msg.subtype,
+                          terminal_reason=msg.terminal_reason)
+        else:
+            self._deliver(t, msg.raw)
+        self.feed(ended)
 
     def _on_init(self, msg: am.Init, running: RunningTurn | None, now: float) -> None:
         self._saw_session_id(msg.session_id)
@@ -431,7 +445,7 @@ class AgentLink:
             self.store.save(self.sched.model)
         if running is not None and not running.inited:
             self._deliver(running, msg.raw)
-            self.feed(TurnInit(now, running.id))
+            self.feed(TurnInit(now, running.id, model=msg.model))
             return
         self._deliver_or_drop(msg.raw, running, msg.is_replay, "system", "init")
 

@@ -48,6 +48,7 @@ class Init(msgspec.Struct, frozen=True):
     raw: bytes
     session_id: str | None
     is_replay: bool
+    model: str | None = None  # the model the turn runs on
 
 
 class ControlResponse(msgspec.Struct, frozen=True):
@@ -125,7 +126,7 @@ def decode(line: bytes) -> Message:
                 text=text if isinstance(text, str) else "",
             )
         case "system" if obj.get("subtype") == "init":
-            return Init(line, _str_or_none(obj.get("session_id")), replay)
+            return Init(line, _str_or_none(obj.get("session_id")), replay, _str_or_none(obj.get("model")))
         case "system":
             return System(line, obj.get("subtype"), _str_or_none(obj.get("session_id")), replay)
         case "control_response":

@@ -128,6 +128,11 @@ class ResultRead:
     session_id: str | None = None
     raw: bytes | None = None
 
+    @property
+    def interrupted(self) -> bool:
+        """The turn ended because it was interrupted (not because it finished first)."""
+        return self.subtype == "error_during_execution" or (self.terminal_reason or "").startswith("aborted")
+
 
 @dataclass(frozen=True)
 class ModelAnswered:
@@ -707,7 +712,7 @@ class Scheduler:
         self.agent_busy = False
         self._proven()
         r = t.request
-        interrupted = e.subtype == "error_during_execution" or (e.terminal_reason or "").startswith("aborted")
+        interrupted = e.interrupted
         timing = {"turn": t.id, "queued_ms": t.queued_ms, "turn_ms": round((e.now - t.started_at) * 1000, 3)}
         if self.lease is not None and self.lease.client == r.client:
             self.lease.deadline = e.now + self.lease.idle_s

@@ -22,7 +22,7 @@ from typing import Any
 from broker import log as blog
 from broker.agent_link import AgentLink
 from broker.agents import make_agent
-from broker.agents.base import AgentAdapter
+from broker.agents.base import AgentAdapter, AgentPolicy
 from broker.budgets import Trimmer
 from broker.config import BrokerConfig
 from broker.exits import RET_OK, RET_SIGNAL
@@ -67,7 +67,8 @@ class Broker:
         self.cfg = cfg
         self.log = blog.get("turnstile.broker").bind(session=cfg.session)
         adapter = adapter or make_agent(
-            cfg.agent, claude_bin=cfg.claude_bin, extra_args=cfg.agent_args, env=cfg.agent_env, cwd=cfg.agent_cwd
+            cfg.agent, claude_bin=cfg.claude_bin, extra_args=cfg.agent_args, env=cfg.agent_env, cwd=cfg.agent_cwd,
+            policy=AgentPolicy(permission_mode=cfg.permission_mode, hook_events=cfg.hook_events),
         )
         self.incarnation = names.new_incarnation()
         self.sched = Scheduler(Config(
@@ -218,6 +219,10 @@ class Broker:
                     self._do(d, ev)
         finally:
             self._feeding = False
+        if self.sched.model != self.store.saved_model:
+            # A switch (or the agent naming its model) sticks for every later turn: the next
+            # broker starts the agent on it too. Written only when it changed.
+            self.store.save(self.sched.model)
         deadline = self.sched.next_deadline()
         if deadline is not None:
             self._arm_timer(deadline)

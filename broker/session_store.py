@@ -81,7 +81,8 @@ class SessionStore:
             # The agent writes its transcript at its first turn: an id that never ran
             # one cannot be resumed (--resume fails) and must be started afresh.
             self.resumable = bool(saved.get("resumable", True))
-            return str(saved["model"]) if saved.get("model") else None
+            self._model = str(saved["model"]) if saved.get("model") else None
+            return self._model
         except (OSError, ValueError, KeyError, TypeError):
             self.session_id = str(uuidlib.uuid4())
             self.resumable = False
@@ -98,6 +99,11 @@ class SessionStore:
         self._unsaved = True
         self._model = model
         return self._write()
+
+    @property
+    def saved_model(self) -> str | None:
+        """The model of the last save (or load): the one the next broker starts the agent on."""
+        return self._model
 
     def retry(self) -> None:
         """Write session.json again if the last save failed (the disk may have room now)."""

@@ -24,7 +24,7 @@ import pytest
 from broker.scheduler import RESUME_NOTE
 from broker.testing.launcher import BrokerProcess
 from ipc import frames, mailbox, names, rqueue
-from tests.support import broker_log, group_members, rec, running, shm_objects, sim_stats, wait_until
+from tests.support import ClientProc, broker_log, group_members, rec, running, shm_objects, sim_stats, wait_until
 
 # ---------------------------------------------------------------- helpers
 
@@ -276,29 +276,29 @@ def test_lease_idle_timeout_releases(broker_factory, client):
 
 def test_prompt_with_model_switches_model(broker_factory, client):
     b = broker_factory()
-    w = client("worker", "before", prompts=[{"text": "switched", "model": "m2"}])
+    w = client("worker", "before", prompts=[{"text": "switched", "model": "claude-m2"}])
     # prompts run in order: "switched" (m2) first, then "before" on m2 still.
     res = w.ev("result")
-    assert res["status"] == "ok" and res["model"] == "m2"
+    assert res["status"] == "ok" and res["model"] == "claude-m2"
     evs = [o["data"] for o in w.lines if o.get("ev") == "event"]
     init = next(e for e in evs if e.get("subtype") == "init")
-    assert init["model"] == "m2"
-    assert all(e["message"]["model"] == "m2" for e in evs if e.get("type") == "assistant")
+    assert init["model"] == "claude-m2"
+    assert all(e["message"]["model"] == "claude-m2" for e in evs if e.get("type") == "assistant")
     assert w.finish() == 0
     r = rec(b)
-    assert r.model == "m2" and r.counters["model_switches"] == 1 and r.counters["agent_restarts"] == 0
+    assert r.model == "claude-m2" and r.counters["model_switches"] == 1 and r.counters["agent_restarts"] == 0
 
 
 def test_model_switch_without_reply_restarts_agent_with_new_model(broker_factory, client):
     b = broker_factory(agent_args=("--set-model-ms=60000",), extra_args=("--model-timeout-s", "0.5"))
     pid0 = rec(b).agent_pid
-    w = client("worker", prompts=[{"text": "on-new-model", "model": "m3"}])
+    w = client("worker", prompts=[{"text": "on-new-model", "model": "claude-m3"}])
     res = w.ev("result")
-    assert res["status"] == "ok" and res["model"] == "m3" and "on-new-model" in res["text"]
+    assert res["status"] == "ok" and res["model"] == "claude-m3" and "on-new-model" in res["text"]
     init = next(e for e in w.events() if e.get("subtype") == "init")
-    assert init["model"] == "m3"
+    assert init["model"] == "claude-m3"
     r = rec(b)
-    assert r.model == "m3" and r.counters["agent_restarts"] == 1 and r.agent_pid != pid0
+    assert r.model == "claude-m3" and r.counters["agent_restarts"] == 1 and r.agent_pid != pid0
     assert w.finish() == 0
 
 
@@ -510,7 +510,7 @@ def test_output_of_no_turn_is_never_delivered(broker_factory, client):
     # A set_model after a turn makes the agent echo an isReplay user line that
     # belongs to no turn; every result is followed by a command_lifecycle line
     # for the message it answered, which the next holder must not see.
-    a = client("worker", "first", prompts=[{"text": "second", "model": "m2"}])
+    a = client("worker", "first", prompts=[{"text": "second", "model": "claude-m2"}])
     ra = [a.ev("result"), a.wait_for(lambda o: o.get("ev") == "result" and o["text"] == "sim: first")]
     h = client("webhook", "third")
     assert h.ev("result")["status"] == "ok"
@@ -691,7 +691,7 @@ def test_webhook_during_model_switch_goes_first(broker_factory, client):
     client("worker", "warm-up").ev("result")  # a turn first, so set_model echoes a replay line
     h = client("webhook", "during-switch", go=True)
     h.ev("connected")
-    w = client("worker", prompts=[{"text": "on-m2", "model": "m2"}])
+    w = client("worker", prompts=[{"text": "on-m2", "model": "claude-m2"}])
     wait_until(running(b, phase="switching"), what="model switch under way")
     h.send()
     h.ev("submitted")
@@ -699,7 +699,7 @@ def test_webhook_during_model_switch_goes_first(broker_factory, client):
     hres = h.ev("result")
     wres = w.ev("result")
     assert hres["status"] == "ok" and wres["status"] == "ok"
-    assert hres["turn"] < wres["turn"] and wres["model"] == "m2"
+    assert hres["turn"] < wres["turn"] and wres["model"] == "claude-m2"
     assert wres["preemptions"] == 0  # nothing of the worker's had run yet
     assert not any(e.get("isReplay") for e in w.events() + h.events())
     assert w.finish() == 0 and h.finish() == 0

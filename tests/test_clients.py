@@ -266,7 +266,7 @@ def test_async_concurrent_turns_set_model_lease_cancel(broker_factory, session_n
             hook = await h.prompt("async-hook").result(timeout_s=10)
             out["hook"] = hook
             out["long"] = await long.result(timeout_s=20)
-            out["model"] = await w.set_model("m9", timeout_s=10)
+            out["model"] = await w.set_model("claude-m9", timeout_s=10)
             async with w.lease():
                 a = await w.prompt("lease-a").result(timeout_s=10)
                 b2 = await w.prompt("lease-b").result(timeout_s=10)
@@ -282,11 +282,11 @@ def test_async_concurrent_turns_set_model_lease_cancel(broker_factory, session_n
     assert out["first"]["subtype"] == "init"
     assert out["hook"].ok
     assert out["long"].ok and out["long"].preemptions == 1
-    assert out["model"].ok and out["model"].model == "m9"
+    assert out["model"].ok and out["model"].model == "claude-m9"
     a, b2 = out["lease"]
-    assert a.ok and b2.ok and b2.turn == a.turn + 1 and a.model == "m9"
+    assert a.ok and b2.ok and b2.turn == a.turn + 1 and a.model == "claude-m9"
     assert out["cancelled"].status == "cancelled"
-    assert rec(b).model == "m9"
+    assert rec(b).model == "claude-m9"
 
 
 def test_async_client_has_the_blocking_clients_shape(broker_factory, session_name):

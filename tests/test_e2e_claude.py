@@ -233,7 +233,8 @@ def test_three_webhooks_fifo_ahead_of_worker(claude_broker, api, session_name, c
     assert wrec.seq < hook_recs[0].seq < hook_recs[1].seq < hook_recs[2].seq < rerun.seq
     # Only the first webhook preempted; the worker ran last and completed.
     preempts = [e for e in wproc.events() if e.get("type") == "turnstile"]
-    assert [e["subtype"] for e in preempts] == ["preempted"]
+    assert [e["subtype"] for e in preempts] == ["preempted", "rerun"]
+    assert preempts[1]["cause"] == "preempted" and preempts[1]["attempt"] == 2
     assert wres["status"] == "ok" and wres["text"] == f"echo: {resume_text}", wres
     assert wres["turn"] > results[-1].turn
     assert record(b).counters["preempts"] == 1
@@ -335,7 +336,7 @@ def test_permission_request_routed_to_holder_allow_and_deny(claude_broker, api, 
     The commands write a file: a read-only one (``echo hi``) is approved by the
     CLI itself and never asks.
     """
-    claude_broker(agent_args=("--permission-prompt-tool=stdio",))
+    claude_broker()  # no flag passed by hand: the broker launches the CLI so that it asks
     home = tmp_path / "home"  # the agent's cwd
     asked: list[dict[str, Any]] = []
 
@@ -374,6 +375,50 @@ def test_permission_request_routed_to_holder_allow_and_deny(claude_broker, api, 
     assert res_deny.ok, res_deny
 
 
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+def test_holder_without_handler_gets_the_serve_default_permission(claude_broker, api, session_name, tmp_path,
+                                                                  policy):
+    """No on_permission: ``serve --default-permission`` decides (deny unless told allow)."""
+    claude_broker(extra_args=() if policy == "deny" else ("--default-permission", "allow"))
+    home = tmp_path / "home"
+    cmd = "echo hi > wrote.txt && cat wrote.txt"
+    text = f'[api:tool=Bash:{{"command":"{cmd}"}}] run it without a handler'
+    with Client(session_name, "webhook") as c:
+        res = c.prompt(text).result(timeout_s=T)
+    assert res.ok, res
+    first = turn_request(api, text, 5)
+    follow = api.wait_for(lambda r: r.stream and r.seq > first.seq and bool(tool_results(r)), 5)
+    block = tool_results(follow)[-1]
+    if policy == "deny":
+        assert block.get("is_error") is True, block
+        assert "no permission handler" in tool_result_text(block)
+        assert not (home / "wrote.txt").exists()
+    else:
+        assert not block.get("is_error"), block
+        assert (home / "wrote.txt").read_text() == "hi\n"
+
+
+def test_hook_callbacks_reach_the_holders_on_hook(claude_broker, api, session_name, tmp_path):
+    """The broker registers PreToolUse/PostToolUse hooks: the holder's on_hook sees both around a tool call."""
+    claude_broker()
+    seen: list[dict[str, Any]] = []
+
+    def on_hook(req: dict[str, Any]) -> dict[str, Any]:
+        seen.append(req)
+        return {}
+
+    cmd = "echo hooked > hooked.txt"
+    text = f'[api:tool=Bash:{{"command":"{cmd}"}}] run it with hooks'
+    with Client(session_name, "webhook", on_hook=on_hook,
+                on_permission=lambda req: {"behavior": "allow", "updatedInput": req["input"]}) as c:
+        res = c.prompt(text).result(timeout_s=T)
+    assert res.ok, res
+    events = [(r.get("subtype"), (r.get("input") or {}).get("hook_event_name")) for r in seen]
+    assert ("hook_callback", "PreToolUse") in events and ("hook_callback", "PostToolUse") in events, seen
+    assert all(r.get("callback_id", "").startswith("turnstile:") for r in seen)
+    assert (tmp_path / "home" / "hooked.txt").exists()
+
+
 # ---------------------------------------------------------------- 6. agent killed
 
 
@@ -407,6 +452,8 @@ def test_agent_sigkilled_mid_turn_resumes_same_session(claude_broker, api, sessi
     assert RESUME_NOTE.strip() in res2.text
     assert res2.session_id == sid
     assert any(e.get("subtype") == "preempted" for e in events)  # told its first run was lost
+    reruns = [e for e in events if e.get("subtype") == "rerun"]
+    assert [(e["cause"], e["attempt"]) for e in reruns] == [("agent_restarted", 2)]
     assert after.session_id == sid
     assert after.agent_pid != before.agent_pid
     assert after.counters["agent_restarts"] == 1
@@ -504,7 +551,7 @@ def test_big_prompt_reaches_the_model_intact(claude_broker, api, session_name):
 
 def test_webhook_preempts_worker_during_a_tool_call(claude_broker, api, session_name):
     """A webhook arriving while the worker's tool runs interrupts the tool (aborted_tools) at once."""
-    claude_broker()
+    b = claude_broker()
     tool_cmd = "sleep 9; echo slept-through"  # the CLI refuses sleeps of 10 s or more
     worker_text = f'[api:tool=Bash:{{"command":"{tool_cmd}"}}] run the long job'
     resume_text = "worker: the job was interrupted; summarise instead"
@@ -521,9 +568,13 @@ def test_webhook_preempts_worker_during_a_tool_call(claude_broker, api, session_
         wres = wt.result(timeout_s=T)
 
     assert hres.ok and hres.text == f"echo: {hook_text}", hres
+    # The aborted attempt's own result (aborted_tools) is withheld: the stream's one result is the rerun's.
     results = [e for e in events if e.get("type") == "result"]
-    assert results[0]["terminal_reason"] == "aborted_tools", results[0]
-    assert any(e.get("subtype") == "preempted" for e in events)
+    assert [r["terminal_reason"] for r in results] == ["completed"], results
+    withheld = [json.loads(ln) for ln in b.log_text().splitlines() if "turn.attempt_result_withheld" in ln]
+    assert [w["terminal_reason"] for w in withheld] == ["aborted_tools"]
+    notices = [e["subtype"] for e in events if e.get("type") == "turnstile"]
+    assert notices == ["preempted", "rerun"], notices
     assert wres.ok and wres.text == f"echo: {resume_text}", wres
     assert turn_request(api, resume_text, 5).seq > hrec.seq
     # The tool never finished: its output reached no request, and its process is gone.

@@ -287,7 +287,7 @@ def test_unknown_model_is_refused_like_the_real_api() -> None:
     """A model the API does not serve gets the real API's 404 (the CLI's set_model probe relies on it)."""
     with OfflineAPI() as default_api:
         for flag in (True, False):
-            status, headers, raw = post(default_api, body("hi", stream=flag, model="not-a-model"))
+            status, _headers, raw = post(default_api, body("hi", stream=flag, model="not-a-model"))
             assert status == 404
             assert json.loads(raw) == {"type": "error", "error": {"type": "not_found_error",
                                                                  "message": "model: not-a-model"}}
