@@ -156,8 +156,9 @@ fleet_cli.register(main)
 @click.option("--hook-events", default=",".join(DEFAULT_HOOK_EVENTS), show_default=True,
               help="Comma-separated hook events relayed to the holder's on_hook ('' for none).")
 # Not click.Path(file_okay=False): a regular file here is StateDirError's exit 13, checked below.
-@click.option("--state-dir", type=click.Path(), default=None,
-              help="Where the agent session id persists (default: $XDG_STATE_HOME/turnstile).")
+@click.option("--state-dir", type=click.Path(), default=None, envvar="TURNSTILE_STATE_DIR",
+              help="Where the agent session id persists (env TURNSTILE_STATE_DIR; "
+                   "default: $XDG_STATE_HOME/turnstile).")
 @click.option("--drain-timeout-s", type=_positive_s, default=defaults.DRAIN_TIMEOUT_S, show_default=True,
               help="How long an interrupted turn may take to end before the agent is killed and resumed.")
 @click.option("--model-timeout-s", type=_positive_s, default=defaults.MODEL_TIMEOUT_S, show_default=True,

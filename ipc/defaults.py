@@ -42,6 +42,12 @@ PROMPT_KIND = "worker"
 
 
 def default_state_dir() -> Path:
-    """Where brokers keep session state: ``$XDG_STATE_HOME/turnstile`` or ``~/.local/state/turnstile``."""
+    """Where brokers keep session state (and their lock, which clients probe when a broker is out of reach).
+
+    ``$TURNSTILE_STATE_DIR``, else ``$XDG_STATE_HOME/turnstile``, else ``~/.local/state/turnstile``.
+    """
+    explicit = os.environ.get("TURNSTILE_STATE_DIR")
+    if explicit:
+        return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "turnstile"
