@@ -101,15 +101,17 @@ def test_prompt_json_schema_with_preemption(broker_factory, session_name, bg):
     lines = json_lines(out)
     kinds = [o["event"] for o in lines]
     assert kinds[0] == "accepted" and kinds[-1] == "result"
-    assert set(kinds) == {"accepted", "agent", "preempted", "result"}
+    assert set(kinds) == {"accepted", "agent", "preempted", "rerun", "result"}
+    assert kinds.index("rerun") == kinds.index("preempted") + 1
     accepted = lines[0]
     assert set(accepted) == {"event", "request_id", "session", "kind"}
     assert accepted["session"] == session_name and accepted["kind"] == "worker"
     pre = next(o for o in lines if o["event"] == "preempted")
-    assert set(pre) == {"event", "turn", "requeued"} and pre["requeued"] is True
+    assert set(pre) == {"event", "turn", "requeued", "reason"} and pre["requeued"] is True
     agent = [o for o in lines if o["event"] == "agent"]
     assert set(agent[0]) == {"event", "data"} and agent[0]["data"]["subtype"] == "init"
-    i = kinds.index("preempted")
+    i = kinds.index("rerun")
+    assert set(lines[i]) == {"event", "cause", "attempt", "turn", "previous_turn", "incarnation"}
     assert kinds[i + 1] == "agent" and lines[i + 1]["data"]["subtype"] == "init"  # the rerun
     res = lines[-1]
     assert set(res) == RESULT_FIELDS | {"event"}

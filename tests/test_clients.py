@@ -155,7 +155,12 @@ def test_requeue_by_default_return_on_request(broker_factory, session_name):
         assert hook(20).ok
         assert res.ok and res.preemptions == 1 and res.text.startswith("sim: " + RESUME_NOTE)
         pre = [e for e in events if e.get("type") == "turnstile"]
-        assert pre == [{"type": "turnstile", "subtype": "preempted", "turn": pre[0]["turn"], "requeued": True}]
+        assert pre == [
+            {"type": "turnstile", "subtype": "preempted", "turn": pre[0]["turn"], "requeued": True,
+             "reason": "preempted"},
+            {"type": "turnstile", "subtype": "rerun", "cause": "preempted", "attempt": 2, "turn": res.turn,
+             "previous_turn": pre[0]["turn"], "incarnation": c.incarnation},
+        ]
 
         t2 = c.prompt(f"{LONG} given-back", on_preempt="return")
         started(t2)

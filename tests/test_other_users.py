@@ -70,7 +70,7 @@ def cli_as_nobody_child(conn: Any, argvs: list[list[str]]) -> list[tuple[int, st
     from broker import cli
 
     # Imported while still root (see above): `turnstile prompt` and `cancel` load these lazily.
-    for module in ("clients.client", "clients.core", "ipc.state"):
+    for module in ("clients.client", "clients.core", "ipc.state", "ipc.reach"):
         importlib.import_module(module)
 
     h.drop_to(*h.nobody())
@@ -117,7 +117,11 @@ def test_nobody_cannot_open_send_read_or_cancel_in_a_live_session(broker_factory
             print(argv[0], code, output.strip().splitlines()[-1:])
             assert code == 5, (argv, code, output)
             assert "INTRUDER" not in output
-        assert json.loads(outcomes[0][1].strip().splitlines()[-1])["broker_alive"] is False
+        status_json = next(ln for ln in outcomes[0][1].splitlines() if ln.startswith("{"))
+        assert json.loads(status_json)["broker_alive"] is False
+        # Each says whose session it is, not "start one" (starting one would fail: the names are taken).
+        for _code, output in outcomes[::2]:
+            assert "belongs to user root (uid 0)" in output and "Start one" not in output, output
         res = turn.result(timeout_s=20)
         assert res.ok and "OWNER-turn" in res.text, "the owner's turn was disturbed"
         assert c.prompt("OWNER-after").result(timeout_s=10).ok
