@@ -100,7 +100,7 @@ def apply(frame):
 conn.apply = apply
 out(ev="start", client=me, pid=os.getpid(), kind=kind)
 seq = 0
-models = ["m-alpha", "m-beta", "m-gamma"]
+models = ["claude-alpha", "claude-beta", "claude-gamma"]
 
 def prompt(op, on_preempt=None, cancel=None, die_mid=False):
     global seq
