@@ -13,8 +13,8 @@ from typing import Any
 import click
 
 from broker import exits
-from broker.fleet import cli as fleet_cli
 from broker.agents.base import DEFAULT_HOOK_EVENTS
+from broker.fleet import cli as fleet_cli
 from ipc import defaults
 from ipc.errors import (
     AgentError,
