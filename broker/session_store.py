@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 import uuid as uuidlib
 from typing import Any
 
@@ -22,6 +23,9 @@ from broker.agentproc import reap_group
 from broker.config import BrokerConfig
 from broker.exits import RET_ALREADY_RUNNING
 from ipc.errors import AlreadyRunning
+
+#: How long a starting broker keeps trying a lock that a client's reachability probe may hold.
+LOCK_PROBE_GRACE_S = 0.25
 
 
 class SessionStore:
@@ -45,16 +49,24 @@ class SessionStore:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.dir / "broker.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise AlreadyRunning(
-                    f"another broker serves session {self.cfg.session!r} (lock {path.name} is held)",
-                    exit_code=RET_ALREADY_RUNNING,
-                ) from None
-            raise
+        # A client diagnosing an unreachable broker (ipc/reach.py) holds a shared lock
+        # for an instant: look again for a moment before saying another broker runs.
+        deadline = time.monotonic() + LOCK_PROBE_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN) and time.monotonic() < deadline:
+                    time.sleep(0.01)  # a bounded retry at start-up, before the loop runs
+                    continue
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise AlreadyRunning(
+                        f"another broker serves session {self.cfg.session!r} (lock {path.name} is held)",
+                        exit_code=RET_ALREADY_RUNNING,
+                    ) from None
+                raise
         self._lock_fd = fd
 
     def unlock(self) -> None:
