@@ -40,6 +40,9 @@ from broker.session_store import SessionStore
 from ipc import frames
 from ipc.errors import ProtocolError
 
+#: What the CLI says on stderr when ``--session-id`` names a conversation that already has a transcript.
+ID_IN_USE = "already in use"
+
 #: An agent that exits sooner than this after its start, before any turn, counts towards the restart back-off.
 QUICK_EXIT_S = 5.0
 
@@ -182,6 +185,9 @@ class AgentLink:
         self._started_s = 0.0
         self._served = False  # the running agent began a turn (printed system/init)
         self._restart_failures = 0
+        # A --session-id start was refused because the conversation exists: the next start resumes it.
+        self._id_in_use = False
+        self._exit_task: asyncio.Task[None] | None = None  # an exit reported once its stderr is read
         self._restart_task: asyncio.Task[None] | None = None
         #: When the last result was read (perf_counter ns): where a handoff's latency starts.
         self.result_read_ns = 0
@@ -208,12 +214,17 @@ class AgentLink:
             if self.agent is agent:
                 self._on_overlong(size)
 
+        fresh = not store.resumable
+
+        def on_stderr(data: bytes) -> None:
+            self._on_stderr(data, fresh=fresh)
+
         agent = AgentProcess(
             launch,
             on_line=on_line,
             on_exit=self._on_exit,
             on_overlong=on_overlong,
-            on_stderr=self._on_stderr,
+            on_stderr=on_stderr,
             max_line_bytes=self.cfg.max_line_bytes,
             on_line_error=self._on_line_error,
         )
@@ -238,6 +249,20 @@ class AgentLink:
     def _on_exit(self, agent: AgentProcess, rc: int | None) -> None:
         if agent is not self.agent or self.stopping():
             return
+        if not self._served and not agent.stderr_closed.is_set():
+            # Its exit can be seen before its last stderr bytes, which may say why it could not
+            # start (ID_IN_USE): read them first (bounded), then report the exit.
+            self._exit_task = asyncio.ensure_future(self._exit_after_stderr(agent, rc))
+            return
+        self._exited(agent, rc)
+
+    async def _exit_after_stderr(self, agent: AgentProcess, rc: int | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(agent.stderr_closed.wait(), self.cfg.stop_step_s)
+        if agent is self.agent and not self.stopping():
+            self._exited(agent, rc)
+
+    def _exited(self, agent: AgentProcess, rc: int | None) -> None:
         self.log.warning("agent.exited", pid=agent.pid, returncode=rc)
         # An agent that keeps dying right after start, before it began any turn (a
         # bad binary, a bad flag, a session it cannot resume), must not be respawned
@@ -247,12 +272,16 @@ class AgentLink:
         else:
             self._restart_failures = 0
         agent.kill_group()  # a tool child may still hold the pipes
-        self.feed(AgentExited(time.monotonic(), reason=f"exited rc={rc}"))
+        self.feed(AgentExited(time.monotonic(), reason=f"exited rc={rc}", refused_start=self._id_in_use))
 
-    def _on_stderr(self, data: bytes) -> None:
+    def _on_stderr(self, data: bytes, *, fresh: bool) -> None:
         text = data.decode(errors="replace").strip()
         if text:
             self.log.info("agent.stderr", text=text[:2000])
+        if fresh and ID_IN_USE in text:
+            # The previous broker died after the agent wrote the conversation's first turn
+            # but before session.json said so: the id exists, and only --resume opens it.
+            self._id_in_use = True
 
     def _on_line_error(self, exc: Exception, line: bytes) -> None:
         # A bug or a failure while handling one line (the reader itself goes on): count
@@ -286,6 +315,12 @@ class AgentLink:
         t0 = time.monotonic()
         if old is not None:
             await old.kill(timeout_s=self.cfg.stop_step_s)
+        if self._id_in_use:
+            self._id_in_use = False
+            self.store.resumable = True
+            self.store.save(self.sched.model)
+            self._restart_failures = 0  # not a failing agent: resume at once, no back-off
+            self.log.warning("agent.session_id_in_use", session_id=self.store.session_id, next="--resume")
         # Back off when the agent keeps dying right after start (the first time is
         # retried at once); the scheduler sets the back-off after a failed start.
         if self._restart_failures > 1:
@@ -319,8 +354,9 @@ class AgentLink:
 
     async def stop(self) -> None:
         """Cancel a restart under way and stop the agent in bounded steps."""
-        if self._restart_task is not None:
-            self._restart_task.cancel()
+        for task in (self._restart_task, self._exit_task):
+            if task is not None:
+                task.cancel()
         if self.agent is not None:
             await self.agent.stop(self.cfg.stop_step_s)
 

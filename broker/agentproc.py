@@ -102,6 +102,10 @@ class _Protocol(asyncio.SubprocessProtocol):
         elif fd == 2:
             self.proc.on_stderr(data)
 
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 2:
+            self.proc.stderr_closed.set()
+
     def process_exited(self) -> None:
         self.proc._exited()
 
@@ -130,6 +134,8 @@ class AgentProcess:
         self.start_time = 0
         self.returncode: int | None = None
         self.exited = asyncio.Event()
+        #: Everything the agent wrote to stderr has been read (its exit may be seen before that).
+        self.stderr_closed = asyncio.Event()
 
     async def start(self) -> None:
         """Spawn the agent in a new session (its own process group)."""

@@ -159,6 +159,9 @@ class AgentExited:
 
     now: float
     reason: str = "exited"
+    #: It refused its command line before it read any turn (nothing reached the model):
+    #: a turn it had not begun runs again on the next agent instead of failing.
+    refused_start: bool = False
 
 
 @dataclass(frozen=True)
@@ -481,7 +484,7 @@ class Scheduler:
             case ModelAnswered():
                 self._model_answered(event)
             case AgentExited():
-                self._agent_exited(event.now, event.reason)
+                self._agent_exited(event.now, event.reason, event.refused_start)
             case SpawnFailed():
                 self._spawn_failed(event)
             case ClientGone():
@@ -818,13 +821,15 @@ class Scheduler:
         else:
             self._requeue_front(r)
 
-    def _agent_exited(self, now: float, reason: str) -> None:
+    def _agent_exited(self, now: float, reason: str, refused_start: bool = False) -> None:
         if not self.agent_up and self.restarting:
             return
         t = self.turn
         self.turn = None
         self.agent_busy = False
-        if t is not None:
+        if t is not None and refused_start and not t.inited:
+            self._requeue_unless_ended(t)
+        elif t is not None:
             self._turn_lost(t, now, reason)
         self._restart(now, reason)
 

@@ -155,6 +155,7 @@ class Tracker:
         self.down_since: float | None = None  # first failed start of this run of failures, until the bound passed
         self.gave_up = False  # the bound passed: while no agent runs, requests end agent_unavailable
         self._start_failure = False  # this step's Tick found a turn past its start deadline
+        self._refused_start = False  # this step's AgentExited says the agent refused its start
         #: Per kind, clients in the order they take turns (stale entries are skipped; a client
         #: that queues again after its line emptied goes to the back).
         self.rotation: dict[str, list[str]] = {"webhook": [], "worker": []}
@@ -244,6 +245,9 @@ class Tracker:
         self._sched: s.Scheduler | None = sched
         self._busy_before = busy_before
         self._start_failure = False
+        # The agent refused its command line before reading the turn: as after a failed start,
+        # a turn it never began goes back to the head of its line (but the restart is at once).
+        self._refused_start = isinstance(ev, s.AgentExited) and ev.refused_start
         crash = False
 
         match ev:
@@ -800,7 +804,7 @@ class Tracker:
             if r.state == "ended":
                 r.state = "dropped"
             return
-        if self._start_failure and not f.inited and f.wanted != "cancel":
+        if (self._start_failure or self._refused_start) and not f.inited and f.wanted != "cancel":
             # The agent never began the turn: it goes back to the head of its line, unannounced,
             # unless requests no longer wait for an agent that cannot start.
             if got:

@@ -514,6 +514,33 @@ def test_broker_restart_resumes_conversation(claude_broker, api, session_name):
     assert "echo: first broker: remember the colour teal" in h
 
 
+def test_broker_killed_before_it_saved_resumable_next_broker_resumes(claude_broker, api, session_name):
+    """A broker SIGKILLed after the CLI wrote its first turn but before session.json said
+    ``resumable``: the next broker's ``--session-id`` start is refused by the CLI ("already
+    in use"); the broker switches to ``--resume`` and the conversation goes on, no restart loop.
+    """
+    b1 = claude_broker()
+    with Client(session_name, "webhook") as c:
+        assert c.prompt("first broker: remember the word quince").result(timeout_s=T).ok
+    sid = record(b1).session_id
+    b1.kill()
+    # Exactly what a kill in that window leaves: the id on disk, not yet marked resumable.
+    saved = b1.state_dir / session_name / "session.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "resumable": False}))
+
+    b2 = claude_broker()
+    with Client(session_name, "webhook") as c:
+        res = c.prompt("second broker: which word?").result(timeout_s=T)
+    after = record(b2)
+    assert res.ok, (res, b2.log_text()[-3000:])
+    assert res.session_id == sid
+    assert "first broker: remember the word quince" in history(turn_request(api, "second broker: which word?", 5))
+    assert after.counters["agent_restarts"] <= 1, after.counters
+    with open(f"/proc/{after.agent_pid}/cmdline", "rb") as f:
+        assert f"--resume={sid}".encode() in f.read().split(b"\0")
+    assert json.loads(saved.read_text())["resumable"] is True
+
+
 def test_turn_in_flight_at_broker_stop_is_resubmitted_to_the_next_broker(claude_broker, api, session_name):
     """A broker stopped mid-turn drains it; the client resubmits to the next broker, which runs it."""
     b1 = claude_broker()

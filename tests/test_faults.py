@@ -240,6 +240,28 @@ def test_sighup_drains_like_sigterm(broker_factory, client, session_name):
 # ---------------------------------------------------------------- agent faults
 
 
+def test_broker_killed_before_it_saved_resumable_next_broker_resumes(broker_factory, client):
+    """Killed after the agent wrote its first turn, before session.json said ``resumable``: the
+    next broker's ``--session-id`` start is refused ("already in use"), so it resumes instead."""
+    b1 = broker_factory()
+    first = client("webhook", "[sim:history] FIRST")
+    r1 = first.ev("result")
+    assert r1["status"] == "ok" and first.finish() == 0
+    b1.kill()
+    saved = b1.state_dir / b1.session / "session.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "resumable": False}))
+
+    b2 = broker_factory()
+    second = client("webhook", "[sim:history] SECOND")
+    r2 = second.ev("result")
+    assert r2["status"] == "ok", (r2, b2.log_text()[-2000:])
+    assert r2["session_id"] == r1["session_id"] and "[history=1]" in r2["text"]
+    assert second.finish() == 0
+    assert rec(b2).counters["agent_restarts"] <= 1
+    assert json.loads(saved.read_text())["resumable"] is True
+    assert any(e.get("event") == "agent.session_id_in_use" for e in broker_log(b2))
+
+
 def test_agent_sigkill_mid_webhook_turn_fails_it_and_the_next_runs_resumed(broker_factory, client):
     """The agent killed from outside under a webhook turn: a typed error for it, the queued worker runs next."""
     b = broker_factory()

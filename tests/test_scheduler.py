@@ -667,6 +667,27 @@ def test_agent_exit_mid_turn_fails_a_webhook_with_agent_restarted() -> None:
     assert (r.status, r.error_code) == ("error", "agent_restarted")
 
 
+def test_agent_that_refused_its_start_reruns_the_turn_it_never_began() -> None:
+    # The CLI refused --session-id of an existing conversation before reading the turn:
+    # nothing reached the model, so the webhook runs on the resumed agent instead of failing.
+    h = H()
+    out = h.submit(W1, "w1")
+    first = user(out)
+    out = h.ev(s.AgentExited(h.now, "exited rc=1", refused_start=True))
+    assert sent(out, W1, frames.Result) == []
+    again = user(h.started())
+    assert again.content == first.content
+    assert result(h.run(again.turn), W1).status == "ok"
+
+
+def test_a_refused_start_after_the_turn_began_still_fails_it() -> None:
+    h = H()
+    h.submit(W1, "w1")
+    h.init(1)
+    r = result(h.ev(s.AgentExited(h.now, "exited rc=1", refused_start=True)), W1)
+    assert (r.status, r.error_code) == ("error", "agent_restarted")
+
+
 def test_agent_exit_while_restarting_is_ignored_and_nothing_runs_until_started() -> None:
     h = H()
     h.exited()

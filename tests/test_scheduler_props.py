@@ -230,9 +230,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.step(s.ModelAnswered(self.now, ctrl, ok=ok, model=model if ok else None,
                                       error=None if ok else "refused"))
 
-    @rule()
-    def agent_exited(self) -> None:
-        self.step(s.AgentExited(self.now, "exited"))
+    @rule(refused=st.sampled_from([False, False, True]))
+    def agent_exited(self, refused: bool) -> None:
+        # refused: it would not start the conversation (its --session-id already in use).
+        self.step(s.AgentExited(self.now, "exited", refused_start=refused))
 
     # ------------------------------------------------------------ clock
 
