@@ -19,7 +19,7 @@ demo-fleet: $(STAMP)
 	$(VENV)/bin/turnstile demo --fleet
 
 test: $(STAMP)
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --durations=20
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

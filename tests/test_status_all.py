@@ -46,7 +46,7 @@ def test_status_lists_every_session_with_the_holders_label(
 ) -> None:
     a = broker_factory()
     worker = bg("prompt", "--session", session_name, "--kind", "worker", "--label", "nightly-refactor", "--json",
-                "[sim:turn_ms=4000] long")
+                "[sim:turn_ms=120000] long")
     wait_until(running(a, "worker"), what="the labelled worker's turn running")
     wait_until(lambda: a.snapshot() is not None and a.snapshot().record.holder_label == "nightly-refactor",  # type: ignore[union-attr]
                what="the holder's label published")
