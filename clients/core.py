@@ -31,6 +31,7 @@ from ipc.errors import (
     IPCError,
     LimitError,
     ProtocolError,
+    QueueFull,
     QueueGone,
     StateDamaged,
     TurnstileError,
@@ -92,6 +93,8 @@ class Connection:
         self.closed = False
         #: The broker's refusal of this connection (it could not open our mailbox), if it sent one.
         self.refusal: frames.Error | None = None
+        #: A resubmission asked of an attach whose hello found the queue full: done on the next attach.
+        self.resubmit_due = False
         # Ids of requests whose state changed since the last take_changed(): the asyncio
         # front end wakes only those requests' waiters.
         self.changed: set[str] = set()
@@ -149,13 +152,24 @@ class Connection:
         self.attach_error = None
         self.block, self.rq, self.broker_pidfd = block, rq, pidfd
         self.broker_pid = snap.record.broker_pid
+        try:
+            self._send(frames.Hello(
+                client=self.client_id, kind=self.kind, pid=self.pid, start_time=self.start_time,
+                handles=self._handles(), label=self.label,
+            ))
+        except QueueFull as exc:
+            # A live broker that has not drained its queue yet (a burst of hellos on a loaded
+            # machine): not attached yet. The caller keeps trying until its own connect or
+            # reconnect deadline, not just one send wait; the incarnation is taken only once
+            # the hello went in, so the resubmission below still happens then.
+            self._detach()
+            self.attach_error = exc
+            self.resubmit_due = self.resubmit_due or resubmit
+            return False
         changed = snap.record.incarnation != self.incarnation
         self.incarnation = snap.record.incarnation
-        self._send(frames.Hello(
-            client=self.client_id, kind=self.kind, pid=self.pid, start_time=self.start_time,
-            handles=self._handles(), label=self.label,
-        ))
-        if changed or resubmit:
+        if changed or resubmit or self.resubmit_due:
+            self.resubmit_due = False
             self._resubmit()
         return True
 
@@ -240,7 +254,7 @@ class Connection:
         return err
 
     def unavailable(self, waited_s: float) -> BrokerUnavailable:
-        """The error for 'no broker came' (or 'its state block stayed damaged').
+        """The error for 'no broker came' (or 'its state block stayed damaged', or 'its queue stayed full').
 
         :class:`BrokerUnreachable` when one runs out of this process's reach.
         """
@@ -251,6 +265,13 @@ class Connection:
                 session=self.session,
                 waited_s=waited_s,
                 damaged=True,
+            )
+        if isinstance(self.attach_error, QueueFull):
+            return BrokerUnavailable(
+                f"the broker of session {self.session!r} did not take this client's hello "
+                f"(waited {waited_s:g} s): {self.attach_error}",
+                session=self.session,
+                waited_s=waited_s,
             )
         found = reach.diagnose(self.session)
         if found is not None:

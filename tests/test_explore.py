@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,16 +63,34 @@ def _path(node: Trail) -> list[str]:
     return labels[::-1]
 
 
-def explore(alphabet: m.Alphabet, max_depth: int) -> Stats:
-    """Visit every state reachable in at most ``max_depth`` events; raise on the first broken rule."""
+#: Seconds between progress lines inside one depth (a ``large`` depth can take an hour).
+PROGRESS_EVERY_S = 60.0
+
+
+def _report(line: str) -> None:
+    # stderr, flushed: ``make verify`` runs with -s, and a run cut short must still say how far it got.
+    print(f"[explore {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def explore(alphabet: m.Alphabet, max_depth: int, progress: bool = False) -> Stats:
+    """Visit every state reachable in at most ``max_depth`` events; raise on the first broken rule.
+
+    With ``progress``, print a line after every depth and every :data:`PROGRESS_EVERY_S` within one.
+    """
     t0 = time.perf_counter()
+    next_report = t0 + PROGRESS_EVERY_S
     root = alphabet.world()
     seen = {hash(root.key())}
     frontier: list[tuple[bytes, Trail]] = [(pickle.dumps(root, pickle.HIGHEST_PROTOCOL), None)]
     st = Stats(states=1)
     for depth in range(1, max_depth + 1):
         nxt: list[tuple[bytes, Trail]] = []
-        for blob, path in frontier:
+        for done, (blob, path) in enumerate(frontier):
+            if progress and time.perf_counter() >= next_report:
+                next_report = time.perf_counter() + PROGRESS_EVERY_S
+                _report(f"depth {depth}: {done}/{len(frontier)} parents expanded, {len(seen)} states, "
+                        f"{st.transitions} transitions, {st.settled} quiescent, no rule broken, "
+                        f"{time.perf_counter() - t0:.0f} s")
             parent = pickle.loads(blob)
             moves = parent.enabled(alphabet)
             # Lines that must be ignored go first, on the parent itself: World.step checks
@@ -103,6 +122,9 @@ def explore(alphabet: m.Alphabet, max_depth: int) -> Stats:
                     nxt.append((pickle.dumps(w, pickle.HIGHEST_PROTOCOL), (label, path)))
         st.depth = depth
         st.states = len(seen)
+        if progress:
+            _report(f"depth {depth} done: {st.states} states, {st.transitions} transitions, {st.settled} quiescent, "
+                    f"next frontier {len(nxt)}, no rule broken, {time.perf_counter() - t0:.0f} s")
         frontier = nxt
         if not frontier:
             break
@@ -120,7 +142,7 @@ MODE = os.environ.get("TURNSTILE_EXPLORE", "default")
 def test_explore_every_interleaving(run: int, record_property: Callable[[str, object], None]) -> None:
     make_alphabet, depth = MODES[MODE][run]
     alphabet = make_alphabet()
-    st = explore(alphabet, depth)
+    st = explore(alphabet, depth, progress=MODE == "large" or bool(os.environ.get("TURNSTILE_EXPLORE_PROGRESS")))
     line = (f"explored {st.states} states ({st.transitions} transitions, {st.settled} quiescent) "
             f"of alphabet {alphabet.name!r} to depth {st.depth} in {st.seconds} s")
     print("\n" + line)

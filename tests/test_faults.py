@@ -23,9 +23,13 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 
-from ipc import frames, mailbox, names, rqueue
+import pytest
+
+from clients import Client
+from ipc import defaults, frames, mailbox, names, rqueue
 from tests.support import (
     began,
     broker_log,
@@ -426,6 +430,49 @@ def test_full_request_queue_gives_queue_full_and_loses_nothing_sent_before(broke
     assert began(home, f"fill-{capacity}") == 0, "a request refused with QueueFull ran later"
     assert rec(b2).counters["requests"] == 1
     assert f.finish() == 0
+
+
+@pytest.mark.timeout(120)
+def test_connect_outlasts_a_full_request_queue_up_to_its_own_timeout(broker_factory, session_name):
+    """A live broker that has not drained its queue yet (a burst of hellos on a loaded box, as in
+    the soak's start) delays a client's connect; it does not fail it with QueueFull after the 5 s
+    send wait while ``connect_timeout_s`` has not passed."""
+    b = broker_factory()
+    rq = rqueue.RequestQueue.open(session_name)
+    outcome: dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            c = Client(session_name, "worker", connect_timeout_s=60)
+        except Exception as exc:  # reported to the test thread
+            outcome["error"] = exc
+        else:
+            outcome["client"] = c
+
+    t = threading.Thread(target=connect, daemon=True)
+    try:
+        os.kill(b.pid, signal.SIGSTOP)
+        try:
+            while rq.current_messages < rq.max_messages:
+                rq.send_bytes(b"not a frame", frames.PRIORITY["worker"], timeout_s=1.0)
+            t.start()
+            # The queue stays full past the hello's own send wait (the fault's duration, not a
+            # synchronisation); a client that gives up early is seen at once.
+            until = time.monotonic() + defaults.SEND_TIMEOUT_S + 1.0
+            wait_until(lambda: "error" in outcome or time.monotonic() > until, timeout_s=30,
+                       what="the queue to stay full past one send wait")
+        finally:
+            os.kill(b.pid, signal.SIGCONT)
+        t.join(30)
+        assert not t.is_alive(), "the client did not connect once the broker drained its queue"
+        assert "error" not in outcome, f"connect failed before connect_timeout_s: {outcome['error']!r}"
+        c = outcome["client"]
+        assert isinstance(c, Client)
+        with c:
+            wait_until(lambda: rec(b).clients == 1, what="the client's hello read")
+    finally:
+        rq.close()
+    assert b.stop() == 0
 
 
 # ---------------------------------------------------------------- a client that stops reading
