@@ -412,14 +412,18 @@ class MailboxWriter:
 
 
 def unlink(session: str, client: str) -> bool:
-    """Remove a client's mailbox by name (the broker does this for a dead client)."""
-    removed = shm.unlink(names.mailbox(session, client))
+    """Remove a client's mailbox by name (the broker does this for a dead client).
+
+    The doorbell goes first: whoever sees the ring gone may take the ring's
+    absence to mean the whole mailbox is gone and create one of the same name.
+    """
+    removed = False
     try:
         posix_ipc.unlink_message_queue(names.doorbell(session, client))
         removed = True
     except posix_ipc.ExistentialError:
         pass
-    return removed
+    return shm.unlink(names.mailbox(session, client)) or removed
 
 
 def read_owner(session: str, client: str) -> tuple[int, int] | None:
