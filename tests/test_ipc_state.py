@@ -152,10 +152,11 @@ def test_the_sequence_word_never_goes_back(block: state.StateBlock, session_name
     count = 200_000
     mm = shm.open_existing(names.state_block(session_name), writable=False)
     try:
+        # Where the word ends is fixed before the writer starts: it may write before we look.
+        last = h.read_word(mm, state.OFF_SEQ)
+        end = last + 2 * count
         with h.child(h.state_seq_writer_child, session_name, count) as (_p, conn):
             assert h.recv(conn, 30.0, "the writer") == ("msg", "ready")
-            last = h.read_word(mm, state.OFF_SEQ)
-            end = last + 2 * count
             deadline = time.monotonic() + 100.0
             loads = 0
             while last < end:
