@@ -412,6 +412,7 @@ def test_remote_client_in_another_ipc_namespace(nats_factory, broker_factory, ga
     assert cli_event(p, "result")["text"] == "sim: from another namespace"
 
 
+@pytest.mark.xdist_group("many_queues")  # 200 local clients of the gateway: the system-wide count of queues (256)
 def test_200_remote_clients_on_one_gateway(nats_factory, broker_factory, gateway_factory, remote):
     n = nats_factory()
     # The gateway is one process with a local client per remote requester: its broker's
