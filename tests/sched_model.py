@@ -1284,9 +1284,8 @@ def small_alphabet() -> Alphabet:
     return Alphabet("default", (K, W1, W2), acts)
 
 
-def large_alphabet() -> Alphabet:
-    """``TURNSTILE_EXPLORE=large``: a third webhook with a model and a lease, more cancels and faults."""
-    acts = (
+def _large_actions() -> tuple[Action, ...]:
+    return (
         *small_alphabet().actions,
         _act("K cancel k1", cancel_target(K, "k1"), ("K sub k1",), K),
         _act("W1 resubmit w1", submit(W1, "w1"), ("W1 sub w1",), W1),
@@ -1295,10 +1294,26 @@ def large_alphabet() -> Alphabet:
         _act("W3 sub w3L (lease)", submit(W3, "w3L", op="lease"), ("W3 sub w3 (model m2)",), W3),
         _act("W3 release", lambda w: s.Released(w.now, W3), ("W3 sub w3L (lease)",), W3),
         _act("model refused", model_refused),
+    )
+
+
+def large_alphabet() -> Alphabet:
+    """``TURNSTILE_EXPLORE=large``: a third webhook with a model and a lease, more cancels and faults."""
+    return Alphabet("large", (K, W1, W2, W3), _large_actions())
+
+
+def large_starts_alphabet() -> Alphabet:
+    """:func:`large_alphabet` with every event of :func:`starts_alphabet`, and a second failed start.
+
+    It branches about four times per depth, so ``make verify`` takes it less deep than the
+    large alphabet alone (a second failed start lets the back-off grow).
+    """
+    acts = (
+        *_large_actions(),
         *starts_alphabet().actions,
         _act("spawn fails again", spawn_fails, ("spawn fails",)),
     )
-    return Alphabet("large", (K, K2, W1, W2, W3), tuple({a.label: a for a in acts}.values()))
+    return Alphabet("large+starts", (K, K2, W1, W2, W3), tuple({a.label: a for a in acts}.values()))
 
 
 def starts_alphabet() -> Alphabet:
