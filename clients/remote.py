@@ -96,8 +96,7 @@ class RemoteCore:
                            name=f"turnstile-{self.kind}-{self.label or self.client_id}",
                            on_error=self._on_nats_error)
         try:
-            js = nc.jetstream(timeout=max(1.0, min(5.0, self.opts.connect_timeout_s)))
-            self.kv = await js.key_value(wire.results_bucket(self.session))
+            self.kv = await self._results_bucket(nc)
         except nats.js.errors.BucketNotFoundError:
             await nc.close()
             raise FleetUnavailable(
@@ -116,6 +115,22 @@ class RemoteCore:
             # Before any request names us as its answerer.
             await nc.subscribe(wire.ask_subject(self.session, self.client_id), cb=self._on_ask)
         self.nc = nc
+
+    async def _results_bucket(self, nc: NATS) -> KeyValue:
+        """The session's results bucket, asked again until the connect timeout while nobody answers.
+
+        On a NATS cluster that just lost a server, the bucket has no leader until
+        the others elect one (seconds): that is a wait, not a refusal.
+        """
+        js = nc.jetstream(timeout=max(1.0, min(5.0, self.opts.connect_timeout_s)))
+        deadline = monotonic() + self.opts.connect_timeout_s
+        while True:
+            try:
+                return await js.key_value(wire.results_bucket(self.session))
+            except (TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+                if self._denial() is not None or monotonic() >= deadline:  # a permission denial never heals
+                    raise
+            await asyncio.sleep(0.1)
 
     async def _on_ask(self, msg: Msg) -> None:
         # The same rules as a local client's handlers (clients.handlers): a handler that raises or

@@ -20,7 +20,8 @@ def _gateway_exits() -> str:
     return exits.epilog(
         (exits.RET_OK, "clean stop (SIGTERM/SIGINT; running requests drained or left to NATS)"),
         (exits.RET_ERROR, "unexpected error"),
-        (exits.RET_USAGE, "usage error (also: a non-loopback URL without credentials, unless --insecure)"),
+        (exits.RET_USAGE, "usage error (also: a non-loopback URL without credentials, unless --insecure; "
+                           "--replicas more than the NATS cluster's JetStream servers)"),
         (exits.RET_UNAVAILABLE, "NATS unreachable"),
         (exits.RET_ALREADY_RUNNING, "another live gateway serves one of the sessions (or took it over)"),
         (exits.RET_SIGNAL, "stopped at once by a second SIGINT/SIGTERM"),

@@ -98,7 +98,8 @@ class Gateway:
         reg: registry.Registry | None = None
         try:
             js = nc.jetstream()
-            kv = await registry.open_bucket(js, create=True, replicas=cfg.store.replicas)
+            async with setup.placing("the fleet registry", cfg.store.replicas):
+                kv = await registry.open_bucket(js, create=True, replicas=cfg.store.replicas)
             assert kv is not None
             reg = registry.Registry(kv, self.id)
             for s in cfg.sessions:

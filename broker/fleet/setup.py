@@ -1,8 +1,14 @@
-"""A session's JetStream objects: its request stream, its results bucket, its two pull consumers."""
+"""A session's JetStream objects: its request stream, its results bucket, its two pull consumers.
+
+Each is made with the configured number of replicas; a NATS that cannot place
+that many (a single server, or a cluster with fewer servers up) is a typed
+:class:`ReplicasUnavailable` naming the object, not a bare server error.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import nats.js.errors
@@ -11,6 +17,43 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.kv import KeyValue
 
 from clients import fleet_wire as wire
+from ipc.errors import InvalidArgument
+
+#: JetStream's error code for more than one replica on a server that is not in a cluster.
+JS_NOT_CLUSTERED = 10074
+#: JetStream's error code for fewer servers (up, with JetStream) in the cluster than replicas asked for.
+JS_NO_SUITABLE_PEERS = 10005
+
+
+class ReplicasUnavailable(InvalidArgument):
+    """NATS cannot keep ``replicas`` copies of ``what``: it is one server, or its cluster has fewer servers up.
+
+    A usage error (exit 2): ``--replicas`` asks for more copies than the NATS it
+    names can hold. ``server_code`` / ``server_error`` are JetStream's own.
+    """
+
+    code = "replicas_unavailable"
+
+
+@contextlib.asynccontextmanager
+async def placing(what: str, replicas: int) -> AsyncIterator[None]:
+    """Turn JetStream's "cannot place that many replicas" errors, raised inside, into :class:`ReplicasUnavailable`."""
+    try:
+        yield
+    except nats.js.errors.APIError as exc:
+        if exc.err_code == JS_NOT_CLUSTERED:
+            why = "the NATS server is not in a cluster, so it keeps one replica"
+        elif exc.err_code == JS_NO_SUITABLE_PEERS:
+            why = f"the NATS cluster has fewer than {replicas} servers with JetStream up"
+        else:
+            raise
+        raise ReplicasUnavailable(
+            f"cannot make {what} with --replicas {replicas}: {why} (JetStream error {exc.err_code}: "
+            f"{exc.description}). Give --replicas at most the number of JetStream servers in the cluster "
+            "(1 for a single server).",
+            argument="replicas", replicas=replicas, what=what, server_code=exc.err_code,
+            server_error=exc.description,
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -39,10 +82,11 @@ async def ensure_stream(js: JetStreamContext, session: str, cfg: StoreConfig) ->
         pass
     # Work-queue retention: a request leaves the stream when the gateway acknowledges it,
     # which it does only once the request's result is stored.
-    await js.add_stream(
-        name=name, subjects=[wire.request_subject(session, "*")], retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE, num_replicas=cfg.replicas, duplicate_window=cfg.duplicate_window_s,
-    )
+    async with placing(f"the request stream {name}", cfg.replicas):
+        await js.add_stream(
+            name=name, subjects=[wire.request_subject(session, "*")], retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE, num_replicas=cfg.replicas, duplicate_window=cfg.duplicate_window_s,
+        )
 
 
 async def ensure_results(js: JetStreamContext, session: str, cfg: StoreConfig) -> KeyValue:
@@ -50,6 +94,8 @@ async def ensure_results(js: JetStreamContext, session: str, cfg: StoreConfig) -
     try:
         return await js.key_value(wire.results_bucket(session))
     except nats.js.errors.BucketNotFoundError:
+        pass
+    async with placing(f"the results bucket {wire.results_bucket(session)}", cfg.replicas):
         return await js.create_key_value(bucket=wire.results_bucket(session), history=1, ttl=cfg.results_ttl_s,
                                          storage=StorageType.FILE, replicas=cfg.replicas, direct=True)
 
@@ -66,8 +112,9 @@ async def fresh_consumers(js: JetStreamContext, session: str, cfg: StoreConfig) 
     for kind in wire.CONSUMERS:
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(stream, kind)
-        await js.add_consumer(stream, ConsumerConfig(
-            durable_name=kind, filter_subject=wire.request_subject(session, kind), ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL, ack_wait=cfg.ack_wait_s, max_ack_pending=cfg.max_in_flight,
-            max_deliver=-1, num_replicas=cfg.replicas,
-        ))
+        async with placing(f"the {kind} consumer of {stream}", cfg.replicas):
+            await js.add_consumer(stream, ConsumerConfig(
+                durable_name=kind, filter_subject=wire.request_subject(session, kind), ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL, ack_wait=cfg.ack_wait_s, max_ack_pending=cfg.max_in_flight,
+                max_deliver=-1, num_replicas=cfg.replicas,
+            ))
