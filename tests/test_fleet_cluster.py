@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def submitted(c: ClientProc) -> int:
 
 @pytest.mark.parametrize(("servers", "replicas", "why"), [
     (1, 3, "not in a cluster"),
-    (3, 5, "fewer than 5 servers with JetStream up"),
+    (3, 5, "fewer than 5 JetStream servers"),
 ])
 def test_gateway_refuses_more_replicas_than_the_nats_has(
     nats_factory, nats_cluster, gateway_factory, session_name, servers, replicas, why
@@ -160,22 +161,27 @@ def test_stream_leader_sigkill_mid_turn_with_requests_queued(
         info = wait_until(lambda name=name: stream_info(c.url, name), what=f"{name}'s info")
         assert info.config.num_replicas == 3, (name, info.config)
 
+    # The worst case: the node to be lost leads every replicated object of the session.
+    leader = wait_until(lambda: leader_of(c.url, stream), what="the request stream's leader")
+    wait_until(lambda: led_by(c.url, session_name, leader), timeout_s=30,
+               what=f"{leader} leading the results bucket, the registry and both consumers too")
+
     workers = remote(c.url, "worker", WORKERS, events=False)
     wait_until(lambda: submitted(workers) == 4, what="4 worker requests stored")
     wait_until(running(b, "worker"), what="the first worker turn")
     hooks = remote(c.url, "webhook", HOOKS, events=False)
     wait_until(lambda: submitted(hooks) == 2, what="2 webhook requests stored")
     wait_until(running(b, "webhook"), what="the first webhook's turn (the worker preempted)")
-
-    # The worst case: the node lost leads every replicated object of the session at once.
-    leader = wait_until(lambda: leader_of(c.url, stream), what="the request stream's leader")
-    wait_until(lambda: led_by(c.url, session_name, leader), timeout_s=30,
-               what=f"{leader} leading the results bucket, the registry and both consumers too")
+    published(b, lambda r: r.webhooks_queued == 1 and r.workers_queued >= 1,
+              what="the second webhook and the preempted worker queued behind the first webhook")
     killed = c.node(leader)
     killed.kill()
+    killed_at = time.monotonic()
     assert running(b, "webhook")(), "the stream leader was killed mid-turn"
     # Submitted during the failover: the client retries until a new leader stores it (same request id).
     after = remote(c.url, "webhook", AFTER, events=False, connect_timeout_s=30.0)
+    wait_until(lambda: submitted(after) == 2, timeout_s=40, what="the submits made after the kill stored")
+    stored_s = time.monotonic() - killed_at
 
     every: dict[str, dict[str, Any]] = {}
     for client, prompts in ((workers, WORKERS), (hooks, HOOKS), (after, AFTER)):
@@ -184,6 +190,8 @@ def test_stream_leader_sigkill_mid_turn_with_requests_queued(
         assert len(res) == len(prompts) and all(r["status"] == "ok" for r in res.values()), res
         every.update(res)
     n = len(WORKERS) + len(HOOKS) + len(AFTER)
+    print(f"stream leader {leader} killed: new submits stored {stored_s:.1f} s later (client start included), "
+          f"all {n} results {time.monotonic() - killed_at:.1f} s after the kill")
     assert len(every) == n
     new_leader = leader_of(c.url, stream)
     assert new_leader not in (None, leader), new_leader

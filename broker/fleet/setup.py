@@ -44,7 +44,7 @@ async def placing(what: str, replicas: int) -> AsyncIterator[None]:
         if exc.err_code == JS_NOT_CLUSTERED:
             why = "the NATS server is not in a cluster, so it keeps one replica"
         elif exc.err_code == JS_NO_SUITABLE_PEERS:
-            why = f"the NATS cluster has fewer than {replicas} servers with JetStream up"
+            why = f"the NATS cluster has fewer than {replicas} JetStream servers"
         else:
             raise
         raise ReplicasUnavailable(
