@@ -8,7 +8,7 @@
   on the fake API and away from the user's HOME.
 - :mod:`broker.testing.launcher`: a ``turnstile serve`` child process.
 - :mod:`broker.testing.natsproc`, :mod:`broker.testing.gatewayproc`: a private
-  ``nats-server`` (JetStream, loopback) and a ``turnstile gateway`` child process,
+  ``nats-server`` (JetStream, loopback; or a cluster of them) and a ``turnstile gateway`` child process,
   for the fleet's demo, benchmark and tests.
 
 None of it is used by the broker at run time; the demo, the benchmarks and
