@@ -190,6 +190,15 @@ class NatsCluster:
         """``node``'s ``server_name``."""
         return f"{self.name}-n{self.nodes.index(node) + 1}"
 
+    def serving(self, client_name: str) -> NatsServer | None:
+        """The running node a client whose connection name starts with ``client_name`` is connected to, if any."""
+        for n in self.nodes:
+            if n.alive:
+                conns = (n.monitor("connz?limit=1024") or {}).get("connections") or []
+                if any(str(c.get("name", "")).startswith(client_name) for c in conns):
+                    return n
+        return None
+
     def start(self, timeout_s: float = 30.0) -> NatsCluster:
         """Start every node; return once the cluster's JetStream is ready (see :meth:`wait_ready`)."""
         deadline = time.monotonic() + timeout_s
