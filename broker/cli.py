@@ -7,8 +7,10 @@ shell webhook handlers) loads only what it needs.
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,6 +31,12 @@ from ipc.errors import (
     TurnstileError,
     TurnTimeout,
 )
+
+if TYPE_CHECKING:  # annotations only: `prompt` imports the client when it runs
+    from types import FrameType
+
+    from clients.client import Client, Turn
+    from clients.requests import TurnResult
 
 #: The agent's permission modes (Claude Code's --permission-mode choices).
 PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "manual", "plan")
@@ -248,7 +256,7 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_s: float | None,
            connect_timeout_s: float, as_json: bool, label: str | None, nats_url: str | None, text: str) -> None:
     """Send TEXT (or - for stdin) as one turn and stream the answer."""
-    from clients.client import Client
+    from clients.client import Client, Interrupted
 
     if text == "-":
         try:
@@ -284,32 +292,39 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
         then = "rerunning" if ev.get("requeued") else "returning"
         click.echo(f"turnstile: preempted by a webhook; {then}", err=True)
 
+    def show(events: Iterator[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev.get("type") == "turnstile":
+                if as_json:
+                    rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
+                    emit({"event": ev.get("subtype"), **rest})
+                else:
+                    show_notice(ev)
+            elif as_json:
+                emit({"event": "agent", "data": ev})
+            elif ev.get("type") == "assistant":
+                show_text(ev)
+
+    ctrl_c = _CtrlC()
     try:
         nats = fleet_cli.fleet_options(nats_url, connect_timeout_s) if nats_url else None
         with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label,  # type: ignore[arg-type]
-                    nats=nats) as c:
+                    nats=nats) as c, (ctrl_c.deferred(c) if nats is None else contextlib.nullcontext()):
             turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
             try:
                 if as_json:
                     emit({"event": "accepted", "request_id": turn.request_id, "session": session, "kind": kind})
-                for ev in turn.events(timeout_s):
-                    if ev.get("type") == "turnstile":
-                        if as_json:
-                            rest = {k: v for k, v in ev.items() if k not in ("type", "subtype")}
-                            emit({"event": ev.get("subtype"), **rest})
-                        else:
-                            show_notice(ev)
-                    elif as_json:
-                        emit({"event": "agent", "data": ev})
-                    elif ev.get("type") == "assistant":
-                        show_text(ev)
+                show(turn.events(timeout_s))
                 res = turn.result(timeout_s)
+            except Interrupted:
+                res = _cancel_and_read_on(turn, show)
             except KeyboardInterrupt:
-                # Cancel and wait for the cancelled result: a bye sent first would overtake the cancel
-                # (bye goes at control priority). Bounded, and a second Ctrl-C stops waiting.
-                turn.cancel()
-                with contextlib.suppress(TurnstileError, KeyboardInterrupt):
-                    turn.result(_CANCEL_WAIT_S)
+                if not ctrl_c.seen:
+                    # A client whose waits cannot act on a recorded signal (a remote one): cancel
+                    # and wait for the cancelled result as well as a raised KeyboardInterrupt allows.
+                    turn.cancel()
+                    with contextlib.suppress(TurnstileError, KeyboardInterrupt):
+                        turn.result(_CANCEL_WAIT_S)
                 raise
     except KeyboardInterrupt:
         click.echo("turnstile: interrupted", err=True)
@@ -318,7 +333,63 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
         emit({"event": "result", **res.as_dict()})
     elif not at_line_start:
         out.write("\n")
+    if ctrl_c.seen:
+        click.echo(f"turnstile: interrupted (turn {res.turn} ended {res.status})", err=True)
+        sys.exit(exits.RET_SIGNAL)
     res.raise_for_status()
+
+
+class _CtrlC:
+    """SIGINT during ``prompt``: the first is only recorded, the second stops at once.
+
+    Python runs a signal handler between any two bytecodes, so a handler that
+    raised would leave the client part-way through a reply frame (taken off the
+    ring, not yet applied) and lose it, the cancelled result with it. Recorded
+    instead, the signal is acted on by the client's waiting loop between frames
+    (:meth:`clients.client.Client.interrupt_when`), within one wait slice.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._taken = False
+
+    def __call__(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.seen:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop waiting for the cancelled result
+        self.seen = True
+
+    def take(self) -> bool:
+        """True once, the first time it is asked after the first SIGINT (the wait to interrupt)."""
+        if self.seen and not self._taken:
+            self._taken = True
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def deferred(self, client: Client) -> Iterator[None]:
+        """Record SIGINT instead of raising it, and let ``client``'s waits act on it, while inside."""
+        previous = signal.signal(signal.SIGINT, self)
+        client.interrupt_when(self.take)
+        try:
+            yield
+        finally:
+            client.interrupt_when(None)
+            signal.signal(signal.SIGINT, previous)
+
+
+def _cancel_and_read_on(turn: Turn, show: Callable[[Iterator[dict[str, Any]]], None]) -> TurnResult:
+    """After the first Ctrl-C: cancel the turn, show what it still sends, and return its (cancelled) result.
+
+    Bounded by ``_CANCEL_WAIT_S``; the client stays until the result came, so
+    the broker ends the turn by its cancel, not because its client left.
+    """
+    turn.cancel()
+    try:
+        show(turn.events(_CANCEL_WAIT_S))
+        return turn.result(_CANCEL_WAIT_S)
+    except TurnstileError as exc:
+        click.echo(f"turnstile: interrupted; no cancelled result: {exc}", err=True)
+        sys.exit(exits.RET_SIGNAL)
 
 
 # ---------------------------------------------------------------- status

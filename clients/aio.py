@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from clients.base import BaseClient, BaseTurn
-from clients.core import POLL_S, Connection, RequestState, TurnResult, monotonic
-from ipc.errors import TurnstileError, TurnTimeout
+from clients.core import POLL_S, RETRY_S, Connection, RequestState, TurnResult, deadline_after, monotonic
+from ipc.errors import TurnstileError
 
 __all__ = ["POLL_S", "AsyncClient", "AsyncTurn", "Waiters"]
 
@@ -33,14 +33,13 @@ class AsyncTurn(BaseTurn):
 
     async def events(self, timeout_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
         """The agent's stream-json objects of this turn, in order, until its result."""
-        deadline = None if timeout_s is None else monotonic() + timeout_s
-        st = self._st
+        deadline, st = deadline_after(timeout_s), self._st
         while True:
-            while st.events:
-                yield st.events.popleft()
+            for event in st.pop_events():
+                yield event
             if st.done:
                 return
-            await self._client._wait(st, deadline, lambda: bool(st.events) or st.done)
+            await self._client._wait(st, deadline, st.has_news)
 
     async def result(self, timeout_s: float | None = None) -> TurnResult:
         """Wait for the terminal result.
@@ -48,9 +47,8 @@ class AsyncTurn(BaseTurn):
         Raises :class:`~clients.handlers.HandlerError` (carrying the result) if
         an ``on_permission``/``on_hook`` handler failed during the turn.
         """
-        deadline = None if timeout_s is None else monotonic() + timeout_s
-        st = self._st
-        while st.result is None:
+        deadline, st = deadline_after(timeout_s), self._st
+        while not st.done:
             await self._client._wait(st, deadline, lambda: st.done)
         return self._outcome()
 
@@ -169,7 +167,6 @@ class AsyncClient(BaseClient[AsyncTurn]):
     def _setup(self) -> None:
         self._waiters = Waiters(self._conn)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._lost_at: float | None = None  # when the broker was first seen gone (shared by all waiters)
         self._conn.run_async = self._spawn
 
     async def connect(self) -> AsyncClient:
@@ -179,7 +176,7 @@ class AsyncClient(BaseClient[AsyncTurn]):
             if monotonic() - start >= self.connect_timeout_s:
                 self._conn.close()
                 raise self._conn.unavailable(self.connect_timeout_s)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(RETRY_S)
         self._waiters.watch()  # frames are handled from now on, waited for or not
         return self
 
@@ -241,24 +238,14 @@ class AsyncClient(BaseClient[AsyncTurn]):
             waiters.drain()  # frames already in the ring (the backstop for a missed wake-up)
             if ready():
                 return
-            now = monotonic()
-            if deadline is not None and now >= deadline:
-                raise TurnTimeout("no result in time", session=self.session)
+            # conn.lost_at is shared by every task waiting on this client: the window starts when the first saw it.
+            wait = conn.next_wait_s(deadline, self.reconnect_timeout_s)
             if conn.broker_pidfd is None:
-                self._lost_at = self._lost_at if self._lost_at is not None else now
-                if conn.try_attach():
-                    self._lost_at = None
-                    continue
-                if now - self._lost_at >= self.reconnect_timeout_s:
-                    self._lost_at = None  # every request ended with the error: a later wait starts afresh
-                    raise conn.lost(self.reconnect_timeout_s)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(wait)
                 continue
-            self._lost_at = None
             waiters.watch()
             fut: asyncio.Future[None] = loop.create_future()
             waiters.add(st.req, fut)
-            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
             timer = loop.call_later(wait, _settle, fut)
             try:
                 await fut

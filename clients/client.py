@@ -18,16 +18,26 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from clients.base import BaseClient, BaseTurn
-from clients.core import POLL_S, RequestState, TurnResult, monotonic
-from ipc.errors import TurnstileError, TurnTimeout
+from clients.core import POLL_S, RETRY_S, RequestState, TurnResult, deadline_after, monotonic
+from ipc.errors import TurnstileError
 
-__all__ = ["POLL_S", "Client", "ConcurrentUse", "Turn"]
+__all__ = ["POLL_S", "Client", "ConcurrentUse", "Interrupted", "Turn"]
 
 
 class ConcurrentUse(TurnstileError):
     """A second thread called into a blocking :class:`Client` while another thread was using it."""
 
     code = "concurrent_use"
+
+
+class Interrupted(TurnstileError):
+    """A wait stopped because the check given to :meth:`Client.interrupt_when` said so (a Ctrl-C, say).
+
+    Raised between reply frames: every frame read so far was applied, and the
+    request goes on (cancel it, then wait again for its result).
+    """
+
+    code = "interrupted"
 
 
 class Turn(BaseTurn):
@@ -40,14 +50,12 @@ class Turn(BaseTurn):
 
     def events(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """The agent's stream-json objects of this turn, in order, until its result."""
-        deadline = None if timeout_s is None else monotonic() + timeout_s
-        st = self._st
+        deadline, st = deadline_after(timeout_s), self._st
         while True:
-            while st.events:
-                yield st.events.popleft()
+            yield from st.pop_events()
             if st.done:
                 return
-            self._client._wait(deadline, lambda: bool(st.events) or st.done)
+            self._client._wait(deadline, st.has_news)
 
     def result(self, timeout_s: float | None = None) -> TurnResult:
         """Wait for the terminal result (events not yet read are kept for iteration).
@@ -55,9 +63,8 @@ class Turn(BaseTurn):
         Raises :class:`~clients.handlers.HandlerError` (carrying the result) if
         an ``on_permission``/``on_hook`` handler failed during the turn.
         """
-        deadline = None if timeout_s is None else monotonic() + timeout_s
-        st = self._st
-        while st.result is None:
+        deadline, st = deadline_after(timeout_s), self._st
+        while not st.done:
             self._client._wait(deadline, lambda: st.done)
         return self._outcome()
 
@@ -80,6 +87,7 @@ class Client(BaseClient[Turn]):
         self._guard = threading.Lock()
         self._user: int | None = None
         self._depth = 0
+        self._interrupted: Callable[[], bool] | None = None
         try:
             self._connect(self.connect_timeout_s)
         except BaseException:
@@ -92,7 +100,7 @@ class Client(BaseClient[Turn]):
             if monotonic() - start >= timeout_s:
                 raise self._conn.unavailable(timeout_s)
             # Nothing to wait on before a broker exists: poll its state block.
-            select.select([], [], [], min(0.02, timeout_s))
+            select.select([], [], [], min(RETRY_S, timeout_s))
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -150,6 +158,17 @@ class Client(BaseClient[Turn]):
 
     # ------------------------------------------------------------ waiting
 
+    def interrupt_when(self, check: Callable[[], bool] | None) -> None:
+        """Make every wait of this client raise :class:`Interrupted` once ``check()`` is true (None: never).
+
+        ``check`` is asked only between reply frames, once every frame read so
+        far was applied, and at least every :data:`POLL_S` while waiting: a
+        command's SIGINT handler that only records the signal stops a wait here
+        without losing a frame, then cancels the turn and waits on for its
+        result. The library installs no signal handler of its own.
+        """
+        self._interrupted = check
+
     def _wait(self, deadline: float | None, ready: Callable[[], bool]) -> None:
         """Wait for mailbox frames until ``ready()``; reattach across broker restarts."""
         with self._exclusive():
@@ -157,26 +176,18 @@ class Client(BaseClient[Turn]):
 
     def _wait_here(self, deadline: float | None, ready: Callable[[], bool]) -> None:
         conn = self._conn
-        lost_at: float | None = None
+        conn.lost_at = None  # a blocking wait counts its reconnect window from its own start
         while True:
             conn.drain_mailbox()
             conn.take_changed()  # only the asyncio client wakes waiters selectively
             if ready():
                 return
-            now = monotonic()
-            if deadline is not None and now >= deadline:
-                raise TurnTimeout("no result in time", session=self.session)
+            if self._interrupted is not None and self._interrupted():
+                raise Interrupted("the wait was interrupted", session=self.session)
+            wait = conn.next_wait_s(deadline, self.reconnect_timeout_s)
             if conn.broker_pidfd is None:
-                if lost_at is None:
-                    lost_at = now
-                if conn.try_attach():
-                    lost_at = None
-                    continue
-                if now - lost_at >= self.reconnect_timeout_s:
-                    raise conn.lost(self.reconnect_timeout_s)
-                select.select([], [], [], 0.02)
+                select.select([], [], [], wait)
                 continue
-            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
             fds = [conn.mailbox.fileno(), conn.broker_pidfd]
             readable, _, _ = select.select(fds, [], [], wait)
             if not readable:

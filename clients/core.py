@@ -35,6 +35,7 @@ from ipc.errors import (
     QueueGone,
     StateDamaged,
     TurnstileError,
+    TurnTimeout,
 )
 
 log = logging.getLogger("turnstile.client")
@@ -45,10 +46,12 @@ HookHandler = Handler
 
 #: Longest single wait: a backstop in case a doorbell or pidfd wake-up is missed.
 POLL_S = 0.25
+#: Between tries to reattach while no broker is attached: there is nothing to wait on but its state block.
+RETRY_S = 0.02
 
 __all__ = [
-    "POLL_S", "Connection", "HookHandler", "PermissionHandler", "RequestState", "TurnResult", "monotonic",
-    "new_request_id", "start_command",
+    "POLL_S", "RETRY_S", "Connection", "HookHandler", "PermissionHandler", "RequestState", "TurnResult",
+    "deadline_after", "monotonic", "new_request_id", "start_command",
 ]
 
 
@@ -107,6 +110,8 @@ class Connection:
         self.errors: deque[frames.Error] = deque(maxlen=100)
         #: Why the last attach failed, when that says more than "no broker" (a damaged state block).
         self.attach_error: TurnstileError | None = None
+        #: When a waiter first saw no broker attached (None while one is): the reconnect window's start.
+        self.lost_at: float | None = None
 
     # ------------------------------------------------------------ broker discovery
 
@@ -258,30 +263,46 @@ class Connection:
 
         :class:`BrokerUnreachable` when one runs out of this process's reach.
         """
+        def error(message: str, **facts: Any) -> BrokerUnavailable:
+            return BrokerUnavailable(message, session=self.session, waited_s=waited_s, **facts)
+
         if isinstance(self.attach_error, StateDamaged):
-            return BrokerUnavailable(
-                f"session {self.session!r} has a damaged state block (waited {waited_s:g} s): "
-                f"{self.attach_error}",
-                session=self.session,
-                waited_s=waited_s,
-                damaged=True,
-            )
+            return error(f"session {self.session!r} has a damaged state block (waited {waited_s:g} s): "
+                         f"{self.attach_error}", damaged=True)
         if isinstance(self.attach_error, QueueFull):
-            return BrokerUnavailable(
-                f"the broker of session {self.session!r} did not take this client's hello "
-                f"(waited {waited_s:g} s): {self.attach_error}",
-                session=self.session,
-                waited_s=waited_s,
-            )
+            return error(f"the broker of session {self.session!r} did not take this client's hello "
+                         f"(waited {waited_s:g} s): {self.attach_error}")
         found = reach.diagnose(self.session)
         if found is not None:
             return found.error(self.session, waited_s)
-        return BrokerUnavailable(
-            f"no broker serves session {self.session!r} (waited {waited_s:g} s). "
-            f"Start one with: {start_command(self.session)}",
-            session=self.session,
-            waited_s=waited_s,
-        )
+        return error(f"no broker serves session {self.session!r} (waited {waited_s:g} s). "
+                     f"Start one with: {start_command(self.session)}")
+
+    def next_wait_s(self, deadline: float | None, reconnect_timeout_s: float) -> float:
+        """One pass of a front end's wait loop, once the mailbox was read and the waiter is not ready yet.
+
+        Returns how long to wait now: on the doorbell and the broker's pidfd (at
+        most :data:`POLL_S`, never past ``deadline``) while a broker is attached;
+        otherwise, after a failed try to reattach, a plain :data:`RETRY_S` sleep
+        (0 when the try succeeded: look at the mailbox again at once). Raises
+        :class:`TurnTimeout` at ``deadline``, and :meth:`lost`'s error once no
+        broker came back for ``reconnect_timeout_s``.
+        """
+        now = monotonic()
+        if deadline is not None and now >= deadline:
+            raise TurnTimeout("no result in time", session=self.session)
+        if self.broker_pidfd is not None:
+            self.lost_at = None
+            return POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
+        if self.lost_at is None:
+            self.lost_at = now
+        if self.try_attach():
+            self.lost_at = None
+            return 0.0
+        if now - self.lost_at >= reconnect_timeout_s:
+            self.lost_at = None  # every request ended with the error: a later wait starts afresh
+            raise self.lost(reconnect_timeout_s)
+        return RETRY_S
 
     # ------------------------------------------------------------ sending
 
@@ -550,3 +571,8 @@ def _json_or_none(data: bytes | None) -> dict[str, Any] | None:
 def monotonic() -> float:
     """The clock clients use for deadlines."""
     return time.monotonic()
+
+
+def deadline_after(timeout_s: float | None) -> float | None:
+    """The :func:`monotonic` time ``timeout_s`` from now (None: no deadline)."""
+    return None if timeout_s is None else monotonic() + timeout_s

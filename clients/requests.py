@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +128,18 @@ class RequestState:
     def done(self) -> bool:
         """True once the request has its result."""
         return self.result is not None
+
+    def pop_events(self) -> Iterator[dict[str, Any]]:
+        """The events not handed out yet, oldest first; each is taken only as it is yielded.
+
+        Lazily, so a caller that stops iterating part-way leaves the rest for the next one.
+        """
+        while self.events:
+            yield self.events.popleft()
+
+    def has_news(self) -> bool:
+        """What an events iterator waits for: an event to hand out, or the end."""
+        return bool(self.events) or self.done
 
 
 _req_counter = itertools.count(1)
