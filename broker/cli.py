@@ -24,6 +24,7 @@ from ipc.errors import (
     AlreadyRunning,
     BrokerUnavailable,
     Cancelled,
+    Interrupted,
     InvalidArgument,
     IPCError,
     Preempted,
@@ -256,7 +257,7 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
 def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_s: float | None,
            connect_timeout_s: float, as_json: bool, label: str | None, nats_url: str | None, text: str) -> None:
     """Send TEXT (or - for stdin) as one turn and stream the answer."""
-    from clients.client import Client, Interrupted
+    from clients.client import Client
 
     if text == "-":
         try:

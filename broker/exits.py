@@ -7,50 +7,37 @@ be documented as one number and returned as another.
 
 from __future__ import annotations
 
-from ipc.errors import (
-    EXIT_OK,
-    EXIT_SIGNAL,
-    AgentError,
-    AgentNotFound,
-    AlreadyRunning,
-    BrokerUnavailable,
-    Cancelled,
-    InvalidArgument,
-    IPCError,
-    Preempted,
-    StateDirError,
-    TurnstileError,
-    TurnTimeout,
-)
+from ipc import errors
 
-RET_OK = EXIT_OK
-RET_ERROR = TurnstileError.exit_code
-RET_USAGE = InvalidArgument.exit_code
-RET_PREEMPTED = Preempted.exit_code
-RET_CANCELLED = Cancelled.exit_code
-RET_UNAVAILABLE = BrokerUnavailable.exit_code
-RET_AGENT_ERROR = AgentError.exit_code
-RET_TIMEOUT = TurnTimeout.exit_code
-RET_ALREADY_RUNNING = AlreadyRunning.exit_code
-RET_IPC = IPCError.exit_code
-RET_AGENT_NOT_FOUND = AgentNotFound.exit_code
-RET_STATE_DIR = StateDirError.exit_code
-RET_SIGNAL = EXIT_SIGNAL
+RET_OK = errors.EXIT_OK
+RET_ERROR = errors.TurnstileError.exit_code
+RET_USAGE = errors.InvalidArgument.exit_code
+RET_PREEMPTED = errors.Preempted.exit_code
+RET_CANCELLED = errors.Cancelled.exit_code
+RET_UNAVAILABLE = errors.BrokerUnavailable.exit_code
+RET_AGENT_ERROR = errors.AgentError.exit_code
+RET_TIMEOUT = errors.TurnTimeout.exit_code
+RET_ALREADY_RUNNING = errors.AlreadyRunning.exit_code
+RET_IPC = errors.IPCError.exit_code
+RET_AGENT_NOT_FOUND = errors.AgentNotFound.exit_code
+RET_STATE_DIR = errors.StateDirError.exit_code
+RET_SIGNAL = errors.EXIT_SIGNAL
 
 #: Every error class that introduces an exit code, in the order of the full table.
-ERRORS: tuple[type[TurnstileError], ...] = (
-    TurnstileError, InvalidArgument, Preempted, Cancelled, BrokerUnavailable, AgentError, TurnTimeout,
-    AlreadyRunning, IPCError, AgentNotFound, StateDirError,
+ERRORS: tuple[type[errors.TurnstileError], ...] = (
+    errors.TurnstileError, errors.InvalidArgument, errors.Preempted, errors.Cancelled, errors.BrokerUnavailable,
+    errors.AgentError, errors.TurnTimeout, errors.AlreadyRunning, errors.IPCError, errors.AgentNotFound,
+    errors.StateDirError,
 )
 
 #: The whole table: exit code → meaning.
 EXIT_CODES: dict[int, str] = dict(
     sorted({RET_OK: "ok",
             RET_SIGNAL: "interrupted: serve stopped at once by a second SIGINT/SIGTERM; prompt cancelled by Ctrl-C",
-            **{e.exit_code: e.exit_meaning for e in ERRORS}}.items())
+            **{err.exit_code: err.exit_meaning for err in ERRORS}}.items())
 )
 
-Row = type[TurnstileError] | tuple[int, str]
+Row = type[errors.TurnstileError] | tuple[int, str]
 
 
 def epilog(*rows: Row, title: str = "Exit codes") -> str:

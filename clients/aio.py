@@ -230,6 +230,11 @@ class AsyncClient(BaseClient[AsyncTurn]):
 
     # ------------------------------------------------------------ waiting
 
+    def interrupt_when(self, check: Callable[[], bool] | None) -> None:
+        """As :meth:`clients.Client.interrupt_when`: a wait raises :class:`~ipc.errors.Interrupted` between frames once
+        ``check()`` is true (one waiting task gets it: make ``check`` true once per interruption)."""
+        self._conn.interrupted = check
+
     async def _wait(self, st: RequestState, deadline: float | None, ready: Callable[[], bool]) -> None:
         conn = self._conn
         waiters = self._waiters

@@ -21,23 +21,13 @@ from clients.base import BaseClient, BaseTurn
 from clients.core import POLL_S, RETRY_S, RequestState, TurnResult, deadline_after, monotonic
 from ipc.errors import TurnstileError
 
-__all__ = ["POLL_S", "Client", "ConcurrentUse", "Interrupted", "Turn"]
+__all__ = ["POLL_S", "Client", "ConcurrentUse", "Turn"]
 
 
 class ConcurrentUse(TurnstileError):
     """A second thread called into a blocking :class:`Client` while another thread was using it."""
 
     code = "concurrent_use"
-
-
-class Interrupted(TurnstileError):
-    """A wait stopped because the check given to :meth:`Client.interrupt_when` said so (a Ctrl-C, say).
-
-    Raised between reply frames: every frame read so far was applied, and the
-    request goes on (cancel it, then wait again for its result).
-    """
-
-    code = "interrupted"
 
 
 class Turn(BaseTurn):
@@ -87,7 +77,6 @@ class Client(BaseClient[Turn]):
         self._guard = threading.Lock()
         self._user: int | None = None
         self._depth = 0
-        self._interrupted: Callable[[], bool] | None = None
         try:
             self._connect(self.connect_timeout_s)
         except BaseException:
@@ -159,7 +148,7 @@ class Client(BaseClient[Turn]):
     # ------------------------------------------------------------ waiting
 
     def interrupt_when(self, check: Callable[[], bool] | None) -> None:
-        """Make every wait of this client raise :class:`Interrupted` once ``check()`` is true (None: never).
+        """Make every wait of this client raise :class:`~ipc.errors.Interrupted` once ``check()`` is true (None: never).
 
         ``check`` is asked only between reply frames, once every frame read so
         far was applied, and at least every :data:`POLL_S` while waiting: a
@@ -167,7 +156,7 @@ class Client(BaseClient[Turn]):
         without losing a frame, then cancels the turn and waits on for its
         result. The library installs no signal handler of its own.
         """
-        self._interrupted = check
+        self._conn.interrupted = check
 
     def _wait(self, deadline: float | None, ready: Callable[[], bool]) -> None:
         """Wait for mailbox frames until ``ready()``; reattach across broker restarts."""
@@ -182,8 +171,6 @@ class Client(BaseClient[Turn]):
             conn.take_changed()  # only the asyncio client wakes waiters selectively
             if ready():
                 return
-            if self._interrupted is not None and self._interrupted():
-                raise Interrupted("the wait was interrupted", session=self.session)
             wait = conn.next_wait_s(deadline, self.reconnect_timeout_s)
             if conn.broker_pidfd is None:
                 select.select([], [], [], wait)

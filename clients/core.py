@@ -27,6 +27,7 @@ from clients.requests import RequestState, TurnResult, new_request_id
 from ipc import defaults, frames, mailbox, names, reach, rqueue, state
 from ipc.errors import (
     BrokerUnavailable,
+    Interrupted,
     InvalidArgument,
     IPCError,
     LimitError,
@@ -112,6 +113,8 @@ class Connection:
         self.attach_error: TurnstileError | None = None
         #: When a waiter first saw no broker attached (None while one is): the reconnect window's start.
         self.lost_at: float | None = None
+        #: The caller's interrupt check, asked by every wait between frames (``Client.interrupt_when``).
+        self.interrupted: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------ broker discovery
 
@@ -286,8 +289,12 @@ class Connection:
         otherwise, after a failed try to reattach, a plain :data:`RETRY_S` sleep
         (0 when the try succeeded: look at the mailbox again at once). Raises
         :class:`TurnTimeout` at ``deadline``, and :meth:`lost`'s error once no
-        broker came back for ``reconnect_timeout_s``.
+        broker came back for ``reconnect_timeout_s``, and :class:`Interrupted`
+        once the caller's :attr:`interrupted` check says so: called after every
+        frame read was applied, so this is between frames.
         """
+        if self.interrupted is not None and self.interrupted():
+            raise Interrupted("the wait was interrupted", session=self.session)
         now = monotonic()
         if deadline is not None and now >= deadline:
             raise TurnTimeout("no result in time", session=self.session)

@@ -251,6 +251,19 @@ class TurnTimeout(TurnstileError):
     exit_meaning = "--timeout-s ran out"
 
 
+class Interrupted(TurnstileError):
+    """A client's wait stopped because the caller's interrupt check said so (a recorded Ctrl-C, say).
+
+    Raised between reply frames, every frame read so far applied; the request
+    goes on (cancel it, then wait again for its result). See
+    ``Client.interrupt_when``.
+    """
+
+    code = "interrupted"
+    exit_code = EXIT_SIGNAL
+    exit_meaning = "interrupted (Ctrl-C)"
+
+
 class FleetUnavailable(BrokerUnavailable):
     """The NATS server of a fleet URL could not be reached, or no gateway serves the session there.
 

@@ -63,13 +63,7 @@ class RequestQueue:
             raise IPCError(f"cannot create {name}: {exc}") from exc
         except (OSError, ValueError) as exc:
             raise limit_error(f"request queue {name}", exc) from exc
-        q = cls(mq, name)
-        try:
-            names.check_owner(mq.mqd, name)
-        except BaseException:
-            q.close()
-            raise
-        return q
+        return cls._checked(mq, name)
 
     @classmethod
     def open(cls, session: str, *, _name: str | None = None) -> RequestQueue:
@@ -85,6 +79,12 @@ class RequestQueue:
             ) from exc
         except OSError as exc:
             raise limit_error(f"open {name}", exc) from exc
+        return cls._checked(mq, name)
+
+    @classmethod
+    def _checked(cls, mq: posix_ipc.MessageQueue, name: str) -> RequestQueue:
+        # Created or opened, the queue is used only if it is ours and 0600: a name another
+        # user squatted (or a queue made open to others) is closed and refused.
         q = cls(mq, name)
         try:
             names.check_owner(mq.mqd, name)

@@ -13,6 +13,7 @@ mapped for its whole life.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import posix_ipc
@@ -60,6 +61,49 @@ def _orphaned(session: str, client: str, owner: tuple[int, int] | None) -> str:
     return ""
 
 
+def _entries(directory: str, session: str | None, force: bool) -> Iterator[tuple[str, str, str]]:
+    """(session, kind, client) of each of turnstile's names in ``directory`` that this sweep may touch.
+
+    Only ``session``'s when one is given, and only ours unless ``force`` (another
+    user's objects are never ours to sweep).
+    """
+    for entry in _listing(directory):
+        parsed = names.parse(entry)
+        if parsed is None:
+            continue
+        sess, what, client = parsed
+        if session is not None and sess != session:
+            continue
+        if force or _ours(directory, entry):
+            yield sess, what, client
+
+
+def _remove_session(sess: str, why: str) -> list[Removed]:
+    """Remove a session's state block and request queue (what no live broker holds any more)."""
+    removed = []
+    if state.unlink(sess):
+        removed.append(Removed("state", names.state_block(sess), why))
+    if rqueue.unlink(sess):
+        removed.append(Removed("request_queue", names.request_queue(sess), why))
+    return removed
+
+
+def _remove_doorbell(sess: str, client: str, why: str) -> list[Removed]:
+    try:
+        posix_ipc.unlink_message_queue(names.doorbell(sess, client))
+    except posix_ipc.ExistentialError:
+        return []
+    return [Removed("doorbell", names.doorbell(sess, client), why)]
+
+
+def _remove_mailbox(sess: str, client: str, why: str) -> list[Removed]:
+    """Remove a client's mailbox: its ring, then its doorbell (either may be gone already)."""
+    removed = []
+    if shm.unlink(names.mailbox(sess, client)):
+        removed.append(Removed("mailbox", names.mailbox(sess, client), why))
+    return removed + _remove_doorbell(sess, client, why)
+
+
 def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
     """Remove leftovers whose owner process is gone.
 
@@ -70,15 +114,7 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
         raise ValueError("force needs a session")
     removed: list[Removed] = []
     sessions_dead: set[str] = set()
-    for entry in _listing(SHM_DIR):
-        parsed = names.parse(entry)
-        if parsed is None:
-            continue
-        sess, what, client = parsed
-        if session is not None and sess != session:
-            continue
-        if not force and not _ours(SHM_DIR, entry):
-            continue
+    for sess, what, client in _entries(SHM_DIR, session, force):
         if what == "st":
             dead, why = force, "forced"
             if not force:
@@ -94,47 +130,23 @@ def sweep(*, session: str | None = None, force: bool = False) -> list[Removed]:
                     dead, why = True, f"unreadable: {exc}"
             if dead:
                 sessions_dead.add(sess)
-                if state.unlink(sess):
-                    removed.append(Removed("state", names.state_block(sess), why))
-                if rqueue.unlink(sess):
-                    removed.append(Removed("request_queue", names.request_queue(sess), why))
+                removed += _remove_session(sess, why)
         elif what == "mb" and client:
             owner = mailbox.read_owner(sess, client)
             why = "forced" if force else _orphaned(sess, client, owner)
             if why:
-                if shm.unlink(names.mailbox(sess, client)):
-                    removed.append(Removed("mailbox", names.mailbox(sess, client), why))
-                try:
-                    posix_ipc.unlink_message_queue(names.doorbell(sess, client))
-                    removed.append(Removed("doorbell", names.doorbell(sess, client), why))
-                except posix_ipc.ExistentialError:
-                    pass
+                removed += _remove_mailbox(sess, client, why)
     # Queues are visible only where the mqueue filesystem is mounted; without it,
     # a doorbell whose ring is gone is found only through its session (force).
-    for entry in _listing(MQUEUE_DIR):
-        parsed = names.parse(entry)
-        if parsed is None:
-            continue
-        sess, what, client = parsed
-        if session is not None and sess != session:
-            continue
-        if not force and not _ours(MQUEUE_DIR, entry):
-            continue
+    for sess, what, client in _entries(MQUEUE_DIR, session, force):
         if what == "db" and not os.path.exists(os.path.join(SHM_DIR, f"{names.PREFIX}.{sess}.mb.{client}")):
-            try:
-                posix_ipc.unlink_message_queue(names.doorbell(sess, client))
-                removed.append(Removed("doorbell", names.doorbell(sess, client), "its mailbox ring is gone"))
-            except posix_ipc.ExistentialError:
-                pass
+            removed += _remove_doorbell(sess, client, "its mailbox ring is gone")
         elif what == "rq" and (force or sess in sessions_dead or not os.path.exists(
             os.path.join(SHM_DIR, f"{names.PREFIX}.{sess}.st")
         )) and rqueue.unlink(sess):
             removed.append(Removed("request_queue", names.request_queue(sess), "no live broker"))
     if force and session is not None:
-        if state.unlink(session):
-            removed.append(Removed("state", names.state_block(session), "forced"))
-        if rqueue.unlink(session):
-            removed.append(Removed("request_queue", names.request_queue(session), "forced"))
+        removed += _remove_session(session, "forced")
     return removed
 
 
@@ -155,14 +167,6 @@ def sweep_dead_clients(session: str) -> list[Removed]:
         client = entry[len(prefix) :]
         owner = mailbox.read_owner(session, client)
         why = _orphaned(session, client, owner) if owner is not None else ""
-        if not why:
-            continue
-        if shm.unlink(names.mailbox(session, client)):
-            removed.append(Removed("mailbox", names.mailbox(session, client), why))
-        try:
-            posix_ipc.unlink_message_queue(names.doorbell(session, client))
-            removed.append(Removed("doorbell", names.doorbell(session, client), why))
-        except posix_ipc.ExistentialError:
-            pass
+        if why:
+            removed += _remove_mailbox(session, client, why)
     return removed
-

@@ -18,6 +18,7 @@ import pytest
 
 from broker.scheduler import RESUME_NOTE
 from clients import AsyncClient, BrokerUnavailable, Client, TurnResult, TurnstileError
+from ipc.errors import Interrupted
 from tests.support import rec, running, wait_until
 
 LONG = "[sim:turn_ms=3000]"
@@ -416,3 +417,54 @@ def test_cancel_while_no_broker_runs_is_not_lost(broker_factory, session_name):
         broker_factory(wait=False)
         res = t.result(timeout_s=30)
     assert res.status == "cancelled"
+
+
+def _once(flag: threading.Event) -> Callable[[], bool]:
+    """An interrupt check that is true once after ``flag`` is set (as the CLI's recorded Ctrl-C)."""
+    taken = threading.Event()
+
+    def check() -> bool:
+        if flag.is_set() and not taken.is_set():
+            taken.set()
+            return True
+        return False
+
+    return check
+
+
+def test_interrupt_when_stops_a_wait_between_frames_and_the_turn_reads_on(broker_factory, session_name):
+    broker_factory()
+    flag = threading.Event()
+    with Client(session_name, "worker") as c:
+        c.interrupt_when(_once(flag))
+        t = c.prompt(f"{LONG} interrupt-me")
+        seen = [started(t)]
+        flag.set()  # nothing waits yet: the next wait stops at its first pass, frames applied
+        with pytest.raises(Interrupted):
+            for ev in t.events(timeout_s=15):
+                seen.append(ev)
+        t.cancel()
+        seen += list(t.events(timeout_s=15))
+        res = t.result(timeout_s=1)
+    assert res.status == "cancelled"
+    # Every event, once each: none lost to the interruption.
+    assert seen[0]["subtype"] == "init" and seen[-1]["type"] == "result"
+    assert sum(ev.get("subtype") == "init" for ev in seen) == 1
+
+
+def test_async_interrupt_when_stops_a_wait_between_frames(broker_factory, session_name):
+    broker_factory()
+    flag = threading.Event()
+
+    async def main() -> TurnResult:
+        async with AsyncClient(session_name, "worker") as c:
+            c.interrupt_when(_once(flag))
+            t = c.prompt(f"{LONG} interrupt-me")
+            await t.events().__anext__()
+            flag.set()
+            with pytest.raises(Interrupted):
+                await t.result(timeout_s=15)
+            t.cancel()
+            return await t.result(timeout_s=15)
+
+    assert asyncio.run(main()).status == "cancelled"

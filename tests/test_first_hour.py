@@ -14,7 +14,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import click
@@ -30,11 +30,12 @@ SIGINT_MIDFRAME = Path(__file__).with_name("sigint_midframe.py")
 
 @pytest.fixture
 def start_ts() -> Iterator[Callable[..., subprocess.Popen[str]]]:
-    """Start `turnstile ARGS...` in the background; killed if still running, and reaped, at teardown."""
+    """Start `turnstile ARGS...` (or ``cmd`` ARGS...) in the background; killed if still running, and reaped,
+    at teardown."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(*args: str) -> subprocess.Popen[str]:
-        procs.append(subprocess.Popen([*TURNSTILE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    def start(*args: str, cmd: Sequence[str] = TURNSTILE) -> subprocess.Popen[str]:
+        procs.append(subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, stdin=subprocess.DEVNULL))
         return procs[-1]
 
@@ -119,22 +120,18 @@ def test_ctrl_c_on_prompt_cancels_and_exits_130(broker_factory, session_name, st
     assert "130 interrupted (Ctrl-C)" in " ".join(ts("prompt", "--help").stdout.split())
 
 
-def test_ctrl_c_while_frames_are_being_read_loses_none_and_prints_the_cancelled_result(broker_factory, session_name):
+def test_ctrl_c_while_frames_are_being_read_loses_none_and_prints_the_cancelled_result(
+    broker_factory, session_name, start_ts
+):
     """A SIGINT that lands after reply frames left the mailbox and before they were applied.
 
     The signal only marks the prompt interrupted; the frames in hand are applied and printed,
     the cancel goes out between frames, and the cancelled result is read and printed.
     """
     b = broker_factory()
-    p = subprocess.Popen([sys.executable, str(SIGINT_MIDFRAME), "prompt", "--session", session_name, "--json",
-                          "[sim:turn_ms=20000] interrupt me"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, stdin=subprocess.DEVNULL)
-    try:
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
+    p = start_ts("prompt", "--session", session_name, "--json", "[sim:turn_ms=20000] interrupt me",
+                 cmd=[sys.executable, str(SIGINT_MIDFRAME)])
+    out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
     taken = [json.loads(line.removeprefix("taken: ")) for line in err.splitlines() if line.startswith("taken: ")]
     assert taken, err
