@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 from broker.scheduler import RESUME_NOTE
-from clients import AsyncClient, BrokerUnavailable, Client, TurnResult, TurnstileError
-from ipc.errors import Interrupted
+from clients import AsyncClient, BrokerUnavailable, Client, Interrupted, TurnResult, TurnstileError
 from tests.support import rec, running, wait_until
 
 LONG = "[sim:turn_ms=3000]"
