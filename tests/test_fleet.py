@@ -22,7 +22,7 @@ import pytest
 from clients import Client
 from ipc.errors import FleetUnavailable
 from tests.nats_support import GatewayProcess, NatsServer, free_port
-from tests.support import ClientProc, rec, running, wait_until
+from tests.support import ClientProc, published, rec, running, wait_until
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -187,7 +187,8 @@ def test_remote_cancel_of_one_request_cancel_of_the_holder_and_set_model(
         assert long.result(timeout_s=20).status == "cancelled"
         res = c.set_model("opus", timeout_s=20)
         assert res.ok and res.model == "claude-opus-4-1-20250805"
-    assert rec(b).model == "claude-opus-4-1-20250805"
+    # The block is published after the hot path: wait for it, don't read it once.
+    published(b, lambda r: r.model == "claude-opus-4-1-20250805", "the broker to publish the new model")
 
 
 def test_remote_lease_holds_the_session_across_turns(nats_factory, broker_factory, gateway_factory, session_name):
