@@ -46,6 +46,10 @@ async def open_bucket(js: JetStreamContext, *, create: bool, replicas: int = 1) 
                                      storage=StorageType.FILE, replicas=replicas)
 
 
+def _taken_over(session: str) -> GatewayConflict:
+    return GatewayConflict(f"session {session!r} was taken over by another gateway", session=session)
+
+
 class Registry:
     """One gateway's claims in the registry."""
 
@@ -84,12 +88,26 @@ class Registry:
 
     async def heartbeat(self, reg: wire.Registration) -> None:
         """Refresh the entry; raise :class:`GatewayConflict` if another gateway replaced this one."""
+        data = wire.encode_registration(reg)
         try:
-            self.revisions[reg.session] = await self.kv.update(
-                reg.session, wire.encode_registration(reg), last=self.revisions[reg.session])
+            self.revisions[reg.session] = await self.kv.update(reg.session, data, last=self.revisions[reg.session])
+            return
         except nats.js.errors.KeyWrongLastSequenceError:
-            raise GatewayConflict(f"session {reg.session!r} was taken over by another gateway",
-                                  session=reg.session) from None
+            pass
+        # In a failover an update can be stored while its reply is lost (the client timed
+        # out): the entry then is ours at a revision we never heard of. Only another
+        # gateway's entry (or none) means this one was replaced.
+        try:
+            entry = await self.kv.get(reg.session)
+        except nats.js.errors.KeyNotFoundError:
+            entry = None
+        if entry is None or entry.value is None or entry.revision is None \
+                or wire.decode_registration(entry.value).gateway != self.gateway_id:
+            raise _taken_over(reg.session)
+        try:
+            self.revisions[reg.session] = await self.kv.update(reg.session, data, last=entry.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise _taken_over(reg.session) from None
 
     async def release(self, session: str) -> None:
         """Remove this gateway's entry (only if it is still ours)."""
