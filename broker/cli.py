@@ -246,7 +246,8 @@ def serve(session: str, agent: str, claude_bin: str | None, agent_args: tuple[st
               help="Switch the session to this model before the turn (it stays for later turns).")
 @click.option("--on-preempt", type=click.Choice(["requeue", "return"]), default="requeue", show_default=True,
               help="A preempted worker turn: rerun it after the webhooks, or end with exit 3.")
-@click.option("--timeout-s", type=_positive_s, default=None, help="Give up after this many seconds (exit 7).")
+@click.option("--timeout-s", type=_positive_s, default=None,
+              help="Give up after this many seconds (exit 7); the request is abandoned, so the broker cancels it.")
 @click.option("--connect-timeout-s", type=_positive_s, default=defaults.CONNECT_TIMEOUT_S, show_default=True,
               help="How long to wait for a broker to serve the session (else exit 5).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line: accepted, agent, preempted, result.")
@@ -319,6 +320,13 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
                 res = turn.result(timeout_s)
             except Interrupted:
                 res = _cancel_and_read_on(turn, show)
+            except TurnTimeout:
+                if not at_line_start:
+                    out.write("\n")  # the error goes under the partial text, not after it
+                    out.flush()
+                # Leaving ends the request: the broker cancels the turn of a client that is gone.
+                raise TurnTimeout(f"no result within {timeout_s:g} s; the request was abandoned "
+                                  "(the broker cancels it as this client leaves)", session=session) from None
             except KeyboardInterrupt:
                 if not ctrl_c.seen:
                     # A client whose waits cannot act on a recorded signal (a remote one): cancel

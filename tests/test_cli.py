@@ -193,6 +193,9 @@ def test_exit_7_timeout(broker_factory, session_name):
     b = broker_factory()
     cp = ts("prompt", "--session", session_name, "--timeout-s", "0.5", f"{LONG} too slow")
     assert cp.returncode == 7, cp.stderr
+    # Says the request is gone, on a line of its own under the partial text.
+    assert "no result within 0.5 s; the request was abandoned" in cp.stderr, cp.stderr
+    assert cp.stdout == "" or cp.stdout.endswith("\n"), repr(cp.stdout)
     # The client left: its turn is interrupted and the session is free again.
     wait_until(lambda: rec(b).turn == 0, timeout_s=10, what="turn ended")
     assert ts("prompt", "--session", session_name, "next").returncode == 0
