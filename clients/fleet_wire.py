@@ -77,6 +77,9 @@ class RemoteRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
     #: The agent control requests the remote client answers itself (``can_use_tool``, ``hook_callback``).
     handles: list[frames.Token] = []
+    #: The client made ``req`` for this submit and this is its first publish: no result can be
+    #: stored for it yet (the gateway then skips looking one up; see ``SessionRelay.may_be_stored``).
+    fresh: bool = False
 
 
 class Ask(msgspec.Struct, kw_only=True):

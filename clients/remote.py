@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -211,7 +212,11 @@ class RemoteCore:
                     f"NATS at {redact(self.opts.url)} refused the request for session {self.session!r}: {exc}",
                     url=redact(self.opts.url), session=self.session, waited_s=0.0,
                 ) from None
-            # Retrying is safe: the same Nats-Msg-Id is stored once.
+            # Retrying is safe: the same Nats-Msg-Id is stored once (within the stream's de-dup window;
+            # past it a second copy is stored, so a retry is no longer fresh: the gateway looks it up).
+            if msg.fresh:
+                msg = msgspec.structs.replace(msg, fresh=False)
+                data = wire.encode(msg)
             if monotonic() >= deadline:
                 raise FleetUnavailable(
                     f"request for session {self.session!r} not stored by NATS at {redact(self.opts.url)} "
@@ -314,12 +319,12 @@ class RemoteCore:
         frames.decode_request(frames.encode(frame))
         return wire.RemoteRequest(op="prompt", client=self.client_id, req=req, kind=self.kind, content=content,
                                   model=model, on_preempt=on_preempt, resume_prompt=resume_prompt,
-                                  handles=sorted(self.handlers))
+                                  handles=sorted(self.handlers), fresh=request_id is None)
 
     def lease_request(self, idle_timeout_s: float | None) -> wire.RemoteRequest:
         """Build a lease request (it travels in line with the client's prompts)."""
         return wire.RemoteRequest(op="lease", client=self.client_id, req=new_request_id(), kind=self.kind,
-                                  idle_timeout_s=idle_timeout_s, handles=sorted(self.handlers))
+                                  idle_timeout_s=idle_timeout_s, handles=sorted(self.handlers), fresh=True)
 
     async def hold_lease(self, idle_timeout_s: float | None, timeout_s: float | None) -> None:
         """Ask for a lease and wait until it is granted (or raise why not)."""
@@ -341,4 +346,4 @@ class RemoteCore:
         frames.decode_request(frames.encode(frames.SetModel(client=self.client_id, req=req, kind=self.kind,
                                                             model=model)))
         return wire.RemoteRequest(op="set_model", client=self.client_id, req=req, kind=self.kind, model=model,
-                                  handles=sorted(self.handlers))
+                                  handles=sorted(self.handlers), fresh=True)

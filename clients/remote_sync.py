@@ -13,6 +13,8 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
+import uvloop
+
 from clients.client import Client, Turn
 from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic
 from clients.fleet_conn import FleetOptions
@@ -27,7 +29,7 @@ class _LoopThread:
     """An event loop running in a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # wakes from another thread faster than the default loop
         self.thread = threading.Thread(target=self.loop.run_forever, name="turnstile-nats", daemon=True)
         self.thread.start()
 

@@ -6,7 +6,9 @@ Exactly one result per request id, whatever dies:
   results bucket (``kv.create``: the first stored result wins, so a cancel that
   raced a finish cannot make a second one);
 * a (re)delivered request is first looked up in the results bucket: if a result
-  is there, it is acknowledged and not run again;
+  is there, it is acknowledged and not run again. The lookup is skipped only
+  where no result can exist (see :meth:`SessionRelay.may_be_stored`): it is a
+  round trip to NATS on every webhook's way to the agent;
 * a redelivery of a request that is running here (the ack wait ran out during a
   NATS restart) only replaces the message handle that will be acknowledged;
 * the local broker de-duplicates a request id its client sent twice.
@@ -42,6 +44,8 @@ from ipc.errors import TurnstileError
 
 _TRANSIENT = (TimeoutError, nats.errors.Error, OSError)
 FETCH_BATCH = 64
+#: Cancels asked for requests not pulled yet, remembered at most (beyond it every request is looked up).
+MAX_CANCELS_ASKED = 10_000
 #: Longest wait for a remote handler's answer (the broker gives the holder 60 s by default).
 ASK_TIMEOUT_S = 50.0
 
@@ -82,6 +86,11 @@ class SessionRelay:
         self.ack_wait_s = ack_wait_s
         self.idle_client_s = idle_client_s
         self.inflight: dict[str, InFlight] = {}
+        #: Stream sequence after which every message was published once this gateway's consumers
+        #: existed and its control subscription listened (set by :meth:`start`).
+        self.own_after_seq: int | None = None
+        #: Ids of requests a cancel was asked for before they were pulled (see :meth:`may_be_stored`).
+        self.cancels_asked: set[str] = set()
         self.stopping = asyncio.Event()
         #: Held leases by (remote client, kind): set the event to release.
         self.leases: dict[tuple[str, str], asyncio.Event] = {}
@@ -93,6 +102,12 @@ class SessionRelay:
     async def start(self) -> None:
         """Answer cancels and start pulling both kinds."""
         self._ctl = await self.nc.subscribe(wire.control_subject(self.session), cb=self._on_control)
+        # The server has our control subscription before it answers this: a message stored after
+        # the answer's last sequence can be cancelled only through us, and the consumers (made
+        # afresh by this gateway before) are the only ones that ever delivered it.
+        await self.nc.flush()
+        info = await self.js.stream_info(wire.stream_name(self.session))
+        self.own_after_seq = info.state.last_seq
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._pull(kind)) for kind in ("webhook", "worker")]
         self._tasks.append(loop.create_task(self._tick()))
@@ -162,12 +177,34 @@ class SessionRelay:
                 self.inflight.pop(request.req, None)
             raise
 
+    def may_be_stored(self, entry: InFlight) -> bool:
+        """Whether a result may already be stored for this delivery (if not, the lookup is skipped).
+
+        A cancel asked before the request was pulled marks it cancelled here.
+
+        Results are stored only by gateways, for a request they pulled or were asked to
+        cancel. None can exist for the first delivery (by consumers this gateway made) of a
+        message stored after this gateway started listening, carrying an id its client made
+        for this very publish (``fresh``), with no cancel asked for it: no other consumer ever
+        delivered it, no earlier message had its id, and a cancel would have reached us.
+        """
+        r = entry.request
+        if r.req in self.cancels_asked:
+            self.cancels_asked.discard(r.req)
+            entry.cancelled = True  # asked before it was pulled: it never runs
+            return True
+        if not r.fresh or self.own_after_seq is None or len(self.cancels_asked) >= MAX_CANCELS_ASKED:
+            return True
+        meta = entry.msg.metadata
+        return meta.num_delivered != 1 or meta.sequence.stream <= self.own_after_seq
+
     async def _start(self, kind: frames.Kind, entry: InFlight) -> None:
         request = entry.request
-        stored = await self._stored(request.req)
-        if stored is not None:  # finished before (its ack was lost): acknowledge, do not rerun
-            await self._close(entry, stored)
-            return
+        if self.may_be_stored(entry):
+            stored = await self._stored(request.req)
+            if stored is not None:  # finished before (its ack was lost): acknowledge, do not rerun
+                await self._close(entry, stored)
+                return
         if entry.cancelled:
             await self._finish(entry, result_dict(TurnResult(status="cancelled", request_id=request.req)))
             return
@@ -177,25 +214,43 @@ class SessionRelay:
             local = await self.clients.acquire(
                 request.client, kind, self.stopping, on_permission=asks.get("can_use_tool"),
                 on_hook=asks.get("hook_callback"))
-            run = self._run_lease if request.op == "lease" else self._run
-            entry.task = loop.create_task(run(entry, local))
         except TurnstileError:
             self.inflight.pop(request.req, None)  # stopping: left in NATS for the next gateway
+            return
+        if request.op == "lease":
+            entry.task = loop.create_task(self._run_lease(entry, local))
+            return
+        sent: AsyncTurn | TurnstileError | None = None
+        if request.op == "prompt":
+            # Sent now, not from the task: no event-loop hop on the way to the agent, and the
+            # broker gets one kind's requests in the order they were pulled.
+            try:
+                sent = self._send_prompt(entry, local)
+            except TurnstileError as exc:
+                sent = exc
+        entry.task = loop.create_task(self._run(entry, local, sent))
 
-    async def _run(self, entry: InFlight, local: AsyncClient) -> None:
+    def _send_prompt(self, entry: InFlight, local: AsyncClient) -> AsyncTurn:
+        r = entry.request
+        assert r.content is not None
+        turn = entry.turn = local.prompt(r.content, model=r.model, on_preempt=r.on_preempt,
+                                         resume_prompt=r.resume_prompt, request_id=r.req)
+        if entry.cancelled:
+            turn.cancel()
+        return turn
+
+    async def _run(self, entry: InFlight, local: AsyncClient, sent: AsyncTurn | TurnstileError | None) -> None:
+        """Follow a request to its result (a prompt was sent already: ``sent``), store it, acknowledge it."""
         r = entry.request
         try:
             try:
-                if r.op == "set_model":
+                if isinstance(sent, TurnstileError):
+                    raise sent
+                if sent is None:
                     assert r.model is not None
                     res = await local.set_model(r.model)
                 else:
-                    assert r.content is not None
-                    turn = local.prompt(r.content, model=r.model, on_preempt=r.on_preempt,
-                                        resume_prompt=r.resume_prompt, request_id=r.req)
-                    entry.turn = turn
-                    if entry.cancelled:
-                        turn.cancel()
+                    turn = sent
                     async for ev in turn.events():
                         self._notify(wire.Notice(req=r.req, event=ev, turn=turn.turn_id,
                                                  incarnation=local.incarnation))
@@ -327,6 +382,9 @@ class SessionRelay:
             await self._reply(msg, wire.ControlReply(ok=True, detail="cancel sent"))
             return
         entry = self.inflight.get(ctl.target)
+        if entry is None and len(self.cancels_asked) < MAX_CANCELS_ASKED:
+            # Before any await: if it is pulled meanwhile, it is looked up and never runs.
+            self.cancels_asked.add(ctl.target)
         if entry is not None:
             entry.cancelled = True
             if entry.turn is not None:
@@ -334,6 +392,7 @@ class SessionRelay:
             await self._reply(msg, wire.ControlReply(ok=True, detail="cancel sent"))
             return
         if await self._stored(ctl.target) is not None:
+            self.cancels_asked.discard(ctl.target)  # finished: it is not pulled again
             await self._reply(msg, wire.ControlReply(ok=True, detail="already finished"))
             return
         # Not pulled yet: its result is the cancel; when pulled it is found stored and skipped.
