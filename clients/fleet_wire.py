@@ -25,6 +25,8 @@ from ipc import frames
 WIRE_VERSION: Final = 1
 REGISTRY_BUCKET: Final = "turnstile_fleet"
 CONSUMERS: Final = ("webhook", "worker")
+#: The key of a stored result that lists the remote handlers that failed in it (subtype, handler, reason).
+HANDLER_FAILURES: Final = "handler_failures"
 
 
 def escape(req: str) -> str:
@@ -94,6 +96,8 @@ class AskReply(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     response: dict[str, Any] | None = None
     error: str | None = None
+    #: Why the remote client's handler failed (``response``/``error`` are then the deny it gave).
+    failure: str | None = None
 
 
 class Notice(msgspec.Struct, kw_only=True, omit_defaults=True):

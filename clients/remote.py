@@ -29,6 +29,7 @@ from clients import fleet_wire as wire
 from clients import handlers
 from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic, new_request_id
 from clients.fleet_conn import FleetOptions, connect, redact
+from clients.requests import HandlerFailure
 from ipc import frames, names
 from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, TurnTimeout
 
@@ -50,6 +51,8 @@ class RemoteRequestState:
     incarnation: str = ""
     preemptions: int = 0
     result: TurnResult | None = None
+    #: This client's handlers that failed during the request (``result()`` raises :class:`HandlerError`).
+    failures: list[HandlerFailure] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     sub: Subscription | None = None
 
@@ -57,6 +60,19 @@ class RemoteRequestState:
     def done(self) -> bool:
         """True once the result is in."""
         return self.result is not None
+
+    def settle(self, stored: dict[str, Any]) -> None:
+        """Take the stored result (and the handler failures the gateway stored with it)."""
+        self.result = turn_result(stored)
+        self.failures = [HandlerFailure(**f) for f in stored.get(wire.HANDLER_FAILURES, [])]
+        self.changed.set()
+
+    def outcome(self) -> TurnResult:
+        """The result; raises :class:`HandlerError` if a handler failed, as a local turn's ``result()`` does."""
+        assert self.result is not None, "only called once the request ended"
+        if self.failures:
+            raise handlers.error_for(self.failures, self.result)
+        return self.result
 
 
 def turn_result(d: dict[str, Any]) -> TurnResult:
@@ -148,7 +164,8 @@ class RemoteCore:
                 answer = handlers.call(handler, ask.subtype, ask.data)
                 if not isinstance(answer, handlers.Answer):
                     answer = await handlers.settle(answer, ask.subtype)
-                reply = wire.AskReply(response=answer.response, error=answer.error)
+                reply = wire.AskReply(response=answer.response, error=answer.error,
+                                      failure=None if answer.failure is None else answer.failure.reason)
         with contextlib.suppress(*_TRANSIENT):
             await msg.respond(wire.encode(reply))
 
@@ -242,7 +259,7 @@ class RemoteCore:
                 st.preemptions += 1
             st.events.append(n.event)
         if n.result is not None:
-            st.result = turn_result(n.result)
+            st.settle(n.result)
         st.changed.set()
 
     async def poll_result(self, st: RemoteRequestState) -> None:
@@ -256,8 +273,7 @@ class RemoteCore:
         except _TRANSIENT:
             return  # NATS is reconnecting: the next poll looks again
         if entry.value:
-            st.result = turn_result(wire.decode_result(entry.value))
-            st.changed.set()
+            st.settle(wire.decode_result(entry.value))
 
     async def wait(self, st: RemoteRequestState, deadline: float | None, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()``; raise :class:`TurnTimeout` at ``deadline``."""

@@ -60,8 +60,7 @@ class RemoteAsyncTurn(AsyncTurn):
         deadline = None if timeout_s is None else monotonic() + timeout_s
         st = await self._submitting
         await self._rclient._core.wait(st, deadline, lambda: st.done)
-        assert st.result is not None
-        return st.result
+        return st.outcome()
 
     def cancel(self) -> None:
         """Cancel this request only (sent once it is stored)."""

@@ -80,8 +80,7 @@ class RemoteTurn(Turn):
         deadline = None if timeout_s is None else monotonic() + timeout_s
         st = self._rst
         self._rclient._run(self._rclient._core.wait(st, deadline, lambda: st.done))
-        assert st.result is not None
-        return st.result
+        return st.outcome()
 
     def cancel(self) -> None:
         """Cancel this request only (a no-op once it ended)."""

@@ -39,6 +39,7 @@ from clients import fleet_wire as wire
 from clients.aio import AsyncClient, AsyncTurn
 from clients.core import TurnResult
 from clients.handlers import HandlerError
+from clients.requests import HandlerFailure
 from ipc import frames
 from ipc.errors import TurnstileError
 
@@ -65,6 +66,13 @@ class InFlight:
     cancelled: bool = False
     turn: AsyncTurn | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _remote_failure(failure: HandlerFailure) -> dict[str, str]:
+    """A failure the gateway's local client recorded, as the remote client reports it (its own reason)."""
+    relayed = f"it raised {RemoteHandlerError.__name__}: "
+    reason = failure.reason.removeprefix(relayed)
+    return {"subtype": failure.subtype, "handler": failure.handler, "reason": reason}
 
 
 def result_dict(res: TurnResult) -> dict[str, Any]:
@@ -258,6 +266,8 @@ class SessionRelay:
                 result = result_dict(res)
             except HandlerError as exc:  # the agent was answered (deny); the turn's result counts
                 result = result_dict(exc.attrs["result"])
+                # Stored with it, so the remote client's result() raises HandlerError as a local one does.
+                result[wire.HANDLER_FAILURES] = [_remote_failure(f) for f in exc.attrs["failures"]]
             except TurnstileError as exc:
                 result = result_dict(TurnResult(status="error", error_code=getattr(exc, "reason", exc.code),
                                                 error=str(exc), request_id=r.req))
@@ -293,6 +303,8 @@ class SessionRelay:
         async def ask(data: dict[str, Any]) -> dict[str, Any]:
             question = wire.encode(wire.Ask(subtype=subtype, data=data))
             reply = wire.decode_ask_reply((await self.nc.request(subject, question, timeout=ASK_TIMEOUT_S)).data)
+            if reply.failure is not None:  # the local client records it on the request it belongs to
+                raise RemoteHandlerError(reply.failure)
             if reply.error is not None:
                 raise RemoteHandlerError(reply.error)
             return reply.response or {}
