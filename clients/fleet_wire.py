@@ -6,7 +6,8 @@ One session ``S`` owns (so NATS permissions can grant one session and not anothe
   JetStream stream ``turnstile_S`` (file storage, work-queue retention, ``Nats-Msg-Id``
   = request id), pulled by two consumers so a worker backlog never delays a webhook;
 * ``turnstile.S.evt.<request>``: the live events of one request (core NATS, best effort);
-* ``turnstile.S.ctl``: cancels and lease releases (request/reply, answered by the gateway);
+* ``turnstile.S.ctl``: cancels and lease releases (request/reply, answered by the gateway), and
+  lease holders' beats (published);
 * ``turnstile.S.ask.<client>``: the agent's permission/hook questions for a remote client
   that registered handlers (request/reply, answered by that client);
 * KV bucket ``turnstile_res_S``: the one result of each request id, kept for a bounded time.
@@ -77,6 +78,8 @@ class RemoteRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     on_preempt: frames.OnPreempt = "requeue"
     resume_prompt: frames.ShortText | None = None
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+    #: A lease's holder beats this often while it holds it (a ``beat`` control message).
+    beat_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
     #: The agent control requests the remote client answers itself (``can_use_tool``, ``hook_callback``).
     handles: list[frames.Token] = []
     #: The client made ``req`` for this submit and this is its first publish: no result can be
@@ -111,9 +114,10 @@ class Notice(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class Control(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A cancel of one request (``target``) or of a turn (``incarnation``, ``turn``), or a lease's release."""
+    """A cancel of one request (``target``) or of a turn (``incarnation``, ``turn``), a lease's release, or
+    a lease holder's beat (published, not requested)."""
 
-    op: Literal["cancel", "cancel_turn", "release"]
+    op: Literal["cancel", "cancel_turn", "release", "beat"]
     client: str = ""
     target: str = ""
     incarnation: str = ""

@@ -37,6 +37,8 @@ from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, Tur
 #: restart or a gateway crash loses some), the stored result is not.
 POLL_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
+#: How often a remote client beats while it holds a lease (the gateway ends a lease whose beats stop).
+LEASE_BEAT_S = 1.0
 
 _TRANSIENT = (TimeoutError, nats.errors.Error, OSError)
 
@@ -102,6 +104,8 @@ class RemoteCore:
         #: Permission violations NATS reported for this connection (they come asynchronously).
         self.denied: list[str] = []
         self.handlers: dict[str, PermissionHandler | HookHandler] = {}
+        #: Beats for the lease this client holds (see :data:`LEASE_BEAT_S`).
+        self._beating: asyncio.Task[None] | None = None
         if on_permission is not None:
             self.handlers["can_use_tool"] = on_permission
         if on_hook is not None:
@@ -317,6 +321,7 @@ class RemoteCore:
 
     async def close(self) -> None:
         """Leave. Submitted requests still run; their results stay collectable by request id."""
+        await self._stop_beating()
         for st in list(self.requests.values()):
             await self._forget(st)
         if self.nc is not None:
@@ -340,7 +345,8 @@ class RemoteCore:
     def lease_request(self, idle_timeout_s: float | None) -> wire.RemoteRequest:
         """Build a lease request (it travels in line with the client's prompts)."""
         return wire.RemoteRequest(op="lease", client=self.client_id, req=new_request_id(), kind=self.kind,
-                                  idle_timeout_s=idle_timeout_s, handles=sorted(self.handlers), fresh=True)
+                                  idle_timeout_s=idle_timeout_s, beat_s=LEASE_BEAT_S, handles=sorted(self.handlers),
+                                  fresh=True)
 
     async def hold_lease(self, idle_timeout_s: float | None, timeout_s: float | None) -> None:
         """Ask for a lease and wait until it is granted (or raise why not)."""
@@ -351,9 +357,26 @@ class RemoteCore:
         if not st.result.ok:
             raise BrokerUnavailable(f"lease not granted: {st.result.error_code or st.result.status}",
                                     session=self.session)
+        # From this loop, not the caller's thread: a holder busy between its turns still beats.
+        self._beating = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        beat = wire.encode(wire.Control(op="beat", client=self.client_id))
+        while True:
+            with contextlib.suppress(*_TRANSIENT):  # NATS away: the gateway does not count what it cannot get
+                await self._nc().publish(wire.control_subject(self.session), beat)
+            await asyncio.sleep(LEASE_BEAT_S)
+
+    async def _stop_beating(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
 
     async def release_lease(self) -> None:
         """End this client's lease."""
+        await self._stop_beating()
         await self._control(wire.Control(op="release", client=self.client_id))
 
     def model_request(self, model: str) -> wire.RemoteRequest:

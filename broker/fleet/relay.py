@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ from ipc.errors import TurnstileError
 
 _TRANSIENT = (TimeoutError, nats.errors.Error, OSError)
 FETCH_BATCH = 64
+#: A lease ends when this many of its holder's beats in a row did not come (its client died or lost NATS).
+MISSED_BEATS = 3
 #: Cancels asked for requests not pulled yet, remembered at most (beyond it every request is looked up).
 MAX_CANCELS_ASKED = 10_000
 #: Longest wait for a remote handler's answer (the broker gives the holder 60 s by default).
@@ -66,6 +69,16 @@ class InFlight:
     cancelled: bool = False
     turn: AsyncTurn | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class HeldLease:
+    """A lease held for a remote client: ended by its release, or when its holder's beats stop."""
+
+    #: How often the holder said it beats (None: an older client that does not).
+    beat_s: float | None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    last_beat: float = 0.0
 
 
 def _remote_failure(failure: HandlerFailure) -> dict[str, str]:
@@ -100,8 +113,8 @@ class SessionRelay:
         #: Ids of requests a cancel was asked for before they were pulled (see :meth:`may_be_stored`).
         self.cancels_asked: set[str] = set()
         self.stopping = asyncio.Event()
-        #: Held leases by (remote client, kind): set the event to release.
-        self.leases: dict[tuple[str, str], asyncio.Event] = {}
+        #: Held leases by (remote client, kind).
+        self.leases: dict[tuple[str, str], HeldLease] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._ctl: Subscription | None = None
 
@@ -128,8 +141,8 @@ class SessionRelay:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        for release in self.leases.values():
-            release.set()
+        for held in self.leases.values():
+            held.release.set()
         running = [e.task for e in self.inflight.values() if e.task is not None]
         if running:
             _, pending = await asyncio.wait(running, timeout=drain_timeout_s)
@@ -279,22 +292,38 @@ class SessionRelay:
         """Hold a lease for the remote client until it releases it (its grant is the request's result)."""
         r = entry.request
         key = (r.client, r.kind)
-        release = self.leases[key] = asyncio.Event()
+        held = self.leases[key] = HeldLease(beat_s=r.beat_s)
         granted = False
         try:
             async with local.lease(idle_timeout_s=r.idle_timeout_s):
                 granted = True
+                held.last_beat = time.monotonic()
                 await self._finish(entry, result_dict(TurnResult(status="ok", request_id=r.req)))
                 # The prompts of the lease go through this same local client, marked as the lease's.
-                await release.wait()
+                await self._hold(held, r.client)
         except TurnstileError as exc:
             if not granted:
                 await self._finish(entry, result_dict(TurnResult(
                     status="error", error_code=getattr(exc, "reason", exc.code), error=str(exc), request_id=r.req)))
         finally:
-            if self.leases.get(key) is release:
+            if self.leases.get(key) is held:
                 del self.leases[key]
             self.clients.release(r.client, r.kind)
+
+    async def _hold(self, held: HeldLease, remote_client: str) -> None:
+        """Until the lease is released, or its holder's beats stopped (it died, or lost NATS)."""
+        if held.beat_s is None:  # a client that does not beat: released, or ended by the broker's idle timeout
+            await held.release.wait()
+            return
+        while not held.release.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(held.release.wait(), held.beat_s)
+            now = time.monotonic()
+            if not self.nc.is_connected:
+                held.last_beat = now  # our own link is down: no beat could reach us, none is missed
+            elif now - held.last_beat > held.beat_s * MISSED_BEATS:
+                self.log.warning("fleet.lease_lost", client=remote_client, silent_s=round(now - held.last_beat, 3))
+                return
 
     def _asker(self, remote_client: str, subtype: str) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
         """An ``async def`` handler for the local client that asks the remote client over NATS."""
@@ -381,11 +410,17 @@ class SessionRelay:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._reply(msg, wire.ControlReply(ok=False, detail=f"bad control message: {exc}"))
             return
-        if ctl.op == "release":
-            for kind in ("webhook", "worker"):
+        if ctl.op == "beat":  # published, not requested: no reply
+            for kind in wire.CONSUMERS:
                 held = self.leases.get((ctl.client, kind))
                 if held is not None:
-                    held.set()
+                    held.last_beat = time.monotonic()
+            return
+        if ctl.op == "release":
+            for kind in wire.CONSUMERS:
+                held = self.leases.get((ctl.client, kind))
+                if held is not None:
+                    held.release.set()
             await self._reply(msg, wire.ControlReply(ok=True, detail="released"))
             return
         if ctl.op == "cancel_turn":
