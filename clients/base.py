@@ -50,18 +50,22 @@ class BaseClient(Generic[TurnT]):
         label: str | None = None,
         nats: str | FleetOptions | None = None,
     ) -> None:
-        # ``nats`` is taken by ``Client.__new__``/``AsyncClient.__new__``, which return the remote
-        # client for it; a local client never sees one.
+        # With ``nats``, ``BaseClient.__new__`` made this a remote client: its ``_open`` takes it.
         self.session = session
         self.kind = kind
         self.on_preempt: frames.OnPreempt = on_preempt
         self.connect_timeout_s = connect_timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook, label=label)
+        self._open(on_permission=on_permission, on_hook=on_hook, label=label, nats=nats)
+
+    def _open(self, *, on_permission: PermissionHandler | None, on_hook: HookHandler | None, label: str | None,
+              nats: str | FleetOptions | None) -> None:
+        """Make the link to the session: here the local connection (the remote clients' is over NATS)."""
+        self._conn = Connection(self.session, self.kind, on_permission=on_permission, on_hook=on_hook, label=label)
         self._setup()
 
     def _setup(self) -> None:
-        """What a front end does once the connection exists (the blocking client attaches here)."""
+        """What a front end does once the link exists (the blocking client attaches here)."""
 
     @property
     def client_id(self) -> str:
@@ -96,12 +100,18 @@ class BaseClient(Generic[TurnT]):
         resume_prompt: str | None = None,
         request_id: str | None = None,
     ) -> TurnT:
-        """Submit a prompt; returns at once with its turn (iterate it for events, ask it for the result)."""
+        """Submit a prompt; returns with its turn (iterate it for events, ask it for the result).
+
+        A local client and the remote ``AsyncClient`` return at once (``await turn.submitted()`` waits
+        until NATS stored the request); the remote blocking ``Client`` returns once NATS stored it.
+        """
+        return self._submit_prompt(content, model=model, on_preempt=on_preempt or self.on_preempt,
+                                   resume_prompt=resume_prompt, request_id=request_id)
+
+    def _submit_prompt(self, content: str | list[dict[str, Any]], **options: Any) -> TurnT:
+        """Send a prompt with the options of :meth:`prompt` (its ``on_preempt`` resolved)."""
         with self._exclusive():
-            return self._turn(self._conn.prompt(
-                content, model=model, on_preempt=on_preempt or self.on_preempt, resume_prompt=resume_prompt,
-                request_id=request_id,
-            ))
+            return self._turn(self._conn.prompt(content, **options))
 
 
 class BaseTurn:

@@ -152,14 +152,6 @@ class Registration(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _enc = msgspec.msgpack.Encoder()
-_request_dec = msgspec.msgpack.Decoder(RemoteRequest)
-_notice_dec = msgspec.msgpack.Decoder(Notice)
-_control_dec = msgspec.msgpack.Decoder(Control)
-_ask_dec = msgspec.msgpack.Decoder(Ask)
-_ask_reply_dec = msgspec.msgpack.Decoder(AskReply)
-_control_reply_dec = msgspec.msgpack.Decoder(ControlReply)
-_registration_dec = msgspec.json.Decoder(Registration)
-_result_dec = msgspec.msgpack.Decoder(dict[str, Any])
 
 
 def encode(obj: msgspec.Struct | dict[str, Any]) -> bytes:
@@ -167,46 +159,25 @@ def encode(obj: msgspec.Struct | dict[str, Any]) -> bytes:
     return _enc.encode(obj)
 
 
-def decode_request(data: bytes) -> RemoteRequest:
-    """Decode a stored request (raises ``msgspec.DecodeError`` on junk)."""
-    return _request_dec.decode(data)
-
-
-def decode_notice(data: bytes) -> Notice:
-    """Decode a live notice."""
-    return _notice_dec.decode(data)
-
-
-def decode_control(data: bytes) -> Control:
-    """Decode a control message."""
-    return _control_dec.decode(data)
-
-
-def decode_ask(data: bytes) -> Ask:
-    """Decode a relayed agent question."""
-    return _ask_dec.decode(data)
-
-
-def decode_ask_reply(data: bytes) -> AskReply:
-    """Decode a handler's answer."""
-    return _ask_reply_dec.decode(data)
-
-
-def decode_control_reply(data: bytes) -> ControlReply:
-    """Decode a control reply."""
-    return _control_reply_dec.decode(data)
+# One decoder per message type; each raises ``msgspec.DecodeError`` / ``ValidationError`` on junk.
+#: Decode a stored request.
+decode_request = msgspec.msgpack.Decoder(RemoteRequest).decode
+#: Decode a live notice.
+decode_notice = msgspec.msgpack.Decoder(Notice).decode
+#: Decode a control message.
+decode_control = msgspec.msgpack.Decoder(Control).decode
+#: Decode a relayed agent question.
+decode_ask = msgspec.msgpack.Decoder(Ask).decode
+#: Decode a handler's answer.
+decode_ask_reply = msgspec.msgpack.Decoder(AskReply).decode
+#: Decode a control reply.
+decode_control_reply = msgspec.msgpack.Decoder(ControlReply).decode
+#: Decode a registry entry (JSON, so ``nats kv get`` shows it readably).
+decode_registration = msgspec.json.Decoder(Registration).decode
+#: Decode a stored result (a ``TurnResult.as_dict()`` plus ``raw`` and any handler failures).
+decode_result = msgspec.msgpack.Decoder(dict[str, Any]).decode
 
 
 def encode_registration(reg: Registration) -> bytes:
     """Registry entries are JSON, so ``nats kv get`` shows them readably."""
     return msgspec.json.encode(reg)
-
-
-def decode_registration(data: bytes) -> Registration:
-    """Decode a registry entry."""
-    return _registration_dec.decode(data)
-
-
-def decode_result(data: bytes) -> dict[str, Any]:
-    """Decode a stored result (a ``TurnResult.as_dict()`` plus ``raw``)."""
-    return _result_dec.decode(data)

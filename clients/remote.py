@@ -37,6 +37,8 @@ from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, Tur
 #: restart or a gateway crash loses some), the stored result is not.
 POLL_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
+#: How long a cancel or a lease's release waits for the gateway's answer.
+CONTROL_TIMEOUT_S = 5.0
 #: How often a remote client beats while it holds a lease (the gateway ends a lease whose beats stop).
 LEASE_BEAT_S = 1.0
 
@@ -111,6 +113,10 @@ class RemoteCore:
         if on_hook is not None:
             self.handlers["hook_callback"] = on_hook
 
+    def _unavailable(self, message: str, waited_s: float = 0.0) -> FleetUnavailable:
+        """The typed error for this session and server (the URL without its password)."""
+        return FleetUnavailable(message, url=redact(self.opts.url), session=self.session, waited_s=waited_s)
+
     async def connect(self) -> None:
         """Connect and find the session's results bucket (made by its gateway)."""
         nc = await connect(self.opts, session=self.session,
@@ -120,18 +126,13 @@ class RemoteCore:
             self.kv = await self._results_bucket(nc)
         except nats.js.errors.BucketNotFoundError:
             await nc.close()
-            raise FleetUnavailable(
+            raise self._unavailable(
                 f"no gateway has served session {self.session!r} on {redact(self.opts.url)}. Start one on the "
-                f"session's host with: turnstile gateway --nats URL --session {self.session}",
-                url=redact(self.opts.url), session=self.session, waited_s=0.0,
-            ) from None
+                f"session's host with: turnstile gateway --nats URL --session {self.session}") from None
         except (nats.errors.Error, TimeoutError) as exc:
             await nc.close()
-            raise FleetUnavailable(
-                f"NATS at {redact(self.opts.url)} refused the session {self.session!r}: "
-                f"{self._denial() or repr(exc)}",
-                url=redact(self.opts.url), session=self.session, waited_s=0.0,
-            ) from None
+            raise self._unavailable(f"NATS at {redact(self.opts.url)} refused the session {self.session!r}: "
+                                    f"{self._denial() or repr(exc)}") from None
         if self.handlers:
             # Before any request names us as its answerer.
             await nc.subscribe(wire.ask_subject(self.session, self.client_id), cb=self._on_ask)
@@ -186,7 +187,7 @@ class RemoteCore:
 
     def _nc(self) -> NATS:
         if self.nc is None:
-            raise FleetUnavailable("not connected", url=redact(self.opts.url), session=self.session, waited_s=0.0)
+            raise self._unavailable("not connected")
         return self.nc
 
     async def submit(self, msg: wire.RemoteRequest) -> RemoteRequestState:
@@ -223,15 +224,12 @@ class RemoteCore:
                 detail = "no acknowledgement"
                 denial = self._denial(subject)
                 if denial is not None:  # no retry will be allowed either
-                    raise FleetUnavailable(
+                    raise self._unavailable(
                         f"NATS at {redact(self.opts.url)} does not let this identity submit {msg.kind} requests to "
-                        f"session {self.session!r}: {denial}", url=redact(self.opts.url), session=self.session,
-                        waited_s=0.0,
-                    ) from None
+                        f"session {self.session!r}: {denial}") from None
             except nats.js.errors.APIError as exc:
-                raise FleetUnavailable(
-                    f"NATS at {redact(self.opts.url)} refused the request for session {self.session!r}: {exc}",
-                    url=redact(self.opts.url), session=self.session, waited_s=0.0,
+                raise self._unavailable(
+                    f"NATS at {redact(self.opts.url)} refused the request for session {self.session!r}: {exc}"
                 ) from None
             # Retrying is safe: the same Nats-Msg-Id is stored once (within the stream's de-dup window;
             # past it a second copy is stored, so a retry is no longer fresh: the gateway looks it up).
@@ -239,11 +237,8 @@ class RemoteCore:
                 msg = msgspec.structs.replace(msg, fresh=False)
                 data = wire.encode(msg)
             if monotonic() >= deadline:
-                raise FleetUnavailable(
-                    f"request for session {self.session!r} not stored by NATS at {redact(self.opts.url)} "
-                    f"({detail})", url=redact(self.opts.url), session=self.session,
-                    waited_s=PUBLISH_TIMEOUT_S,
-                )
+                raise self._unavailable(f"request for session {self.session!r} not stored by NATS at "
+                                        f"{redact(self.opts.url)} ({detail})", PUBLISH_TIMEOUT_S)
             await asyncio.sleep(0.1)
 
     async def _on_notice(self, msg: Msg) -> None:
@@ -311,12 +306,11 @@ class RemoteCore:
 
     async def _control(self, ctl: wire.Control) -> wire.ControlReply:
         try:
-            msg = await self._nc().request(wire.control_subject(self.session), wire.encode(ctl), timeout=5.0)
+            msg = await self._nc().request(wire.control_subject(self.session), wire.encode(ctl),
+                                           timeout=CONTROL_TIMEOUT_S)
         except (nats.errors.NoRespondersError, TimeoutError, nats.errors.TimeoutError):
-            raise FleetUnavailable(
-                f"no gateway answered for session {self.session!r} on {redact(self.opts.url)}",
-                url=redact(self.opts.url), session=self.session, waited_s=5.0,
-            ) from None
+            raise self._unavailable(f"no gateway answered for session {self.session!r} on {redact(self.opts.url)}",
+                                    CONTROL_TIMEOUT_S) from None
         return wire.decode_control_reply(msg.data)
 
     async def close(self) -> None:
@@ -386,3 +380,39 @@ class RemoteCore:
                                                             model=model)))
         return wire.RemoteRequest(op="set_model", client=self.client_id, req=req, kind=self.kind, model=model,
                                   handles=sorted(self.handlers), fresh=True)
+
+
+class RemoteFront:
+    """What both remote front ends put in place of the local connection: the link, identity, prompts.
+
+    Mixed in before :class:`~clients.Client` / :class:`~clients.AsyncClient`, whose constructor
+    (``BaseClient.__init__``) sets the common attributes and then calls :meth:`_open`.
+    """
+
+    session: str
+    kind: frames.Kind
+    connect_timeout_s: float
+    _core: RemoteCore
+
+    def _open(self, *, on_permission: PermissionHandler | None, on_hook: HookHandler | None, label: str | None,
+              nats: str | FleetOptions | None) -> None:
+        if nats is None:
+            raise InvalidArgument("a remote client needs nats=URL", argument="nats")
+        opts = nats if isinstance(nats, FleetOptions) else FleetOptions(url=nats,
+                                                                         connect_timeout_s=self.connect_timeout_s)
+        self._core = RemoteCore(self.session, self.kind, opts, on_permission=on_permission, on_hook=on_hook,
+                                label=label)
+        self._setup()
+
+    def _setup(self) -> None:
+        """What the front end does once the core exists."""
+
+    @property
+    def client_id(self) -> str:
+        """This client's id."""
+        return self._core.client_id
+
+    @property
+    def incarnation(self) -> str:
+        """Not known remotely (the gateway's broker may change): empty."""
+        return ""

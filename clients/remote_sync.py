@@ -16,10 +16,8 @@ from typing import Any, TypeVar
 import uvloop
 
 from clients.client import Client, Turn
-from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic
-from clients.fleet_conn import FleetOptions
-from clients.remote import RemoteCore, RemoteRequestState
-from ipc import frames
+from clients.core import TurnResult, monotonic
+from clients.remote import RemoteFront, RemoteRequestState
 from ipc.errors import FleetUnavailable
 
 T = TypeVar("T")
@@ -88,31 +86,10 @@ class RemoteTurn(Turn):
             self._rclient._run(self._rclient._core.cancel(self._rst))
 
 
-class RemoteClient(Client):
+class RemoteClient(RemoteFront, Client):
     """A blocking client of a session served by a gateway, over NATS."""
 
-    def __init__(
-        self,
-        session: str = "default",
-        kind: frames.Kind = "worker",
-        *,
-        nats: str | FleetOptions | None = None,
-        connect_timeout_s: float = 5.0,
-        reconnect_timeout_s: float = 30.0,
-        on_preempt: frames.OnPreempt = "requeue",
-        on_permission: PermissionHandler | None = None,
-        on_hook: HookHandler | None = None,
-        label: str | None = None,
-    ) -> None:
-        assert nats is not None
-        opts = FleetOptions.of(nats)
-        if not isinstance(nats, FleetOptions):
-            opts = FleetOptions(url=opts.url, connect_timeout_s=connect_timeout_s)
-        self.session = session
-        self.kind = kind
-        self.on_preempt: frames.OnPreempt = on_preempt
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook, label=label)
+    def _setup(self) -> None:
         self._loop = _LoopThread()
         try:
             self._run(self._core.connect())
@@ -123,16 +100,6 @@ class RemoteClient(Client):
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coro)
 
-    @property
-    def client_id(self) -> str:
-        """This client's id."""
-        return self._core.client_id
-
-    @property
-    def incarnation(self) -> str:
-        """Not known remotely: empty."""
-        return ""
-
     def close(self) -> None:
         """Leave (submitted requests still complete; collect them by request id)."""
         if self._loop.loop.is_closed():
@@ -141,19 +108,8 @@ class RemoteClient(Client):
             self._run(self._core.close())
         self._loop.stop()
 
-    def prompt(
-        self,
-        content: str | list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        on_preempt: frames.OnPreempt | None = None,
-        resume_prompt: str | None = None,
-        request_id: str | None = None,
-    ) -> RemoteTurn:
-        """Submit a prompt; returns once NATS JetStream has durably stored it."""
-        msg = self._core.prompt_request(content, model=model, on_preempt=on_preempt or self.on_preempt,
-                                        resume_prompt=resume_prompt, request_id=request_id)
-        return RemoteTurn(self, self._run(self._core.submit(msg)))
+    def _submit_prompt(self, content: str | list[dict[str, Any]], **options: Any) -> RemoteTurn:
+        return RemoteTurn(self, self._run(self._core.submit(self._core.prompt_request(content, **options))))
 
     def set_model(self, model: str, *, timeout_s: float | None = None) -> TurnResult:
         """Switch the session's model (in line with other requests)."""
