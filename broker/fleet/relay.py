@@ -46,6 +46,8 @@ from ipc.errors import TurnstileError
 
 _TRANSIENT = (TimeoutError, nats.errors.Error, OSError)
 FETCH_BATCH = 64
+#: How long one pull request stays open on the server (an idle gateway asks again this often).
+PULL_EXPIRES_S = 1.0
 #: A lease ends when this many of its holder's beats in a row did not come (its client died or lost NATS).
 MISSED_BEATS = 3
 #: Cancels asked for requests not pulled yet, remembered at most (beyond it every request is looked up).
@@ -155,23 +157,49 @@ class SessionRelay:
     # ------------------------------------------------------------ pulling
 
     async def _pull(self, kind: frames.Kind) -> None:
-        psub = await self.js.pull_subscribe_bind(durable=kind, stream=wire.stream_name(self.session))
-        while not self.stopping.is_set():
+        """Keep one pull request open on the kind's consumer; what it delivers is accepted as it arrives.
+
+        Not ``fetch()``: it makes a new request, a task per message waited for, and waits for
+        the server's end-of-batch status before returning, all on a webhook's way to the agent.
+        """
+        ended = asyncio.Event()  # the open request was used up or ended by the server
+        left = 0
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal left
+            if msg.headers and msg.headers.get("Status"):  # 408 expired, 409 refused, 404 none...
+                ended.set()
+                return
+            left -= 1
+            if left <= 0:
+                ended.set()
             try:
-                msgs = await psub.fetch(FETCH_BATCH, timeout=1.0)
-            except TimeoutError:
-                continue
-            except _TRANSIENT as exc:  # NATS restarting: the subscription comes back with the connection
-                self.log.debug("fleet.fetch_failed", kind=kind, error=repr(exc))
-                await asyncio.sleep(0.1)
-                continue
-            for msg in msgs:
+                await self._accept(kind, msg)
+            except Exception as exc:  # one bad request must not stop the session's line
+                self.log.error("fleet.accept_failed", kind=kind, error=repr(exc))
+                with contextlib.suppress(*_TRANSIENT):
+                    await msg.nak(delay=5.0)
+
+        # Messages of one subscription reach its callback one at a time, in order.
+        sub = await self.nc.subscribe(self.nc.new_inbox(), cb=on_msg)
+        ask = msgspec.json.encode({"batch": FETCH_BATCH, "expires": int(PULL_EXPIRES_S * 1e9)})
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{wire.stream_name(self.session)}.{kind}"
+        try:
+            while not self.stopping.is_set():
+                ended.clear()
+                left = FETCH_BATCH
                 try:
-                    await self._accept(kind, msg)
-                except Exception as exc:  # one bad request must not stop the session's line
-                    self.log.error("fleet.accept_failed", kind=kind, error=repr(exc))
-                    with contextlib.suppress(*_TRANSIENT):
-                        await msg.nak(delay=5.0)
+                    await self.nc.publish(subject, ask, reply=sub.subject)
+                except _TRANSIENT as exc:  # NATS restarting: ask again once it is back
+                    self.log.debug("fleet.pull_failed", kind=kind, error=repr(exc))
+                    await asyncio.sleep(0.1)
+                    continue
+                # No end at all: the server lost the request (it restarted); ask again.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), PULL_EXPIRES_S + 1.0)
+        finally:
+            with contextlib.suppress(*_TRANSIENT):
+                await sub.unsubscribe()
 
     async def _accept(self, kind: frames.Kind, msg: Msg) -> None:
         try:
