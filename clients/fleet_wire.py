@@ -5,7 +5,8 @@ One session ``S`` owns (so NATS permissions can grant one session and not anothe
 * ``turnstile.S.req.webhook`` / ``turnstile.S.req.worker``: durable requests, in the
   JetStream stream ``turnstile_S`` (file storage, work-queue retention, ``Nats-Msg-Id``
   = request id), pulled by two consumers so a worker backlog never delays a webhook;
-* ``turnstile.S.evt.<request>``: the live events of one request (core NATS, best effort);
+* ``turnstile.S.evt.<client>.<request>``: the live events of one request, to the client that
+  submitted it (core NATS, best effort; one subscription per client, made when it connects);
 * ``turnstile.S.ctl``: cancels and lease releases (request/reply, answered by the gateway), and
   lease holders' beats (published);
 * ``turnstile.S.ask.<client>``: the agent's permission/hook questions for a remote client
@@ -50,9 +51,14 @@ def request_subject(session: str, kind: str) -> str:
     return f"turnstile.{session}.req.{kind}"
 
 
-def events_subject(session: str, req: str) -> str:
-    """Where the live events of request ``req`` are published."""
-    return f"turnstile.{session}.evt.{escape(req)}"
+def events_subject(session: str, client: str, req: str) -> str:
+    """Where the live events of request ``req`` are published, for ``client``, which submitted it."""
+    return f"turnstile.{session}.evt.{client}.{escape(req)}"
+
+
+def client_events_subject(session: str, client: str) -> str:
+    """What ``client`` subscribes to for the live events of all its requests."""
+    return f"turnstile.{session}.evt.{client}.*"
 
 
 def ask_subject(session: str, client: str) -> str:

@@ -22,7 +22,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from clients import fleet_wire as wire
@@ -58,7 +57,6 @@ class RemoteRequestState:
     #: This client's handlers that failed during the request (``result()`` raises :class:`HandlerError`).
     failures: list[HandlerFailure] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    sub: Subscription | None = None
 
     @property
     def done(self) -> bool:
@@ -133,6 +131,8 @@ class RemoteCore:
             await nc.close()
             raise self._unavailable(f"NATS at {redact(self.opts.url)} refused the session {self.session!r}: "
                                     f"{self._denial() or repr(exc)}") from None
+        # Before any request: the gateway may answer before the publish returns.
+        await nc.subscribe(wire.client_events_subject(self.session, self.client_id), cb=self._on_notice)
         if self.handlers:
             # Before any request names us as its answerer.
             await nc.subscribe(wire.ask_subject(self.session, self.client_id), cb=self._on_ask)
@@ -192,18 +192,15 @@ class RemoteCore:
 
     async def submit(self, msg: wire.RemoteRequest) -> RemoteRequestState:
         """Publish ``msg`` and return once JetStream has stored it."""
-        nc = self._nc()
         st = self.requests.get(msg.req)
         if st is not None:
             return st
         st = RemoteRequestState(req=msg.req)
         self.requests[msg.req] = st
-        # Subscribe first: the gateway may answer before the publish returns.
-        st.sub = await nc.subscribe(wire.events_subject(self.session, msg.req), cb=self._on_notice)
         try:
             ack = await self._publish(msg)
         except BaseException:
-            await self._forget(st)
+            self._forget(st)
             raise
         if ack.duplicate:
             await self.poll_result(st)  # submitted before (by us or an earlier client): it may be done
@@ -287,14 +284,10 @@ class RemoteCore:
             except TimeoutError:
                 await self.poll_result(st)
         if st.done:
-            await self._forget(st)
+            self._forget(st)
 
-    async def _forget(self, st: RemoteRequestState) -> None:
+    def _forget(self, st: RemoteRequestState) -> None:
         self.requests.pop(st.req, None)
-        if st.sub is not None:
-            with contextlib.suppress(*_TRANSIENT):
-                await st.sub.unsubscribe()
-            st.sub = None
 
     async def cancel(self, st: RemoteRequestState) -> None:
         """Ask the gateway to cancel this request (queued in NATS, queued at the broker, or running)."""
@@ -316,8 +309,7 @@ class RemoteCore:
     async def close(self) -> None:
         """Leave. Submitted requests still run; their results stay collectable by request id."""
         await self._stop_beating()
-        for st in list(self.requests.values()):
-            await self._forget(st)
+        self.requests.clear()
         if self.nc is not None:
             with contextlib.suppress(*_TRANSIENT):
                 await self.nc.close()

@@ -31,18 +31,12 @@ BOUND_S = remote.LEASE_BEAT_S * relay.MISSED_BEATS + 4.0
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[list[ClientProc]]:
+def procs() -> Iterator[list[ClientProc]]:
+    """Processes a test started; killed and reaped at teardown, even when it fails."""
     started: list[ClientProc] = []
     yield started
     for c in started:
-        if c.proc.poll() is None:
-            c.proc.kill()
-        c.proc.wait()
-        c._reader.join(5)
-        c._err.join(5)
-        for f in (c.proc.stdout, c.proc.stderr):
-            if f is not None:
-                f.close()
+        c.close()
 
 
 def _start(procs: list[ClientProc], argv: list[str]) -> ClientProc:

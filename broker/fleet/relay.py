@@ -301,7 +301,7 @@ class SessionRelay:
                 else:
                     turn = sent
                     async for ev in turn.events():
-                        self._notify(wire.Notice(req=r.req, event=ev, turn=turn.turn_id,
+                        self._notify(r.client, wire.Notice(req=r.req, event=ev, turn=turn.turn_id,
                                                  incarnation=local.incarnation))
                     res = await turn.result()
                 result = result_dict(res)
@@ -409,16 +409,16 @@ class SessionRelay:
         else:
             self.log.warning("fleet.ack_failed", req=entry.request.req)  # redelivered, found stored
         self.inflight.pop(entry.request.req, None)
-        self._notify(wire.Notice(req=entry.request.req, result=stored))
+        self._notify(entry.request.client, wire.Notice(req=entry.request.req, result=stored))
         self.log.info("fleet.result", req=entry.request.req, kind=entry.request.kind, status=stored.get("status"))
 
-    def _notify(self, notice: wire.Notice) -> None:
-        task = asyncio.get_running_loop().create_task(self._publish(notice))
+    def _notify(self, remote_client: str, notice: wire.Notice) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish(remote_client, notice))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _publish(self, notice: wire.Notice) -> None:
+    async def _publish(self, remote_client: str, notice: wire.Notice) -> None:
         with contextlib.suppress(*_TRANSIENT):  # live notices are best effort; results are stored
-            await self.nc.publish(wire.events_subject(self.session, notice.req), wire.encode(notice))
+            await self.nc.publish(wire.events_subject(self.session, remote_client, notice.req), wire.encode(notice))
 
     # ------------------------------------------------------------ keeping time
 
@@ -472,7 +472,7 @@ class SessionRelay:
             return
         # Not pulled yet: its result is the cancel; when pulled it is found stored and skipped.
         stored = await self._store(ctl.target, result_dict(TurnResult(status="cancelled", request_id=ctl.target)))
-        self._notify(wire.Notice(req=ctl.target, result=stored))
+        self._notify(ctl.client, wire.Notice(req=ctl.target, result=stored))
         await self._reply(msg, wire.ControlReply(ok=True, detail="cancelled before it ran"))
 
     async def _reply(self, msg: Msg, reply: wire.ControlReply) -> None:
