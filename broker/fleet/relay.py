@@ -164,10 +164,14 @@ class SessionRelay:
         """
         ended = asyncio.Event()  # the open request was used up or ended by the server
         left = 0
+        refused = ""  # why the server ended the last request, unless it just expired
 
         async def on_msg(msg: Msg) -> None:
-            nonlocal left
-            if msg.headers and msg.headers.get("Status"):  # 408 expired, 409 refused, 404 none...
+            nonlocal left, refused
+            status = msg.headers.get("Status") if msg.headers else None
+            if status:  # 408: expired; 409: refused (consumer gone, too many waiting pulls...)
+                if status != "408":
+                    refused = f"{status} {msg.headers.get('Description', '') if msg.headers else ''}"
                 ended.set()
                 return
             left -= 1
@@ -197,6 +201,10 @@ class SessionRelay:
                 # No end at all: the server lost the request (it restarted); ask again.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), PULL_EXPIRES_S + 1.0)
+                if refused:  # not in a tight loop
+                    self.log.debug("fleet.pull_refused", kind=kind, status=refused)
+                    refused = ""
+                    await asyncio.sleep(0.1)
         finally:
             with contextlib.suppress(*_TRANSIENT):
                 await sub.unsubscribe()
