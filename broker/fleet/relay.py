@@ -49,7 +49,7 @@ FETCH_BATCH = 64
 #: How long one pull request stays open on the server (an idle gateway asks again this often).
 PULL_EXPIRES_S = 1.0
 #: A lease ends when this many of its holder's beats in a row did not come (its client died or lost NATS).
-MISSED_BEATS = 3
+MISSED_BEATS = 5
 #: Cancels asked for requests not pulled yet, remembered at most (beyond it every request is looked up).
 MAX_CANCELS_ASKED = 10_000
 #: Longest wait for a remote handler's answer (the broker gives the holder 60 s by default).
