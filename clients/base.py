@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from clients import handlers
 from clients.core import Connection, HookHandler, PermissionHandler
@@ -16,6 +16,20 @@ if TYPE_CHECKING:
     from clients.fleet_conn import FleetOptions
 
 TurnT = TypeVar("TurnT", bound="BaseTurn")
+
+
+class Link(Protocol):
+    """A client's link to the session, local or remote: the client's id and the broker incarnation it sees."""
+
+    client_id: str
+    incarnation: str
+
+
+class TrackedRequest(Protocol):
+    """A client's record of one request, local or remote: its id and the broker's turn id."""
+
+    req: str
+    turn: int
 
 
 class BaseClient(Generic[TurnT]):
@@ -67,15 +81,19 @@ class BaseClient(Generic[TurnT]):
     def _setup(self) -> None:
         """What a front end does once the link exists (the blocking client attaches here)."""
 
+    def _link(self) -> Link:
+        """What holds this client's identity (a remote client's is its NATS core)."""
+        return self._conn
+
     @property
     def client_id(self) -> str:
         """This client's id."""
-        return self._conn.client_id
+        return self._link().client_id
 
     @property
     def incarnation(self) -> str:
-        """The incarnation id of the broker this client is attached to."""
-        return self._conn.incarnation
+        """The incarnation id of the broker this client is attached to (empty for a remote client)."""
+        return self._link().incarnation
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -122,15 +140,19 @@ class BaseTurn:
         self._conn = client._conn
         self._st = st
 
+    def _ids(self) -> TrackedRequest:
+        """What knows this request's ids (a remote turn tracks its request elsewhere)."""
+        return self._st
+
     @property
     def request_id(self) -> str:
-        """The id this request travels under (stable across broker restarts)."""
-        return self._st.req
+        """The id this request travels under (stable across broker restarts; collect the result with it)."""
+        return self._ids().req
 
     @property
     def turn_id(self) -> int:
         """The broker's turn id once the turn started (0 before)."""
-        return self._st.turn
+        return self._ids().turn
 
     def cancel(self) -> None:
         """Cancel this request only (whichever turn runs it; a no-op once it ended)."""

@@ -96,6 +96,8 @@ class RemoteCore:
         self.kind: frames.Kind = kind
         self.opts = opts
         self.client_id = names.new_client_id()
+        #: The broker's incarnation is not known remotely (the gateway's broker may change): empty.
+        self.incarnation = ""
         #: Shown as the NATS connection's name (the broker sees the gateway's local client).
         self.label = label
         self.nc: NATS | None = None
@@ -399,12 +401,5 @@ class RemoteFront:
     def _setup(self) -> None:
         """What the front end does once the core exists."""
 
-    @property
-    def client_id(self) -> str:
-        """This client's id."""
-        return self._core.client_id
-
-    @property
-    def incarnation(self) -> str:
-        """Not known remotely (the gateway's broker may change): empty."""
-        return ""
+    def _link(self) -> RemoteCore:
+        return self._core

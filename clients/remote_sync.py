@@ -52,15 +52,8 @@ class RemoteTurn(Turn):
         self._rclient = client
         self._rst = st
 
-    @property
-    def request_id(self) -> str:
-        """The id this request travels under (collect its result with it after a reconnect)."""
-        return self._rst.req
-
-    @property
-    def turn_id(self) -> int:
-        """The broker's turn id once the turn started (0 before)."""
-        return self._rst.turn
+    def _ids(self) -> RemoteRequestState:
+        return self._rst
 
     def events(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """The agent's stream-json objects of this turn, in order, until its result."""
