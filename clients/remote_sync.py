@@ -27,7 +27,7 @@ class _LoopThread:
     """An event loop running in a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = uvloop.new_event_loop()  # wakes from another thread faster than the default loop
+        self.loop = uvloop.new_event_loop()  # as the broker and the gateway run (its calls in are a little cheaper)
         self.thread = threading.Thread(target=self.loop.run_forever, name="turnstile-nats", daemon=True)
         self.thread.start()
 
