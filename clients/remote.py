@@ -17,17 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from clients import fleet_wire as wire
 from clients import handlers
 from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic, new_request_id
 from clients.fleet_conn import FleetOptions, connect, redact
+from clients.requests import HandlerFailure
 from ipc import frames, names
 from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, TurnTimeout
 
@@ -35,6 +36,10 @@ from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, Tur
 #: restart or a gateway crash loses some), the stored result is not.
 POLL_S = 1.0
 PUBLISH_TIMEOUT_S = 5.0
+#: How long a cancel or a lease's release waits for the gateway's answer.
+CONTROL_TIMEOUT_S = 5.0
+#: How often a remote client beats while it holds a lease (the gateway ends a lease whose beats stop).
+LEASE_BEAT_S = 1.0
 
 _TRANSIENT = (TimeoutError, nats.errors.Error, OSError)
 
@@ -49,13 +54,27 @@ class RemoteRequestState:
     incarnation: str = ""
     preemptions: int = 0
     result: TurnResult | None = None
+    #: This client's handlers that failed during the request (``result()`` raises :class:`HandlerError`).
+    failures: list[HandlerFailure] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    sub: Subscription | None = None
 
     @property
     def done(self) -> bool:
         """True once the result is in."""
         return self.result is not None
+
+    def settle(self, stored: dict[str, Any]) -> None:
+        """Take the stored result (and the handler failures the gateway stored with it)."""
+        self.result = turn_result(stored)
+        self.failures = [HandlerFailure(**f) for f in stored.get(wire.HANDLER_FAILURES, [])]
+        self.changed.set()
+
+    def outcome(self) -> TurnResult:
+        """The result; raises :class:`HandlerError` if a handler failed, as a local turn's ``result()`` does."""
+        assert self.result is not None, "only called once the request ended"
+        if self.failures:
+            raise handlers.error_for(self.failures, self.result)
+        return self.result
 
 
 def turn_result(d: dict[str, Any]) -> TurnResult:
@@ -77,6 +96,8 @@ class RemoteCore:
         self.kind: frames.Kind = kind
         self.opts = opts
         self.client_id = names.new_client_id()
+        #: The broker's incarnation is not known remotely (the gateway's broker may change): empty.
+        self.incarnation = ""
         #: Shown as the NATS connection's name (the broker sees the gateway's local client).
         self.label = label
         self.nc: NATS | None = None
@@ -85,10 +106,16 @@ class RemoteCore:
         #: Permission violations NATS reported for this connection (they come asynchronously).
         self.denied: list[str] = []
         self.handlers: dict[str, PermissionHandler | HookHandler] = {}
+        #: Beats for the lease this client holds (see :data:`LEASE_BEAT_S`).
+        self._beating: asyncio.Task[None] | None = None
         if on_permission is not None:
             self.handlers["can_use_tool"] = on_permission
         if on_hook is not None:
             self.handlers["hook_callback"] = on_hook
+
+    def _unavailable(self, message: str, waited_s: float = 0.0) -> FleetUnavailable:
+        """The typed error for this session and server (the URL without its password)."""
+        return FleetUnavailable(message, url=redact(self.opts.url), session=self.session, waited_s=waited_s)
 
     async def connect(self) -> None:
         """Connect and find the session's results bucket (made by its gateway)."""
@@ -99,18 +126,15 @@ class RemoteCore:
             self.kv = await self._results_bucket(nc)
         except nats.js.errors.BucketNotFoundError:
             await nc.close()
-            raise FleetUnavailable(
+            raise self._unavailable(
                 f"no gateway has served session {self.session!r} on {redact(self.opts.url)}. Start one on the "
-                f"session's host with: turnstile gateway --nats URL --session {self.session}",
-                url=redact(self.opts.url), session=self.session, waited_s=0.0,
-            ) from None
+                f"session's host with: turnstile gateway --nats URL --session {self.session}") from None
         except (nats.errors.Error, TimeoutError) as exc:
             await nc.close()
-            raise FleetUnavailable(
-                f"NATS at {redact(self.opts.url)} refused the session {self.session!r}: "
-                f"{self._denial() or repr(exc)}",
-                url=redact(self.opts.url), session=self.session, waited_s=0.0,
-            ) from None
+            raise self._unavailable(f"NATS at {redact(self.opts.url)} refused the session {self.session!r}: "
+                                    f"{self._denial() or repr(exc)}") from None
+        # Before any request: the gateway may answer before the publish returns.
+        await nc.subscribe(wire.client_events_subject(self.session, self.client_id), cb=self._on_notice)
         if self.handlers:
             # Before any request names us as its answerer.
             await nc.subscribe(wire.ask_subject(self.session, self.client_id), cb=self._on_ask)
@@ -147,7 +171,8 @@ class RemoteCore:
                 answer = handlers.call(handler, ask.subtype, ask.data)
                 if not isinstance(answer, handlers.Answer):
                     answer = await handlers.settle(answer, ask.subtype)
-                reply = wire.AskReply(response=answer.response, error=answer.error)
+                reply = wire.AskReply(response=answer.response, error=answer.error,
+                                      failure=None if answer.failure is None else answer.failure.reason)
         with contextlib.suppress(*_TRANSIENT):
             await msg.respond(wire.encode(reply))
 
@@ -164,23 +189,20 @@ class RemoteCore:
 
     def _nc(self) -> NATS:
         if self.nc is None:
-            raise FleetUnavailable("not connected", url=redact(self.opts.url), session=self.session, waited_s=0.0)
+            raise self._unavailable("not connected")
         return self.nc
 
     async def submit(self, msg: wire.RemoteRequest) -> RemoteRequestState:
         """Publish ``msg`` and return once JetStream has stored it."""
-        nc = self._nc()
         st = self.requests.get(msg.req)
         if st is not None:
             return st
         st = RemoteRequestState(req=msg.req)
         self.requests[msg.req] = st
-        # Subscribe first: the gateway may answer before the publish returns.
-        st.sub = await nc.subscribe(wire.events_subject(self.session, msg.req), cb=self._on_notice)
         try:
             ack = await self._publish(msg)
         except BaseException:
-            await self._forget(st)
+            self._forget(st)
             raise
         if ack.duplicate:
             await self.poll_result(st)  # submitted before (by us or an earlier client): it may be done
@@ -201,23 +223,21 @@ class RemoteCore:
                 detail = "no acknowledgement"
                 denial = self._denial(subject)
                 if denial is not None:  # no retry will be allowed either
-                    raise FleetUnavailable(
+                    raise self._unavailable(
                         f"NATS at {redact(self.opts.url)} does not let this identity submit {msg.kind} requests to "
-                        f"session {self.session!r}: {denial}", url=redact(self.opts.url), session=self.session,
-                        waited_s=0.0,
-                    ) from None
+                        f"session {self.session!r}: {denial}") from None
             except nats.js.errors.APIError as exc:
-                raise FleetUnavailable(
-                    f"NATS at {redact(self.opts.url)} refused the request for session {self.session!r}: {exc}",
-                    url=redact(self.opts.url), session=self.session, waited_s=0.0,
+                raise self._unavailable(
+                    f"NATS at {redact(self.opts.url)} refused the request for session {self.session!r}: {exc}"
                 ) from None
-            # Retrying is safe: the same Nats-Msg-Id is stored once.
+            # Retrying is safe: the same Nats-Msg-Id is stored once (within the stream's de-dup window;
+            # past it a second copy is stored, so a retry is no longer fresh: the gateway looks it up).
+            if msg.fresh:
+                msg = msgspec.structs.replace(msg, fresh=False)
+                data = wire.encode(msg)
             if monotonic() >= deadline:
-                raise FleetUnavailable(
-                    f"request for session {self.session!r} not stored by NATS at {redact(self.opts.url)} "
-                    f"({detail})", url=redact(self.opts.url), session=self.session,
-                    waited_s=PUBLISH_TIMEOUT_S,
-                )
+                raise self._unavailable(f"request for session {self.session!r} not stored by NATS at "
+                                        f"{redact(self.opts.url)} ({detail})", PUBLISH_TIMEOUT_S)
             await asyncio.sleep(0.1)
 
     async def _on_notice(self, msg: Msg) -> None:
@@ -237,7 +257,7 @@ class RemoteCore:
                 st.preemptions += 1
             st.events.append(n.event)
         if n.result is not None:
-            st.result = turn_result(n.result)
+            st.settle(n.result)
         st.changed.set()
 
     async def poll_result(self, st: RemoteRequestState) -> None:
@@ -251,8 +271,7 @@ class RemoteCore:
         except _TRANSIENT:
             return  # NATS is reconnecting: the next poll looks again
         if entry.value:
-            st.result = turn_result(wire.decode_result(entry.value))
-            st.changed.set()
+            st.settle(wire.decode_result(entry.value))
 
     async def wait(self, st: RemoteRequestState, deadline: float | None, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()``; raise :class:`TurnTimeout` at ``deadline``."""
@@ -267,14 +286,10 @@ class RemoteCore:
             except TimeoutError:
                 await self.poll_result(st)
         if st.done:
-            await self._forget(st)
+            self._forget(st)
 
-    async def _forget(self, st: RemoteRequestState) -> None:
+    def _forget(self, st: RemoteRequestState) -> None:
         self.requests.pop(st.req, None)
-        if st.sub is not None:
-            with contextlib.suppress(*_TRANSIENT):
-                await st.sub.unsubscribe()
-            st.sub = None
 
     async def cancel(self, st: RemoteRequestState) -> None:
         """Ask the gateway to cancel this request (queued in NATS, queued at the broker, or running)."""
@@ -286,18 +301,17 @@ class RemoteCore:
 
     async def _control(self, ctl: wire.Control) -> wire.ControlReply:
         try:
-            msg = await self._nc().request(wire.control_subject(self.session), wire.encode(ctl), timeout=5.0)
+            msg = await self._nc().request(wire.control_subject(self.session), wire.encode(ctl),
+                                           timeout=CONTROL_TIMEOUT_S)
         except (nats.errors.NoRespondersError, TimeoutError, nats.errors.TimeoutError):
-            raise FleetUnavailable(
-                f"no gateway answered for session {self.session!r} on {redact(self.opts.url)}",
-                url=redact(self.opts.url), session=self.session, waited_s=5.0,
-            ) from None
+            raise self._unavailable(f"no gateway answered for session {self.session!r} on {redact(self.opts.url)}",
+                                    CONTROL_TIMEOUT_S) from None
         return wire.decode_control_reply(msg.data)
 
     async def close(self) -> None:
         """Leave. Submitted requests still run; their results stay collectable by request id."""
-        for st in list(self.requests.values()):
-            await self._forget(st)
+        await self._stop_beating()
+        self.requests.clear()
         if self.nc is not None:
             with contextlib.suppress(*_TRANSIENT):
                 await self.nc.close()
@@ -314,12 +328,13 @@ class RemoteCore:
         frames.decode_request(frames.encode(frame))
         return wire.RemoteRequest(op="prompt", client=self.client_id, req=req, kind=self.kind, content=content,
                                   model=model, on_preempt=on_preempt, resume_prompt=resume_prompt,
-                                  handles=sorted(self.handlers))
+                                  handles=sorted(self.handlers), fresh=request_id is None)
 
     def lease_request(self, idle_timeout_s: float | None) -> wire.RemoteRequest:
         """Build a lease request (it travels in line with the client's prompts)."""
         return wire.RemoteRequest(op="lease", client=self.client_id, req=new_request_id(), kind=self.kind,
-                                  idle_timeout_s=idle_timeout_s, handles=sorted(self.handlers))
+                                  idle_timeout_s=idle_timeout_s, beat_s=LEASE_BEAT_S, handles=sorted(self.handlers),
+                                  fresh=True)
 
     async def hold_lease(self, idle_timeout_s: float | None, timeout_s: float | None) -> None:
         """Ask for a lease and wait until it is granted (or raise why not)."""
@@ -330,9 +345,26 @@ class RemoteCore:
         if not st.result.ok:
             raise BrokerUnavailable(f"lease not granted: {st.result.error_code or st.result.status}",
                                     session=self.session)
+        # From this loop, not the caller's thread: a holder busy between its turns still beats.
+        self._beating = asyncio.get_running_loop().create_task(self._beat())
+
+    async def _beat(self) -> None:
+        beat = wire.encode(wire.Control(op="beat", client=self.client_id))
+        while True:
+            with contextlib.suppress(*_TRANSIENT):  # NATS away: the gateway does not count what it cannot get
+                await self._nc().publish(wire.control_subject(self.session), beat)
+            await asyncio.sleep(LEASE_BEAT_S)
+
+    async def _stop_beating(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
 
     async def release_lease(self) -> None:
         """End this client's lease."""
+        await self._stop_beating()
         await self._control(wire.Control(op="release", client=self.client_id))
 
     def model_request(self, model: str) -> wire.RemoteRequest:
@@ -341,4 +373,33 @@ class RemoteCore:
         frames.decode_request(frames.encode(frames.SetModel(client=self.client_id, req=req, kind=self.kind,
                                                             model=model)))
         return wire.RemoteRequest(op="set_model", client=self.client_id, req=req, kind=self.kind, model=model,
-                                  handles=sorted(self.handlers))
+                                  handles=sorted(self.handlers), fresh=True)
+
+
+class RemoteFront:
+    """What both remote front ends put in place of the local connection: the link, identity, prompts.
+
+    Mixed in before :class:`~clients.Client` / :class:`~clients.AsyncClient`, whose constructor
+    (``BaseClient.__init__``) sets the common attributes and then calls :meth:`_open`.
+    """
+
+    session: str
+    kind: frames.Kind
+    connect_timeout_s: float
+    _core: RemoteCore
+
+    def _open(self, *, on_permission: PermissionHandler | None, on_hook: HookHandler | None, label: str | None,
+              nats: str | FleetOptions | None) -> None:
+        if nats is None:
+            raise InvalidArgument("a remote client needs nats=URL", argument="nats")
+        opts = nats if isinstance(nats, FleetOptions) else FleetOptions(url=nats,
+                                                                         connect_timeout_s=self.connect_timeout_s)
+        self._core = RemoteCore(self.session, self.kind, opts, on_permission=on_permission, on_hook=on_hook,
+                                label=label)
+        self._setup()
+
+    def _setup(self) -> None:
+        """What the front end does once the core exists."""
+
+    def _link(self) -> RemoteCore:
+        return self._core

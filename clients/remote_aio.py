@@ -13,10 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from clients.aio import AsyncClient, AsyncTurn
-from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic
-from clients.fleet_conn import FleetOptions
-from clients.remote import RemoteCore, RemoteRequestState
-from ipc import frames
+from clients.core import TurnResult, monotonic
+from clients.remote import RemoteCore, RemoteFront, RemoteRequestState
 from ipc.errors import FleetUnavailable, TurnstileError
 
 
@@ -60,8 +58,7 @@ class RemoteAsyncTurn(AsyncTurn):
         deadline = None if timeout_s is None else monotonic() + timeout_s
         st = await self._submitting
         await self._rclient._core.wait(st, deadline, lambda: st.done)
-        assert st.result is not None
-        return st.result
+        return st.outcome()
 
     def cancel(self) -> None:
         """Cancel this request only (sent once it is stored)."""
@@ -76,43 +73,11 @@ class RemoteAsyncTurn(AsyncTurn):
             await core.cancel(st)
 
 
-class RemoteAsyncClient(AsyncClient):
+class RemoteAsyncClient(RemoteFront, AsyncClient):
     """``AsyncClient(session, kind, nats=URL)``: the asyncio client over NATS."""
 
-    def __init__(
-        self,
-        session: str = "default",
-        kind: frames.Kind = "worker",
-        *,
-        nats: str | FleetOptions | None = None,
-        connect_timeout_s: float = 5.0,
-        reconnect_timeout_s: float = 30.0,
-        on_preempt: frames.OnPreempt = "requeue",
-        on_permission: PermissionHandler | None = None,
-        on_hook: HookHandler | None = None,
-        label: str | None = None,
-    ) -> None:
-        assert nats is not None
-        opts = FleetOptions.of(nats)
-        if connect_timeout_s != opts.connect_timeout_s and not isinstance(nats, FleetOptions):
-            opts = FleetOptions(url=opts.url, connect_timeout_s=connect_timeout_s)
-        self.session = session
-        self.kind = kind
-        self.on_preempt: frames.OnPreempt = on_preempt
-        self.connect_timeout_s = connect_timeout_s
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook, label=label)
+    def _setup(self) -> None:
         self._background: set[asyncio.Task[Any]] = set()
-
-    @property
-    def client_id(self) -> str:
-        """This client's id."""
-        return self._core.client_id
-
-    @property
-    def incarnation(self) -> str:
-        """Not known remotely (the gateway's broker may change): empty."""
-        return ""
 
     def cancel_turn(self, incarnation: str, turn: int) -> None:
         """Cancel a turn by (incarnation, turn id), whoever holds it."""
@@ -135,18 +100,8 @@ class RemoteAsyncClient(AsyncClient):
                 await task
         await self._core.close()
 
-    def prompt(
-        self,
-        content: str | list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        on_preempt: frames.OnPreempt | None = None,
-        resume_prompt: str | None = None,
-        request_id: str | None = None,
-    ) -> RemoteAsyncTurn:
-        """Submit a prompt; returns at once (``await turn.submitted()`` waits for the durable store)."""
-        msg = self._core.prompt_request(content, model=model, on_preempt=on_preempt or self.on_preempt,
-                                        resume_prompt=resume_prompt, request_id=request_id)
+    def _submit_prompt(self, content: str | list[dict[str, Any]], **options: Any) -> RemoteAsyncTurn:
+        msg = self._core.prompt_request(content, **options)
         task = asyncio.get_running_loop().create_task(self._core.submit(msg))
         return RemoteAsyncTurn(self, task, msg.req)
 

@@ -13,11 +13,11 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
+import uvloop
+
 from clients.client import Client, Turn
-from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic
-from clients.fleet_conn import FleetOptions
-from clients.remote import RemoteCore, RemoteRequestState
-from ipc import frames
+from clients.core import TurnResult, monotonic
+from clients.remote import RemoteFront, RemoteRequestState
 from ipc.errors import FleetUnavailable
 
 T = TypeVar("T")
@@ -27,7 +27,7 @@ class _LoopThread:
     """An event loop running in a daemon thread."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()  # as the broker and the gateway run (its calls in are a little cheaper)
         self.thread = threading.Thread(target=self.loop.run_forever, name="turnstile-nats", daemon=True)
         self.thread.start()
 
@@ -52,15 +52,8 @@ class RemoteTurn(Turn):
         self._rclient = client
         self._rst = st
 
-    @property
-    def request_id(self) -> str:
-        """The id this request travels under (collect its result with it after a reconnect)."""
-        return self._rst.req
-
-    @property
-    def turn_id(self) -> int:
-        """The broker's turn id once the turn started (0 before)."""
-        return self._rst.turn
+    def _ids(self) -> RemoteRequestState:
+        return self._rst
 
     def events(self, timeout_s: float | None = None) -> Iterator[dict[str, Any]]:
         """The agent's stream-json objects of this turn, in order, until its result."""
@@ -78,8 +71,7 @@ class RemoteTurn(Turn):
         deadline = None if timeout_s is None else monotonic() + timeout_s
         st = self._rst
         self._rclient._run(self._rclient._core.wait(st, deadline, lambda: st.done))
-        assert st.result is not None
-        return st.result
+        return st.outcome()
 
     def cancel(self) -> None:
         """Cancel this request only (a no-op once it ended)."""
@@ -87,31 +79,10 @@ class RemoteTurn(Turn):
             self._rclient._run(self._rclient._core.cancel(self._rst))
 
 
-class RemoteClient(Client):
+class RemoteClient(RemoteFront, Client):
     """A blocking client of a session served by a gateway, over NATS."""
 
-    def __init__(
-        self,
-        session: str = "default",
-        kind: frames.Kind = "worker",
-        *,
-        nats: str | FleetOptions | None = None,
-        connect_timeout_s: float = 5.0,
-        reconnect_timeout_s: float = 30.0,
-        on_preempt: frames.OnPreempt = "requeue",
-        on_permission: PermissionHandler | None = None,
-        on_hook: HookHandler | None = None,
-        label: str | None = None,
-    ) -> None:
-        assert nats is not None
-        opts = FleetOptions.of(nats)
-        if not isinstance(nats, FleetOptions):
-            opts = FleetOptions(url=opts.url, connect_timeout_s=connect_timeout_s)
-        self.session = session
-        self.kind = kind
-        self.on_preempt: frames.OnPreempt = on_preempt
-        self.reconnect_timeout_s = reconnect_timeout_s
-        self._core = RemoteCore(session, kind, opts, on_permission=on_permission, on_hook=on_hook, label=label)
+    def _setup(self) -> None:
         self._loop = _LoopThread()
         try:
             self._run(self._core.connect())
@@ -122,16 +93,6 @@ class RemoteClient(Client):
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coro)
 
-    @property
-    def client_id(self) -> str:
-        """This client's id."""
-        return self._core.client_id
-
-    @property
-    def incarnation(self) -> str:
-        """Not known remotely: empty."""
-        return ""
-
     def close(self) -> None:
         """Leave (submitted requests still complete; collect them by request id)."""
         if self._loop.loop.is_closed():
@@ -140,19 +101,8 @@ class RemoteClient(Client):
             self._run(self._core.close())
         self._loop.stop()
 
-    def prompt(
-        self,
-        content: str | list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        on_preempt: frames.OnPreempt | None = None,
-        resume_prompt: str | None = None,
-        request_id: str | None = None,
-    ) -> RemoteTurn:
-        """Submit a prompt; returns once NATS JetStream has durably stored it."""
-        msg = self._core.prompt_request(content, model=model, on_preempt=on_preempt or self.on_preempt,
-                                        resume_prompt=resume_prompt, request_id=request_id)
-        return RemoteTurn(self, self._run(self._core.submit(msg)))
+    def _submit_prompt(self, content: str | list[dict[str, Any]], **options: Any) -> RemoteTurn:
+        return RemoteTurn(self, self._run(self._core.submit(self._core.prompt_request(content, **options))))
 
     def set_model(self, model: str, *, timeout_s: float | None = None) -> TurnResult:
         """Switch the session's model (in line with other requests)."""

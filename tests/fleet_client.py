@@ -4,8 +4,9 @@ Run as ``python fleet_client.py SPEC`` where SPEC is JSON: ``url``, ``session``,
 ``kind``, ``prompts`` (list of ``{"text", "request_id"?}``), optional ``clients``
 (that many AsyncClients in this process, each submitting every prompt, for the
 scale test), ``connect_timeout_s`` and ``permission`` (``allow``/``deny``: an
-``on_permission`` handler answered from this process). Lines: ``submitted`` (durably stored),
-``event``, ``result``, ``error``.
+``on_permission`` handler answered from this process), and ``hold_lease`` (``{"idle_timeout_s": S}``: take a
+lease, print ``leased``, then hold it until killed). Lines: ``submitted`` (durably stored), ``event``,
+``result``, ``leased``, ``error``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ async def one_client(spec: dict[str, Any], index: int) -> None:
                     on_permission=permission_handler(spec.get("permission")))
     await c.connect()
     try:
+        if "hold_lease" in spec:
+            async with c.lease(idle_timeout_s=spec["hold_lease"]["idle_timeout_s"], timeout_s=30):
+                out({"ev": "leased", "client": index, "client_id": c.client_id})
+                await asyncio.Event().wait()  # until killed
         turns = []
         for p in spec["prompts"]:
             t0 = time.monotonic()
