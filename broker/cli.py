@@ -311,7 +311,7 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
     try:
         nats = fleet_cli.fleet_options(nats_url, connect_timeout_s) if nats_url else None
         with Client(session, kind, connect_timeout_s=connect_timeout_s, label=label,  # type: ignore[arg-type]
-                    nats=nats) as c, (ctrl_c.deferred(c) if nats is None else contextlib.nullcontext()):
+                    nats=nats) as c, ctrl_c.deferred(c):
             turn = c.prompt(text, model=model, on_preempt=on_preempt)  # type: ignore[arg-type]
             try:
                 if as_json:
@@ -327,15 +327,7 @@ def prompt(session: str, kind: str, model: str | None, on_preempt: str, timeout_
                 # Leaving ends the request: the broker cancels the turn of a client that is gone.
                 raise TurnTimeout(f"no result within {timeout_s:g} s; the request was abandoned "
                                   "(the broker cancels it as this client leaves)", session=session) from None
-            except KeyboardInterrupt:
-                if not ctrl_c.seen:
-                    # A client whose waits cannot act on a recorded signal (a remote one): cancel
-                    # and wait for the cancelled result as well as a raised KeyboardInterrupt allows.
-                    turn.cancel()
-                    with contextlib.suppress(TurnstileError, KeyboardInterrupt):
-                        turn.result(_CANCEL_WAIT_S)
-                raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the second Ctrl-C (the first is only recorded: _CtrlC)
         click.echo("turnstile: interrupted", err=True)
         sys.exit(exits.RET_SIGNAL)
     if as_json:

@@ -30,11 +30,13 @@ from clients.core import HookHandler, PermissionHandler, TurnResult, monotonic, 
 from clients.fleet_conn import FleetOptions, connect, redact
 from clients.requests import HandlerFailure
 from ipc import frames, names
-from ipc.errors import BrokerUnavailable, FleetUnavailable, InvalidArgument, TurnTimeout
+from ipc.errors import BrokerUnavailable, FleetUnavailable, Interrupted, InvalidArgument, TurnTimeout
 
 #: Longest wait without looking at the results bucket: notices are best effort (a NATS
 #: restart or a gateway crash loses some), the stored result is not.
 POLL_S = 1.0
+#: The wait slice while an interruption check is set (how soon a recorded Ctrl-C stops a wait).
+INTERRUPT_POLL_S = 0.25
 PUBLISH_TIMEOUT_S = 5.0
 #: How long a cancel or a lease's release waits for the gateway's answer.
 CONTROL_TIMEOUT_S = 5.0
@@ -103,6 +105,8 @@ class RemoteCore:
         self.nc: NATS | None = None
         self.kv: KeyValue | None = None
         self.requests: dict[str, RemoteRequestState] = {}
+        #: The caller's interruption check (:meth:`RemoteFront.interrupt_when`), asked between waits.
+        self.interrupted: Callable[[], bool] | None = None
         #: Permission violations NATS reported for this connection (they come asynchronously).
         self.denied: list[str] = []
         self.handlers: dict[str, PermissionHandler | HookHandler] = {}
@@ -276,10 +280,14 @@ class RemoteCore:
     async def wait(self, st: RemoteRequestState, deadline: float | None, ready: Callable[[], bool]) -> None:
         """Wait until ``ready()``; raise :class:`TurnTimeout` at ``deadline``."""
         while not ready():
+            if self.interrupted is not None and self.interrupted():
+                raise Interrupted("the wait was interrupted", session=self.session)
             now = monotonic()
             if deadline is not None and now >= deadline:
                 raise TurnTimeout("no result in time", session=self.session)
-            wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now))
+            # A recorded Ctrl-C is acted on within a short slice, as a local client does.
+            slice_s = POLL_S if self.interrupted is None else INTERRUPT_POLL_S
+            wait = slice_s if deadline is None else max(0.0, min(slice_s, deadline - now))
             st.changed.clear()
             try:
                 await asyncio.wait_for(st.changed.wait(), wait)
@@ -400,6 +408,10 @@ class RemoteFront:
 
     def _setup(self) -> None:
         """What the front end does once the core exists."""
+
+    def interrupt_when(self, check: Callable[[], bool] | None) -> None:
+        """As :meth:`clients.Client.interrupt_when`: a wait raises :class:`~ipc.errors.Interrupted` once ``check()``."""
+        self._core.interrupted = check
 
     def _link(self) -> RemoteCore:
         return self._core

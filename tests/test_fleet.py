@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -189,6 +190,23 @@ def test_remote_cancel_of_one_request_cancel_of_the_holder_and_set_model(
         assert res.ok and res.model == "claude-opus-4-1-20250805"
     # The block is published after the hot path: wait for it, don't read it once.
     published(b, lambda r: r.model == "claude-opus-4-1-20250805", "the broker to publish the new model")
+
+
+def test_ctrl_c_on_a_remote_prompt_cancels_it_and_prints_the_cancelled_result(
+    nats_factory, broker_factory, gateway_factory, procs, session_name
+):
+    """Ctrl-C on `turnstile prompt --nats` acts as on a local one: cancel, read on, print, exit 130."""
+    n = nats_factory()
+    b = broker_factory()
+    gateway_factory(n.url)
+    p = procs([*TURNSTILE, "prompt", "--nats", n.url, "--session", session_name, "--kind", "worker", "--json",
+               "[sim:turn_ms=20000] interrupt me"])
+    wait_until(running(b, "worker"), what="the remote worker's turn")
+    p.proc.send_signal(signal.SIGINT)
+    assert p.finish() == 130, p.stderr
+    assert "Traceback" not in p.stderr and "turnstile: interrupted" in p.stderr, p.stderr
+    assert p.lines[-1]["event"] == "result" and p.lines[-1]["status"] == "cancelled", p.lines[-1:]
+    published(b, lambda r: r.counters["results_cancelled"] == 1, "the cancelled result counted")
 
 
 def test_remote_lease_holds_the_session_across_turns(nats_factory, broker_factory, gateway_factory, session_name):
