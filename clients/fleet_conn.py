@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import nats
 from nats.aio.client import Client as NATS
 
-from ipc.errors import FleetUnavailable
+from ipc.errors import FleetUnavailable, InvalidArgument
 
 #: Environment default for ``--nats``.
 ENV_URL = "TURNSTILE_NATS"
@@ -57,6 +57,21 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: URL schemes the NATS client speaks; a bare ``host:port`` means ``nats://``.
+SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def check_url(url: str) -> None:
+    """Raise :class:`InvalidArgument` for a server URL NATS cannot use (say ``http://``), before any wait."""
+    for one in url.split(","):
+        one = one.strip()
+        scheme = one.split("://", 1)[0].lower() if "://" in one else "nats"
+        if not one or scheme not in SCHEMES:
+            raise InvalidArgument(
+                f"{redact(one) or 'an empty server'} is not a NATS URL: use nats://HOST:PORT "
+                f"(or {', '.join(s + '://' for s in SCHEMES[1:])})", argument="nats")
+
+
 def is_loopback(url: str) -> bool:
     """True when every server of ``url`` (comma-separated allowed) is on this host's loopback."""
     for one in url.split(","):
@@ -86,6 +101,7 @@ async def connect(opts: FleetOptions, *, session: str = "", name: str | None = N
     violation, for one, arrives that way and not as the answer of the request
     that caused it).
     """
+    check_url(opts.url)
     errors: list[Exception] = []
 
     async def noted(exc: Exception) -> None:

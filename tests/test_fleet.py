@@ -192,6 +192,16 @@ def test_remote_cancel_of_one_request_cancel_of_the_holder_and_set_model(
     published(b, lambda r: r.model == "claude-opus-4-1-20250805", "the broker to publish the new model")
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:4222", "nats://127.0.0.1:4222,https://x:1", ","])
+def test_a_url_nats_cannot_use_is_a_usage_error_at_once(url, session_name):
+    t0 = time.monotonic()
+    cp = subprocess.run([*TURNSTILE, "prompt", "--nats", url, "--session", session_name, "hi"],
+                        capture_output=True, text=True, timeout=30)
+    assert cp.returncode == 2, cp.stderr
+    assert "is not a NATS URL: use nats://HOST:PORT" in cp.stderr and "Traceback" not in cp.stderr, cp.stderr
+    assert time.monotonic() - t0 < 5, "refused without waiting for a connect timeout"
+
+
 def test_ctrl_c_on_a_remote_prompt_cancels_it_and_prints_the_cancelled_result(
     nats_factory, broker_factory, gateway_factory, procs, session_name
 ):
