@@ -409,12 +409,16 @@ class MailboxWriter:
 
     def _pump(self) -> int:
         self._check()
-        read = self._load_read(self._read)
-        # The client only ever moves its counter forward, and never past what we published.
-        if not self._read <= read <= self._written:
-            raise self._damaged(f"read counter {read} outside [{self._read}, {self._written}]")
-        self._read = read
-        free = self.capacity - (self._written - read)
+        free = self.capacity - (self._written - self._read)
+        if free < self.pending_bytes:
+            # The client's counter only grows, so the room we last saw is there still;
+            # load it (two system calls) only when that is not enough.
+            read = self._load_read(self._read)
+            # The client only ever moves its counter forward, and never past what we published.
+            if not self._read <= read <= self._written:
+                raise self._damaged(f"read counter {read} outside [{self._read}, {self._written}]")
+            self._read = read
+            free = self.capacity - (self._written - read)
         if free <= 0:
             return self.pending_bytes
         w = self._written

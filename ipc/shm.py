@@ -13,8 +13,8 @@ A ``pwrite`` is a kernel copy (``rep movsb`` here), not one store: an 8-byte
 word written that way may reach a reader that loads it through a mapping in
 pieces. Two things make words written through a descriptor safe to read
 anyway, both resting on stores of separate system calls reaching memory in
-order (Intel SDM vol. 3, 9.2.4.2: stores of separate string operations are not
-reordered, nor with other stores). A word whose new value differs from the old
+order (a write to a tmpfs page ends with locked instructions after the copy,
+the page's unlock and release: a full barrier on Intel and AMD alike). A word whose new value differs from the old
 in one byte cannot be seen torn: :func:`seq_code` numbers a sequence so that
 each step changes one byte (a base-256 reflected Gray code). And a value that
 changes arbitrarily is published in the slot a sequence word does not name,
