@@ -49,11 +49,10 @@ LAYOUT: Final = 2
 DATA_OFFSET: Final = 4096
 OFF_SEQ: Final = 64  # the broker's sequence word: step n names slot n % 2
 OFF_READ: Final = 128  # the client's read counter
-OFF_SLOTS: Final = 192  # slot k at OFF_SLOTS + 64 * k: written, flags, start, gen
+OFF_SLOTS: Final = 192  # slot k at OFF_SLOTS + 64 * k, each on its own cache line
+#: A slot: written, flags, where the current writer's stream starts, and its
+#: generation (bumped by every new writer: a broker restart).
 _SLOT = struct.Struct("<QQQQ")
-#: Within a slot: where the current writer's stream begins, and its generation
-#: (bumped by every new writer: a broker restart).
-SLOT_WRITTEN, SLOT_FLAGS, SLOT_START, SLOT_GEN = 0, 8, 16, 24
 FLAG_FAILED: Final = 1  # the broker gave up on this client (client_too_slow)
 FLAG_CLOSED: Final = 2  # the broker will write no more
 FLAG_DAMAGED: Final = 4  # the broker found the ring damaged (resized, counters out of range)
@@ -280,8 +279,8 @@ class MailboxWriter:
         self.bell_name = names.doorbell(session, client)
         self._seg = shm.Handle.open(self.ring_name, min_size=DATA_OFFSET + 1)
         try:
-            magic, layout, capacity, pid, start = _HEADER.unpack(self._seg.pread(_HEADER.size, 0).ljust(_HEADER.size,
-                                                                                                          b"\0"))
+            head = self._seg.pread(_HEADER.size, 0).ljust(_HEADER.size, b"\0")  # short if truncated meanwhile
+            magic, layout, capacity, pid, start = _HEADER.unpack(head)
             if magic != MAGIC or layout != LAYOUT or capacity <= 0 or DATA_OFFSET + capacity != self._seg.size:
                 raise IPCError(f"{self.ring_name} is not a turnstile mailbox", name=self.ring_name)
             self.capacity: int = capacity

@@ -40,7 +40,11 @@ from ipc import histogram, names, shm
 from ipc.errors import IPCError, StateDamaged
 
 MAGIC: Final = 0x54535354  # "TSST"
-LAYOUT: Final = 1
+#: 2: the sequence words count in ``shm.seq_code`` steps. A layout-1 reader would take a
+#: step's lowest bit for its parity and could show a torn record, so it must refuse the block.
+LAYOUT: Final = 2
+#: A block left by a broker of this layout is taken over (its record reads the same).
+_OLD_LAYOUTS: Final = (0, 1)
 SIZE: Final = 4096
 OFF_SEQ: Final = 8
 OFF_RECORD: Final = 64
@@ -126,7 +130,7 @@ class StateRecord:
         ("clients", "Q"),
     ]
     # Appended after layout 1's record, whose tail in the block is zeros: a block an
-    # older broker writes reads as empty histograms and no label, so LAYOUT stays 1.
+    # older broker writes reads as empty histograms and no label (the layout did not change for it).
     _TAIL: ClassVar[list[tuple[str, str]]] = [
         ("holder_label", "32s"),
     ]
@@ -243,7 +247,7 @@ class StateBlock:
                 raise StateDamaged(f"{name} is not a turnstile state block ({h.size} bytes)", name=name,
                                    broker_alive=False) from None
             magic, layout = _HEAD.unpack(h.pread(_HEAD.size, 0).ljust(_HEAD.size, b"\0"))
-            if magic not in (0, MAGIC) or layout not in (0, LAYOUT):
+            if magic not in (0, MAGIC) or layout not in (*_OLD_LAYOUTS, LAYOUT):
                 h.close()
                 raise IPCError(f"{name} is not a turnstile state block (layout {layout})", name=name) from None
             rec = _unpack(_RECORD.unpack(h.pread(_RECORD.size, OFF_RECORD).ljust(_RECORD.size, b"\0")))

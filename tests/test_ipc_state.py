@@ -114,6 +114,28 @@ def test_create_refuses_a_foreign_layout(session_name: str) -> None:
         state.StateBlock.create(session_name)
 
 
+def test_a_block_a_layout_1_broker_left_is_taken_over_and_refused_to_layout_1_readers(session_name: str) -> None:
+    # Layout 1 counted its sequence word plainly (odd = mid-write); layout 2 counts in
+    # shm.seq_code steps, whose lowest bit is not their parity, so the header says which.
+    mm = shm.create(names.state_block(session_name), state.SIZE)
+    with memoryview(mm) as whole, whole[: state.SIZE].cast("Q") as words:
+        words[0] = state.MAGIC | (1 << 32)  # magic, layout 1
+        words[state.OFF_SEQ // 8] = 255  # a dead layout-1 broker's odd sequence word
+    mm.close()
+    b = state.StateBlock.create(session_name)
+    try:
+        b.write(state.StateRecord(turn=5))
+        reader = state.StateBlock.open(session_name)
+        try:
+            assert reader.read_record(timeout_s=0.5).turn == 5
+        finally:
+            reader.close()
+        raw = shm.read_head(names.state_block(session_name), 8)
+        assert int.from_bytes(raw[4:8], "little") == state.LAYOUT == 2
+    finally:
+        b.close()
+
+
 # ---------------------------------------------------------------- seqlock
 
 
