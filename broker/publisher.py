@@ -110,7 +110,14 @@ class Publisher:
     def publish(self) -> None:
         """Write the record now."""
         if self.block is not None:
-            problems = self.block.write(self.record())
+            try:
+                problems = self.block.write(self.record())
+            except OSError as exc:
+                # The block is written through our descriptor, so a truncated block whose
+                # pages cannot come back (a full /dev/shm) is an error here, not a SIGBUS:
+                # the next publish (the tick's heartbeat at the latest) tries again.
+                self.log.error("state.write_failed", error=str(exc))
+                problems = []
             if problems:
                 # The broker owns the block: whoever damaged it, this write just repaired it.
                 self.log.error("state.repaired", problems=problems)
@@ -124,12 +131,21 @@ class Publisher:
 
     def read_cancel(self) -> tuple[str, int] | None:
         """The (incarnation, turn) a client wrote into the cancel slot, if there is a block."""
-        return self.block.read_cancel() if self.block is not None else None
+        if self.block is None:
+            return None
+        try:
+            return self.block.read_cancel()
+        except OSError as exc:  # its repair could not put a truncated block back: see publish
+            self.log.error("state.write_failed", error=str(exc))
+            return None
 
     def clear_cancel(self) -> None:
         """Empty the cancel slot (it was acted on, or it is stale)."""
         if self.block is not None:
-            self.block.clear_cancel()
+            try:
+                self.block.clear_cancel()
+            except OSError as exc:  # a full /dev/shm under a truncated block: see publish
+                self.log.error("state.write_failed", error=str(exc))
 
     def check_names(self, ingress: Ingress) -> None:
         """Recreate the queue or state block if something removed their names (systemd RemoveIPC=yes)."""

@@ -7,12 +7,24 @@ full-size queues would not.
 
 Ring protocol (single producer, single consumer). The header holds two
 monotonically increasing 64-bit counters, each written by one side only:
-``written`` (broker) and ``read`` (client), each on its own cache line. The
+``written`` (broker) and ``read`` (client), on their own cache lines. The
 broker copies length-prefixed frames into ``data[written % capacity ...]``,
 then publishes ``written``, then rings the doorbell. The client reads up to
 ``written``, then publishes ``read``. The doorbell's system call is the memory
 barrier. A frame larger than the free space is streamed through in pieces as
 the client frees room; the reader reassembles it from the byte stream.
+
+The broker never maps the ring (a client can truncate it: a mapped access
+would be SIGBUS); it writes through its descriptor, where an 8-byte ``pwrite``
+is a copy a reader may see in pieces. So what it publishes (``written``, the
+flags, where its stream starts, its generation) sits in two slots: it fills the
+slot the sequence word does not name, then steps the sequence word to name it.
+Consecutive sequence words differ in one byte (``shm.seq_code``), so that step
+is seen whole; the client copies the named slot and keeps it if the sequence
+word did not move meanwhile (the slot it copied is rewritten only after the
+word moved on). The client's ``read`` is one aligned store of its own, which
+the broker loads twice through its descriptor and takes only when both loads
+agree and it lies between what the client had read and what was written.
 
 The doorbell holds at most one message, so ringing a rung bell is a no-op:
 no lost wake-up is possible because the reader always reads the ring *after*
@@ -33,20 +45,23 @@ from ipc.errors import ClientTooSlow, IPCError, ProtocolError
 from ipc.limits import limit_error
 
 MAGIC: Final = 0x54534D42  # "TSMB"
-LAYOUT: Final = 1
+LAYOUT: Final = 2
 DATA_OFFSET: Final = 4096
-OFF_WRITTEN: Final = 64
-OFF_READ: Final = 128
-OFF_FLAGS: Final = 192
-OFF_START: Final = 256  # where the current writer's stream begins (set before OFF_GEN)
-OFF_GEN: Final = 320  # bumped by every new writer (a broker restart)
+OFF_SEQ: Final = 64  # the broker's sequence word: step n names slot n % 2
+OFF_READ: Final = 128  # the client's read counter
+OFF_SLOTS: Final = 192  # slot k at OFF_SLOTS + 64 * k, each on its own cache line
+#: A slot: written, flags, where the current writer's stream starts, and its
+#: generation (bumped by every new writer: a broker restart).
+_SLOT = struct.Struct("<QQQQ")
 FLAG_FAILED: Final = 1  # the broker gave up on this client (client_too_slow)
 FLAG_CLOSED: Final = 2  # the broker will write no more
 FLAG_DAMAGED: Final = 4  # the broker found the ring damaged (resized, counters out of range)
 #: Counters past this are damage, not traffic (2**62 bytes would take decades to stream).
 _COUNTER_LIMIT: Final = 1 << 62
-#: After copying more than this, the size is checked again before the counter store.
-_RECHECK_AFTER_BYTES: Final = 64 * 1024
+#: Attempts at two agreeing loads of the client's read counter before taking no progress for now.
+_READ_TRIES: Final = 3
+#: Loads of the published slot before a reader gives up on a sequence word that never holds still.
+_SLOT_TRIES: Final = 100_000
 
 DEFAULT_CAPACITY: Final = 1 << 20
 #: How many bytes the broker holds for a client whose ring is full before failing it.
@@ -59,12 +74,17 @@ _LEN = struct.Struct("<I")
 def _words(mm: mmap.mmap) -> memoryview:
     """The header as aligned native 64-bit words: each load or store is one machine access.
 
-    The counters and flags are read by the other process while they change, so
-    they must never be written with ``struct.pack_into``: it zero-fills its
-    target and then writes byte by byte, and a concurrent reader could see 0 or
-    a mix of old and new bytes (a torn ``written`` reads as less than ``read``).
+    The client's read counter is read by the broker while it changes, so it
+    must never be written with ``struct.pack_into``: it zero-fills its target
+    and then writes byte by byte, and the broker could see 0 or a mix of old and
+    new bytes (a torn counter that looks like progress).
     """
     return memoryview(mm)[:DATA_OFFSET].cast("Q")
+
+
+def _slot_offset(seq_word: int) -> int:
+    """Where the slot that ``seq_word`` names starts."""
+    return OFF_SLOTS + 64 * shm.seq_odd(seq_word)
 
 
 class MailboxReader:
@@ -119,26 +139,31 @@ class MailboxReader:
         except posix_ipc.BusyError:
             pass
 
+    def published(self) -> tuple[int, int, int, int]:
+        """What the broker published last, as one consistent set: (written, flags, start, gen)."""
+        words = self._words
+        for _ in range(_SLOT_TRIES):
+            seq: int = words[OFF_SEQ // 8]
+            i = _slot_offset(seq) // 8
+            got = (int(words[i]), int(words[i + 1]), int(words[i + 2]), int(words[i + 3]))
+            # The slot we copied is rewritten only after the sequence word moved on.
+            if words[OFF_SEQ // 8] == seq:
+                return got
+        raise ProtocolError("ring", "the mailbox's sequence word never held still")
+
     @property
     def failed(self) -> bool:
         """True once the broker has given up on this client."""
-        flags: int = self._words[OFF_FLAGS // 8]
-        return bool(flags & FLAG_FAILED)
+        return bool(self.published()[1] & FLAG_FAILED)
 
     def read_frames(self) -> list[bytes]:
         """Every complete frame the ring holds now (possibly none). Never blocks."""
-        # Flags before the counter: the broker sets FLAG_FAILED after its last
-        # publish, so a counter read after seeing the flag is final.
-        failed = self.failed
-        words = self._words
-        # The counter before the generation: a writer publishes its generation
-        # before any byte of its stream, so a counter that includes new-stream
-        # bytes is always seen together with the new generation.
-        written: int = words[OFF_WRITTEN // 8]
-        gen: int = words[OFF_GEN // 8]
+        # One consistent set: a failed flag comes with the final counter, and a
+        # counter that includes new-stream bytes with the new generation and start.
+        written, flags, start, gen = self.published()
+        failed = bool(flags & FLAG_FAILED)
         out: list[bytes] = []
         if gen != self._gen:
-            start: int = words[OFF_START // 8]
             if self._gen and self._read <= start <= written:
                 # A new writer (a restarted broker) began at ``start``. Whole frames
                 # the old one finished are still delivered; the head of a frame it
@@ -150,7 +175,7 @@ class MailboxReader:
         self._pull(written)
         out += self._parse()
         if failed:
-            if not out and self._words[OFF_FLAGS // 8] & FLAG_DAMAGED:
+            if not out and flags & FLAG_DAMAGED:
                 raise ProtocolError("ring", "the broker found this mailbox damaged and dropped this client")
             if not out:
                 # Nothing more will come; what is left in buf is the head of a
@@ -239,27 +264,23 @@ class MailboxWriter:
 
     The ring is the client's memory, so nothing read from it is trusted and
     nothing in it may crash the broker. A client can write any counter, or
-    ``ftruncate`` the segment under us (touching a mapped page past the file's
-    end is SIGBUS). So the frame bytes go in with ``pwrite`` on our own
-    descriptor (a system call: a shrunk file grows back, nothing faults), and
-    only the header page is mapped, for the counter words, which must be one
-    aligned store the reader sees whole. That page is unmapped only when the
-    file shrinks to 0 bytes, and the size is checked on our descriptor before
-    each pump (and again after copying more than 64 KiB). The window left is a
-    client truncating its ring to exactly 0 bytes between that check and the
-    next counter access, microseconds: a same-user process racing us on
-    purpose, which can as well ``kill`` us (``docs/guarantees.md``, the
-    same-user trust limit). Every counter read is
-    checked against what we wrote; any damage raises :class:`IPCError` with
-    ``reason="ring_damaged"`` and the caller drops that client.
+    ``ftruncate`` the segment under us at any moment (touching a mapped page
+    past the file's end is SIGBUS, and no size check closes that race). So the
+    ring is never mapped here: every access is ``pread``/``pwrite`` on our own
+    descriptor (a shrunk file reads short or grows back; nothing faults), and
+    what we publish goes through the sequence word and its two slots (module
+    docstring). A ring whose size changed, whose counters are out of range, or
+    that reads short is damaged: :class:`IPCError` with ``reason="ring_damaged"``,
+    and the caller drops that client.
     """
 
     def __init__(self, session: str, client: str, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.ring_name = names.mailbox(session, client)
         self.bell_name = names.doorbell(session, client)
-        self._seg = shm.Segment.open(self.ring_name, min_size=DATA_OFFSET + 1, mapped=DATA_OFFSET)
+        self._seg = shm.Handle.open(self.ring_name, min_size=DATA_OFFSET + 1)
         try:
-            magic, layout, capacity, pid, start = _HEADER.unpack(self._seg.pread(_HEADER.size, 0))
+            head = self._seg.pread(_HEADER.size, 0).ljust(_HEADER.size, b"\0")  # short if truncated meanwhile
+            magic, layout, capacity, pid, start = _HEADER.unpack(head)
             if magic != MAGIC or layout != LAYOUT or capacity <= 0 or DATA_OFFSET + capacity != self._seg.size:
                 raise IPCError(f"{self.ring_name} is not a turnstile mailbox", name=self.ring_name)
             self.capacity: int = capacity
@@ -277,19 +298,20 @@ class MailboxWriter:
         except BaseException:
             self._seg.close()
             raise
-        self._words = _words(self._seg.mm)
         self.failed = False
         try:
             self._check()
-            self._written: int = self._words[OFF_WRITTEN // 8]
-            self._read: int = self._words[OFF_READ // 8]
+            self._step, (self._written, self._flags, _start, gen) = self._load_published()
+            self._read = self._load_read(0)
             if not 0 <= self._written - self._read <= capacity or self._written >= _COUNTER_LIMIT:
                 raise self._damaged(f"counters written={self._written} read={self._read}")
-            # Start a new stream generation: the start first, then the generation, so a
-            # reader that sees the new generation also sees where its stream begins.
-            self._words[OFF_START // 8] = self._written
-            self._check()
-            self._words[OFF_GEN // 8] = (self._words[OFF_GEN // 8] + 1) % _COUNTER_LIMIT
+            # A new stream generation, starting where the last writer stopped.
+            self._start = self._written
+            self._gen = (gen + 1) % _COUNTER_LIMIT
+            self._publish()
+        except OSError as exc:  # a full /dev/shm refusing our write: that ring is unusable
+            self.close()
+            raise self._damaged(f"cannot write its header: {exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -297,15 +319,55 @@ class MailboxWriter:
         self.pending_bytes = 0
         self.max_pending = max_pending
 
+    @property
+    def written(self) -> int:
+        """Bytes published into the ring so far (our own count, not read back from the ring)."""
+        return self._written
+
     def _damaged(self, what: str) -> IPCError:
         return IPCError(f"client mailbox {self.ring_name} is damaged: {what}", name=self.ring_name,
                         reason="ring_damaged")
 
     def _check(self) -> None:
-        """Raise unless the segment still has its size: the header page is safe to touch right after."""
+        """Raise unless the segment still has its size (a resized ring is damage, whoever did it)."""
         size = self._seg.current_size()
         if size != self._seg.size:
             raise self._damaged(f"resized to {size} bytes (was {self._seg.size})")
+
+    def _load_published(self) -> tuple[int, tuple[int, int, int, int]]:
+        """The last writer's sequence step and the slot it names (nobody else writes them)."""
+        seq = self._seg.read_word(OFF_SEQ)
+        raw = self._seg.pread(_SLOT.size, _slot_offset(seq or 0))
+        if seq is None or len(raw) < _SLOT.size:
+            raise self._damaged("its header reads short (truncated)")
+        return shm.seq_step(seq), _SLOT.unpack(raw)
+
+    def _load_read(self, fallback: int) -> int:
+        """The client's read counter: two loads through our descriptor that agree, else ``fallback``.
+
+        A load through ``pread`` is a copy that may take the word in pieces while
+        the client stores it; two agreeing loads are taken as its value. When the
+        client keeps moving it, ``fallback`` (what it had read before, so less
+        room than there is, never more) serves until the next pump.
+        """
+        for _ in range(_READ_TRIES):
+            first = self._seg.read_word(OFF_READ)
+            second = self._seg.read_word(OFF_READ)
+            if first is None or second is None:
+                raise self._damaged("its header reads short (truncated)")
+            if first == second:
+                return first
+        return fallback
+
+    def _publish(self) -> None:
+        """Fill the slot the sequence word does not name, then step the word to name it."""
+        step = self._step + 1
+        code = shm.seq_code(step)
+        self._seg.pwrite(_SLOT.pack(self._written, self._flags, self._start, self._gen), _slot_offset(code))
+        # Separate system calls: the slot's bytes reach memory before the step,
+        # which changes one byte of the word and so is seen whole.
+        self._seg.write_word(OFF_SEQ, code)
+        self._step = step
 
     def send(self, frame: bytes) -> None:
         """Queue one frame for the client and move what fits into the ring now.
@@ -337,18 +399,25 @@ class MailboxWriter:
             return 0
         try:
             return self._pump()
+        except OSError as exc:  # a full /dev/shm refusing a write that would regrow a truncated ring
+            self.fail(FLAG_FAILED | FLAG_DAMAGED)
+            raise self._damaged(f"cannot write: {exc}") from exc
         except IPCError:
             self.fail(FLAG_FAILED | FLAG_DAMAGED)
             raise
 
     def _pump(self) -> int:
         self._check()
-        read: int = self._words[OFF_READ // 8]
-        # The client only ever moves its counter forward, and never past what we published.
-        if not self._read <= read <= self._written:
-            raise self._damaged(f"read counter {read} outside [{self._read}, {self._written}]")
-        self._read = read
-        free = self.capacity - (self._written - read)
+        free = self.capacity - (self._written - self._read)
+        if free < self.pending_bytes:
+            # The client's counter only grows, so the room we last saw is there still;
+            # load it (two system calls) only when that is not enough.
+            read = self._load_read(self._read)
+            # The client only ever moves its counter forward, and never past what we published.
+            if not self._read <= read <= self._written:
+                raise self._damaged(f"read counter {read} outside [{self._read}, {self._written}]")
+            self._read = read
+            free = self.capacity - (self._written - read)
         if free <= 0:
             return self.pending_bytes
         w = self._written
@@ -369,10 +438,8 @@ class MailboxWriter:
                 self._pending.popleft()
             else:
                 self._pending[0] = chunk[n:]
-        if w - self._written > _RECHECK_AFTER_BYTES:
-            self._check()  # a long copy widens the window since the first check
         self._written = w
-        self._words[OFF_WRITTEN // 8] = w
+        self._publish()
         self.ring()
         return self.pending_bytes
 
@@ -395,10 +462,11 @@ class MailboxWriter:
         self.failed = True
         self._pending.clear()
         self.pending_bytes = 0
-        if self._seg.current_size() < DATA_OFFSET:
-            return  # the header page may be gone: the client learns it is dropped some other way
-        old: int = self._words[OFF_FLAGS // 8]
-        self._words[OFF_FLAGS // 8] = old | flags
+        self._flags |= flags
+        try:
+            self._publish()
+        except OSError:
+            return  # a full /dev/shm: the client learns it is dropped some other way
         self.ring()
 
     def close(self) -> None:
@@ -407,7 +475,6 @@ class MailboxWriter:
             self._bell.close()
         except posix_ipc.ExistentialError:
             pass
-        self._words.release()
         self._seg.close()
 
 

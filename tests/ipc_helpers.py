@@ -217,7 +217,7 @@ def lockstep_writer_child(conn: Conn, session: str, client: str, count: int) -> 
     try:
         for seq in range(count):
             w.send(make_frame(seq, seq % 64))
-            target = int(struct.unpack_from("<Q", mm, mailbox.OFF_WRITTEN)[0])
+            target = w.written
 
             def consumed(target: int = target) -> bool:
                 return int(struct.unpack_from("<Q", mm, mailbox.OFF_READ)[0]) >= target

@@ -114,6 +114,28 @@ def test_create_refuses_a_foreign_layout(session_name: str) -> None:
         state.StateBlock.create(session_name)
 
 
+def test_a_block_a_layout_1_broker_left_is_taken_over_and_refused_to_layout_1_readers(session_name: str) -> None:
+    # Layout 1 counted its sequence word plainly (odd = mid-write); layout 2 counts in
+    # shm.seq_code steps, whose lowest bit is not their parity, so the header says which.
+    mm = shm.create(names.state_block(session_name), state.SIZE)
+    with memoryview(mm) as whole, whole[: state.SIZE].cast("Q") as words:
+        words[0] = state.MAGIC | (1 << 32)  # magic, layout 1
+        words[state.OFF_SEQ // 8] = 255  # a dead layout-1 broker's odd sequence word
+    mm.close()
+    b = state.StateBlock.create(session_name)
+    try:
+        b.write(state.StateRecord(turn=5))
+        reader = state.StateBlock.open(session_name)
+        try:
+            assert reader.read_record(timeout_s=0.5).turn == 5
+        finally:
+            reader.close()
+        raw = shm.read_head(names.state_block(session_name), 8)
+        assert int.from_bytes(raw[4:8], "little") == state.LAYOUT == 2
+    finally:
+        b.close()
+
+
 # ---------------------------------------------------------------- seqlock
 
 
@@ -153,15 +175,17 @@ def test_the_sequence_word_never_goes_back(block: state.StateBlock, session_name
     mm = shm.open_existing(names.state_block(session_name), writable=False)
     try:
         # Where the word ends is fixed before the writer starts: it may write before we look.
-        last = h.read_word(mm, state.OFF_SEQ)
+        # The word counts in shm.seq_code steps, each of which changes one byte: a word
+        # seen torn would decode to a step off the sequence (behind, or far ahead).
+        last = shm.seq_step(h.read_word(mm, state.OFF_SEQ))
         end = last + 2 * count
         with h.child(h.state_seq_writer_child, session_name, count) as (_p, conn):
             assert h.recv(conn, 30.0, "the writer") == ("msg", "ready")
             deadline = time.monotonic() + 100.0
             loads = 0
             while last < end:
-                seq = h.read_word(mm, state.OFF_SEQ)
-                assert seq >= last, f"sequence word went from {last} to {seq}"
+                seq = shm.seq_step(h.read_word(mm, state.OFF_SEQ))
+                assert last <= seq <= end, f"sequence step went from {last} to {seq} (end {end})"
                 last = seq
                 loads += 1
                 assert time.monotonic() < deadline, "the writer did not finish"
@@ -331,7 +355,8 @@ def test_a_sequence_word_set_odd_by_someone_else_never_yields_a_torn_read(
             reads = 0
             for k in range(2000):
                 if k % 20 == 0:
-                    words[state.OFF_SEQ // 8] = words[state.OFF_SEQ // 8] | 1  # the damage, again and again
+                    seq = words[state.OFF_SEQ // 8]  # the damage, again and again: an odd step
+                    words[state.OFF_SEQ // 8] = seq if shm.seq_odd(seq) else seq ^ 1
                 h.record_value(reader.read_record(timeout_s=5.0))  # every field agrees, or it fails here
                 reads += 1
             conn.send("stop")
