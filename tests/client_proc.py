@@ -19,6 +19,8 @@ SPEC keys (all optional but ``session`` and ``kind``):
 - ``then``: prompts run after a stdin line, once the rest is done.
 - ``linger``: wait for stdin EOF before leaving.
 - ``permission``: ``"allow"`` or ``"deny"`` every ``can_use_tool`` request.
+- ``hook``: ``"continue"``, ``"block"`` or ``"raise"`` on every ``hook_callback``
+  request (each request is printed as ``hook`` first).
 - ``connect_timeout_s``, ``reconnect_timeout_s``, ``send_timeout_s`` (the
   bounded wait of a send to a full queue).
 - ``fill``, ``fill_text``: submit up to ``fill`` prompts ``"<fill_text> fill-<i>"``
@@ -27,7 +29,8 @@ SPEC keys (all optional but ``session`` and ``kind``):
   ``late_text`` (submitted after the broker gave up on it).
 
 Output lines (``ev``): ``connected``, ``submitted`` (req, text), ``event``
-(req, data), ``cancel_sent``, ``result`` (req, the ``TurnResult`` fields),
+(req, data), ``cancel_sent``, ``result`` (req, the ``TurnResult`` fields; with
+``handler_error`` when ``result()`` raised ``HandlerError``), ``hook`` (request),
 ``queue_full``, ``lease_granted``, ``lease_idle``, ``lease_released``,
 ``exit``; the slow reader prints ``too_slow`` or ``never_failed``, and
 ``late_sent``.
@@ -41,7 +44,7 @@ import sys
 import time
 from typing import Any
 
-from clients import Client, QueueFull
+from clients import Client, HandlerError, QueueFull
 from clients.core import Connection
 from ipc.errors import ClientTooSlow
 
@@ -63,6 +66,22 @@ def _permission(spec: Spec) -> Any:
     return None
 
 
+def _hook(spec: Spec) -> Any:
+    answer = spec.get("hook")
+    if answer is None:
+        return None
+
+    def on_hook(req: dict[str, Any]) -> dict[str, Any]:
+        out(ev="hook", request=req)
+        if answer == "raise":
+            raise RuntimeError("hook-bug-from-test")
+        if answer == "block":
+            return {"decision": "block", "reason": "no-hook-from-test"}
+        return {}
+
+    return on_hook
+
+
 def submit(c: Client, p: Spec) -> Any:
     """Submit one prompt; print ``submitted``."""
     turn = c.prompt(p["text"], model=p.get("model"), on_preempt=p.get("on_preempt"),
@@ -78,7 +97,11 @@ def finish(turn: Any, p: Spec) -> None:
         if p.get("cancel_after_event") == n:
             turn.cancel()
             out(ev="cancel_sent", req=turn.request_id)
-    r = turn.result(timeout_s=p.get("timeout_s", 60))
+    try:
+        r = turn.result(timeout_s=p.get("timeout_s", 60))
+    except HandlerError as exc:
+        out(ev="result", req=turn.request_id, handler_error=str(exc), **exc.result.as_dict())
+        return
     out(ev="result", req=turn.request_id, **r.as_dict())
 
 
@@ -107,7 +130,7 @@ def _run(c: Client, spec: Spec) -> None:
 def run_client(spec: Spec) -> None:
     """The ordinary client: connect, (lease,) run the prompts, then what ``then``/``linger`` ask."""
     with Client(spec["session"], spec["kind"], connect_timeout_s=spec.get("connect_timeout_s", 15),
-                reconnect_timeout_s=spec.get("reconnect_timeout_s", 30), on_permission=_permission(spec)) as c:
+                reconnect_timeout_s=spec.get("reconnect_timeout_s", 30), on_permission=_permission(spec), on_hook=_hook(spec)) as c:
         if "send_timeout_s" in spec:
             c._conn.send_timeout_s = spec["send_timeout_s"]  # the bounded wait of a send to a full queue
         out(ev="connected", client=c.client_id, pid=os.getpid(), incarnation=c.incarnation)

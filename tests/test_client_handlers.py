@@ -1,4 +1,5 @@
-"""The pure part of answering the agent's requests: what a handler's return value turns into."""
+"""Answering the agent's requests: what a handler's return value turns into (pure), and ``on_hook`` end to end
+through a real broker, the sim and a client process."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import asyncio
 import pickle
 from typing import Any
 
+import pytest
+
 from clients import HandlerError, TurnResult, TurnstileError, handlers
+from tests.support import ClientProc
 
 
 def test_a_good_permission_answer_goes_through_unchanged():
@@ -71,3 +75,58 @@ def test_handler_error_carries_the_result_and_survives_pickling():
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is HandlerError and back.result == res and back.failures == [failure, failure]
     assert back.subtype == "can_use_tool" and back.handler == "on_permission"
+
+
+
+# ------------------------------------------------- on_hook with a real broker and the sim
+
+
+def hooks_seen(w: ClientProc) -> list[dict[str, Any]]:
+    """The ``hook_callback`` requests the client process's ``on_hook`` was called with."""
+    return [o["request"] for o in w.lines if o.get("ev") == "hook"]
+
+
+@pytest.mark.parametrize(
+    ("hook", "expect"),
+    [
+        ("continue", " [hook: continue]"),
+        ("block", " [hook: blocked: no-hook-from-test]"),
+        (None, " [hook: continue]"),  # no handler: the broker's default answer, {}
+        ("raise", " [hook: failed: turnstile: the on_hook handler failed: it raised RuntimeError: hook-bug-from-test]"),
+    ],
+)
+def test_sim_hook_directive_calls_the_holders_on_hook(broker_factory, client, hook, expect):
+    """``[sim:hook]`` makes the sim send a PreToolUse ``hook_callback``; the holder's answer shows in the reply."""
+    broker_factory()
+    w = client("webhook", "[sim:hook] guarded tool", hook=hook)
+    res = w.ev("result")
+    assert res["status"] == "ok", res
+    assert res["text"].endswith(expect), res["text"]
+    assert w.finish() == 0
+    if hook is None:
+        assert hooks_seen(w) == []
+    else:
+        [req] = hooks_seen(w)
+        assert req["subtype"] == "hook_callback" and req["callback_id"] == "turnstile:PreToolUse", req
+        hook_input = req["input"]
+        assert hook_input["hook_event_name"] == "PreToolUse" and hook_input["tool_name"] == "Bash", hook_input
+        assert hook_input["tool_input"]["command"] == "echo sim" and hook_input["tool_use_id"] == req["tool_use_id"]
+        assert hook_input["session_id"] == res["session_id"]
+    # A failing handler is reported as documented: a handler_error event, and result() raises HandlerError.
+    failed = [e for e in w.events() if e.get("type") == "turnstile" and e.get("subtype") == "handler_error"]
+    assert bool(failed) == (hook == "raise"), w.events()
+    assert ("on_hook" in res.get("handler_error", "")) == (hook == "raise"), res
+
+
+def test_sim_hook_directive_for_post_tool_use_and_an_unregistered_event(broker_factory, client):
+    """``[sim:hook=PostToolUse]`` fires after the tool, with its output; an event the broker did not register
+    is said in the reply rather than answered with an invented callback id."""
+    broker_factory(extra_args=("--hook-events=PostToolUse",))
+    w = client("webhook", "[sim:hook=PostToolUse] after", "[sim:hook=PreToolUse] before", hook="block")
+    assert w.finish() == 0
+    post, pre = w.results()
+    assert post["text"].endswith(" [hook: blocked: no-hook-from-test]"), post
+    assert pre["text"].endswith(" [hook: PreToolUse not registered]"), pre
+    [req] = hooks_seen(w)
+    assert req["callback_id"] == "turnstile:PostToolUse" and req["input"]["hook_event_name"] == "PostToolUse"
+    assert req["input"]["tool_response"]["stdout"] == "sim tool output", req

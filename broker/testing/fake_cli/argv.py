@@ -60,6 +60,7 @@ _VALUE_FLAGS = {
     "--context-usage-ms",
     "--startup-ms",
     "--tool-child-secs",
+    "--hook",
 } | _IGNORED_VALUE_FLAGS
 _BOOL_FLAGS = {
     "-p",

@@ -21,12 +21,14 @@ from collections import deque
 from broker.testing.fake_cli import control, wire
 from broker.testing.fake_cli.argv import UsageError, parse_argv
 from broker.testing.fake_cli.script import (
+    HOOK_EVENTS,
     Turn,
     as_int,
     base_script,
     decision,
     filler,
     fork_tool_child,
+    hook_outcome,
     parse_directives,
     reply_text,
     split_reply,
@@ -79,6 +81,8 @@ class FakeCLI:
         self.queue: deque[tuple[str | None, str, dict[str, str]]] = deque()
         self.seen_uuids: set[str] = set()
         self.turn: Turn | None = None
+        # Hooks registered by initialize: event -> [(matcher, callback ids)].
+        self.hooks: dict[str, list[tuple[Any, list[str]]]] = {}
         self.turns_begun = 0
         self.last_error = False
         self.eof = False
@@ -306,6 +310,9 @@ class FakeCLI:
         if subtype == "interrupt":
             self._on_interrupt(request_id, request)
         elif subtype == "initialize":
+            # An initialize without hooks (a test's barrier) keeps those registered before.
+            for event, matchers in control.registered_hooks(request).items():
+                self.hooks.setdefault(event, []).extend(matchers)
             self._control_success(request_id, control.initialize_info())
         elif subtype == "set_model":
             model = request.get("model")
@@ -367,10 +374,10 @@ class FakeCLI:
         turn = self.turn
         if turn is not None and turn.ignore_interrupts:
             return
-        if turn is not None and turn.perm_id is not None:
+        if turn is not None and turn.pending_id is not None:
             # The real CLI withdraws its pending question before it replies.
-            self.emit({"type": "control_cancel_request", "request_id": turn.perm_id})
-            turn.perm_id = None
+            self.emit({"type": "control_cancel_request", "request_id": turn.pending_id})
+            turn.pending_id = None
         cancelled: list[str] = []
         if request.get("cancel_queued") is True:
             while self.queue:
@@ -396,7 +403,7 @@ class FakeCLI:
         turn = self.turn
         if turn is None or turn.ignore_interrupts or turn.stop_at is not None:
             return
-        if kind == "now" and turn.phase == "tools" and turn.perm_id is None:
+        if kind == "now" and turn.phase == "tools" and turn.pending_id is None:
             # The real CLI lets a running tool finish, then ends the turn.
             turn.abort_after_tool = True
             return
@@ -411,10 +418,10 @@ class FakeCLI:
         if turn.gen is not None:
             turn.gen.close()
             turn.gen = None
-        if turn.perm_id is not None:
+        if turn.pending_id is not None:
             # The real CLI withdraws its pending question; a late answer is ignored.
-            self.emit({"type": "control_cancel_request", "request_id": turn.perm_id})
-            turn.perm_id = None
+            self.emit({"type": "control_cancel_request", "request_id": turn.pending_id})
+            turn.pending_id = None
         turn.wait_until = None
         if turn.die_timer is not None:
             turn.die_timer[2] = None
@@ -430,9 +437,9 @@ class FakeCLI:
     def _on_control_response(self, response: dict[str, Any]) -> None:
         turn = self.turn
         rid = response.get("request_id")
-        if turn is None or turn.perm_id is None or rid != turn.perm_id:
+        if turn is None or turn.pending_id is None or rid != turn.pending_id:
             return
-        turn.perm_id = None
+        turn.pending_id = None
         self._advance(response)
 
     # ------------------------------------------------------------------ turns
@@ -518,30 +525,8 @@ class FakeCLI:
             while True:
                 yield None
         suffix = ""
-        if "tool" in s or "permission" in s:
-            turn.phase = "tools"
-            turn.num_turns = 2
-            tool_id = turn.tool_id = "toolu_sim_" + new_uuid().replace("-", "")[:20]
-            tool_input = {"command": "echo sim", "description": "sim tool"}
-            self.emit(
-                self._assistant(
-                    turn, [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": tool_input}]
-                )
-            )
-            allowed, denial = True, ""
-            if "permission" in s:
-                turn.perm_id = "sim-perm-" + new_uuid()
-                self.emit(wire.can_use_tool(turn.perm_id, "Bash", tool_input, tool_id))
-                answer = yield None
-                allowed, denial = decision(answer)
-                suffix = " [permission: allowed]" if allowed else f" [permission: denied ({denial})]"
-            tool_ms = as_int(s.get("tool_ms"))
-            if allowed and tool_ms > 0:
-                turn.tool_running = True
-                yield time.monotonic() + tool_ms / 1000
-                turn.tool_running = False
-            self._tool_result(turn, "sim tool output" if allowed else denial, not allowed)
-            turn.phase = "streaming"
+        if "tool" in s or "permission" in s or "hook" in s:
+            suffix = yield from self._tool_phase(turn)
             if turn.abort_after_tool:
                 return {"aborted_tools": True}
 
@@ -587,6 +572,70 @@ class FakeCLI:
             while True:
                 yield None
         return {"text": text}
+
+    def _tool_phase(self, turn: Turn) -> Generator[float | None, Any, str]:
+        """The tool call: ``tool_use``, then hooks, permission and run as scripted, then
+        ``tool_result``; returns what the reply says about the hook and permission answers."""
+        s = turn.script
+        turn.phase = "tools"
+        turn.num_turns = 2
+        tool_id = turn.tool_id = "toolu_sim_" + new_uuid().replace("-", "")[:20]
+        tool_input = {"command": "echo sim", "description": "sim tool"}
+        self.emit(self._assistant(turn, [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": tool_input}]))
+        event = (s["hook"] or "PreToolUse") if "hook" in s else None
+        suffix = ""
+        if event is not None and event not in HOOK_EVENTS:
+            suffix = f" [hook: {event} is not simulated]"
+        denial: str | None = None
+        if event == "PreToolUse":
+            # The CLI runs PreToolUse hooks before it asks for permission.
+            denial, notes = yield from self._hooks(turn, event, tool_input)
+            suffix += notes
+        if denial is None and "permission" in s:
+            turn.pending_id = "sim-perm-" + new_uuid()
+            self.emit(wire.can_use_tool(turn.pending_id, "Bash", tool_input, tool_id))
+            answer = yield None
+            allowed, message = decision(answer)
+            denial = None if allowed else message
+            suffix += " [permission: allowed]" if allowed else f" [permission: denied ({message})]"
+        tool_ms = as_int(s.get("tool_ms"))
+        if denial is None and tool_ms > 0:
+            turn.tool_running = True
+            yield time.monotonic() + tool_ms / 1000
+            turn.tool_running = False
+        self._tool_result(turn, "sim tool output" if denial is None else denial, denial is not None)
+        if event == "PostToolUse" and denial is None:
+            response = {"stdout": "sim tool output", "stderr": "", "interrupted": False, "isImage": False}
+            _, notes = yield from self._hooks(turn, event, tool_input, response)
+            suffix += notes
+        turn.phase = "streaming"
+        return suffix
+
+    def _hooks(
+        self, turn: Turn, event: str, tool_input: dict[str, Any], tool_response: dict[str, Any] | None = None
+    ) -> Generator[float | None, Any, tuple[str | None, str]]:
+        """Send ``hook_callback`` for each id registered for ``event``, one at a time, each awaited.
+
+        Returns (why the tool is blocked, or None; the reply's notes).  With no
+        id registered nothing is sent: the CLI only calls back ids it was given.
+        """
+        ids = control.hook_callback_ids(self.hooks, event, "Bash")
+        if not ids:
+            return None, f" [hook: {event} not registered]"
+        hook_input = wire.hook_input(
+            event, self.session_id, self.transcripts.path(self.session_id), self.permission_mode,
+            "Bash", tool_input, turn.tool_id, tool_response,
+        )
+        notes = ""
+        for callback_id in ids:
+            turn.pending_id = "sim-hook-" + new_uuid()
+            self.emit(wire.hook_callback(turn.pending_id, callback_id, hook_input, turn.tool_id))
+            answer = yield None
+            blocked, note = hook_outcome(answer)
+            notes += f" [hook: {note}]"
+            if blocked is not None:
+                return blocked, notes
+        return None, notes
 
     # ---------------------------------------------------------------- results
 
@@ -732,9 +781,9 @@ class FakeCLI:
             self.inbuf.clear()
             self.handle_line(line, time.perf_counter_ns())
         turn = self.turn
-        if turn is not None and turn.perm_id is not None:
+        if turn is not None and turn.pending_id is not None:
             # Nobody is left to answer the question: treat it as a denial.
-            turn.perm_id = None
+            turn.pending_id = None
             self._advance({"subtype": "error", "error": "stdin closed"})
 
     def _timeout(self) -> float | None:

@@ -8,6 +8,7 @@ imported.
 from __future__ import annotations
 
 import os
+import re
 
 from broker.testing.fake_cli.wire import DEFAULT_MODEL, MODEL_ALIASES, NO_AUTO_MODE, PERMISSION_MODES, new_uuid
 
@@ -78,3 +79,41 @@ def status_line(session_id: str, mode: str) -> dict[str, Any]:
         "uuid": new_uuid(),
         "session_id": session_id,
     }
+
+
+def registered_hooks(request: dict[str, Any]) -> dict[str, list[tuple[Any, list[str]]]]:
+    """The hooks an ``initialize`` request registers: event -> [(matcher, callback ids)].
+
+    Malformed entries are skipped: the CLI sends ``hook_callback`` only for ids
+    it could read.
+    """
+    hooks = request.get("hooks")
+    out: dict[str, list[tuple[Any, list[str]]]] = {}
+    if not isinstance(hooks, dict):
+        return out
+    for event, matchers in hooks.items():
+        for m in matchers if isinstance(matchers, list) else []:
+            ids = m.get("hookCallbackIds") if isinstance(m, dict) else None
+            if isinstance(ids, list):
+                out.setdefault(str(event), []).append((m.get("matcher"), [i for i in ids if isinstance(i, str)]))
+    return out
+
+
+def hook_callback_ids(hooks: dict[str, list[tuple[Any, list[str]]]], event: str, tool_name: str) -> list[str]:
+    """The callback ids registered for ``event`` whose matcher matches ``tool_name``, in order.
+
+    A matcher of ``None``, ``""`` or ``"*"`` matches every tool; otherwise it is
+    a regular expression the whole tool name must match (``"Bash|Edit"``).
+    """
+    ids: list[str] = []
+    for matcher, callback_ids in hooks.get(event, []):
+        if matcher in (None, "", "*") or _matches(str(matcher), tool_name):
+            ids.extend(callback_ids)
+    return ids
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return pattern == name

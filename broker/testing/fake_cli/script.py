@@ -29,6 +29,7 @@ FLAG_DIRECTIVES = {
     "--interrupt-ms": "interrupt_ms",
     "--tool": "tool",
     "--permission": "permission",
+    "--hook": "hook",
     "--ignore-interrupts": "ignore_interrupt",
     "--die": "die",
     "--garbage": "garbage",
@@ -113,6 +114,39 @@ def decision(answer: Any) -> tuple[bool, str]:
     return False, "denied"
 
 
+#: The hook events ``[sim:hook=EVENT]`` can fire: the ones around the sim's tool call.
+HOOK_EVENTS = ("PreToolUse", "PostToolUse")
+
+
+def hook_outcome(answer: Any) -> tuple[str | None, str]:
+    """Read a ``hook_callback`` answer: (why the tool is blocked, or None; the note for the reply).
+
+    The hook output's fields are the CLI's: ``continue: false`` (with
+    ``stopReason``), ``decision: "block"`` (with ``reason``) and, for
+    PreToolUse, ``hookSpecificOutput.permissionDecision: "deny"``.  An error
+    answer is a failed hook, which the CLI does not treat as a veto.
+    """
+    if not isinstance(answer, dict):
+        return None, "failed: no answer"
+    if answer.get("subtype") != "success":
+        return None, "failed: " + str(answer.get("error") or "hook callback failed")
+    out = answer.get("response")
+    if not isinstance(out, dict):
+        return None, "continue"
+    specific = out.get("hookSpecificOutput")
+    specific = specific if isinstance(specific, dict) else {}
+    if out.get("continue") is False:
+        why = str(out.get("stopReason") or "continue: false")
+        return why, f"stopped: {why}"
+    if out.get("decision") == "block":
+        why = str(out.get("reason") or "blocked")
+        return why, f"blocked: {why}"
+    if specific.get("permissionDecision") == "deny":
+        why = str(specific.get("permissionDecisionReason") or "denied")
+        return why, f"blocked: {why}"
+    return None, "continue"
+
+
 class Turn:
     """One turn in flight: its messages, script and progress."""
 
@@ -127,7 +161,8 @@ class Turn:
         self.out_chars = 0
         self.ignore_interrupts = "ignore_interrupt" in script
         self.wait_until: float | None = None
-        self.perm_id: str | None = None
+        # The control request the turn waits on (can_use_tool or hook_callback), if any.
+        self.pending_id: str | None = None
         self.stop_at: float | None = None
         self.stop_reason = ""
         self.die_timer: list[Any] | None = None

@@ -232,6 +232,35 @@ def can_use_tool(request_id: str, tool_name: str, tool_input: dict[str, Any], to
     }
 
 
+def hook_callback(request_id: str, callback_id: str, hook_input: dict[str, Any], tool_id: str) -> dict[str, Any]:
+    """The ``hook_callback`` control request the CLI sends for a hook registered at ``initialize``."""
+    return {
+        "type": "control_request",
+        "request_id": request_id,
+        "request": {"subtype": "hook_callback", "callback_id": callback_id, "input": hook_input, "tool_use_id": tool_id},
+    }
+
+
+def hook_input(
+    event: str, session_id: str, transcript_path: str, permission_mode: str, tool_name: str,
+    tool_input: dict[str, Any], tool_id: str, tool_response: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A tool hook's input, as the CLI builds it (``tool_response`` for PostToolUse only)."""
+    out: dict[str, Any] = {
+        "session_id": session_id,
+        "transcript_path": transcript_path,
+        "cwd": os.getcwd(),
+        "permission_mode": permission_mode,
+        "hook_event_name": event,
+        "tool_name": tool_name,
+        "tool_input": tool_input,
+    }
+    if tool_response is not None:
+        out["tool_response"] = tool_response
+    out["tool_use_id"] = tool_id
+    return out
+
+
 def tool_result(session_id: str, tool_id: str, content: str, is_error: bool, **extra: Any) -> dict[str, Any]:
     """The ``user`` line with the ``tool_result`` of ``tool_id``."""
     block = {"tool_use_id": tool_id, "type": "tool_result", "content": content, "is_error": is_error}
