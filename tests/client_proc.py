@@ -130,7 +130,8 @@ def _run(c: Client, spec: Spec) -> None:
 def run_client(spec: Spec) -> None:
     """The ordinary client: connect, (lease,) run the prompts, then what ``then``/``linger`` ask."""
     with Client(spec["session"], spec["kind"], connect_timeout_s=spec.get("connect_timeout_s", 15),
-                reconnect_timeout_s=spec.get("reconnect_timeout_s", 30), on_permission=_permission(spec), on_hook=_hook(spec)) as c:
+                reconnect_timeout_s=spec.get("reconnect_timeout_s", 30), on_permission=_permission(spec),
+                on_hook=_hook(spec)) as c:
         if "send_timeout_s" in spec:
             c._conn.send_timeout_s = spec["send_timeout_s"]  # the bounded wait of a send to a full queue
         out(ev="connected", client=c.client_id, pid=os.getpid(), incarnation=c.incarnation)

@@ -1298,3 +1298,130 @@ def test_interrupt_to_result_is_fast(spawn: Callable[..., SimProc], tmp_path: Pa
         worst = max(worst, t - t_in / 1e9)
     # Generous for a loaded CI box; typically well under a millisecond.
     assert worst < 0.1
+
+
+# ----------------------------------------------------------------------- hooks
+
+
+def register_hooks(sim: SimProc, hooks: dict[str, Any]) -> None:
+    """Register hooks the way the broker and the Agent SDK do: with ``initialize``."""
+    sim.reply(sim.control("initialize", hooks=hooks))
+
+
+def answer(sim: SimProc, rid: str, response: dict[str, Any] | None = None, error: str | None = None) -> None:
+    """Send the control_response to the sim's own request ``rid``."""
+    body: dict[str, Any] = (
+        {"subtype": "success", "request_id": rid, "response": response}
+        if error is None
+        else {"subtype": "error", "request_id": rid, "error": error}
+    )
+    sim.send({"type": "control_response", "response": body})
+
+
+@pytest.mark.parametrize(
+    ("output", "note", "tool_ran"),
+    [
+        ({}, "[hook: continue]", True),
+        ({"decision": "block", "reason": "nope"}, "[hook: blocked: nope]", False),
+        ({"continue": False, "stopReason": "halt"}, "[hook: stopped: halt]", False),
+        (
+            {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
+                                    "permissionDecisionReason": "not here"}},
+            "[hook: blocked: not here]",
+            False,
+        ),
+    ],
+)
+def test_hook_round_trip(spawn: Callable[..., SimProc], output: dict[str, Any], note: str, tool_ran: bool) -> None:
+    sim = spawn("--permission-mode", "acceptEdits")
+    register_hooks(sim, {"PreToolUse": [{"matcher": None, "hookCallbackIds": ["cb-pre"]}],
+                         "PostToolUse": [{"matcher": None, "hookCallbackIds": ["cb-post"]}]})
+    sim.user("p [sim:hook]")
+    lines = sim.read_until(lambda o: o.get("type") == "control_request")
+    tool_use = of_type(lines, "assistant")[0]["message"]["content"][0]
+    ask = lines[-1]
+    req = ask["request"]
+    # The request as the real CLI sends it (field names as in claude_agent_sdk's SDKHookCallbackRequest).
+    assert list(req) == ["subtype", "callback_id", "input", "tool_use_id"]
+    assert (req["subtype"], req["callback_id"], req["tool_use_id"]) == ("hook_callback", "cb-pre", tool_use["id"])
+    hook_input = req["input"]
+    assert hook_input["hook_event_name"] == "PreToolUse"
+    assert (hook_input["tool_name"], hook_input["tool_input"], hook_input["tool_use_id"]) == (
+        "Bash", tool_use["input"], tool_use["id"])
+    assert hook_input["session_id"] == lines[0]["session_id"] and hook_input["permission_mode"] == "acceptEdits"
+    assert hook_input["transcript_path"].endswith(f"{hook_input['session_id']}.jsonl") and hook_input["cwd"]
+    answer(sim, ask["request_id"], output)
+    rest = sim.result()
+    tool_result = of_type(rest, "user")[0]["message"]["content"][0]
+    assert tool_result["is_error"] is (not tool_ran)
+    assert rest[-1]["result"].endswith(f"p [sim:hook] {note}"), rest[-1]["result"]
+    assert not of_type(rest, "control_request")  # only the event asked for fires
+
+
+def test_hook_error_answer_is_a_failed_hook_and_the_tool_runs(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    register_hooks(sim, {"PreToolUse": [{"matcher": "Bash", "hookCallbackIds": ["a", "b"]}]})
+    sim.user("p [sim:hook=PreToolUse]")
+    first = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    answer(sim, first["request_id"], error="handler broke")
+    second = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    assert [first["request"]["callback_id"], second["request"]["callback_id"]] == ["a", "b"]
+    answer(sim, second["request_id"], {})
+    rest = sim.result()
+    assert of_type(rest, "user")[0]["message"]["content"][0]["is_error"] is False
+    assert rest[-1]["result"].endswith(" [hook: failed: handler broke] [hook: continue]"), rest[-1]["result"]
+
+
+def test_post_tool_use_hook_gets_the_tool_response_after_the_tool_result(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn()
+    register_hooks(sim, {"PostToolUse": [{"matcher": "Edit|Bash", "hookCallbackIds": ["post"]}]})
+    sim.user("p [sim:hook=PostToolUse] [sim:permission]")
+    perm = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    assert perm["request"]["subtype"] == "can_use_tool"
+    answer(sim, perm["request_id"], {"behavior": "allow", "updatedInput": perm["request"]["input"]})
+    lines = sim.read_until(lambda o: o.get("type") == "control_request")
+    assert [o["type"] for o in lines] == ["user", "control_request"]  # the tool_result, then the hook
+    req = lines[-1]["request"]
+    assert req["input"]["hook_event_name"] == "PostToolUse"
+    assert req["input"]["tool_response"]["stdout"] == "sim tool output"
+    answer(sim, lines[-1]["request_id"], {"decision": "block", "reason": "bad output"})
+    assert sim.result()[-1]["result"].endswith(" [permission: allowed] [hook: blocked: bad output]")
+
+
+@pytest.mark.parametrize(
+    ("hooks", "prompt", "note"),
+    [
+        (None, "[sim:hook]", "[hook: PreToolUse not registered]"),
+        ({"PreToolUse": [{"matcher": "Edit", "hookCallbackIds": ["e"]}]}, "[sim:hook]",
+         "[hook: PreToolUse not registered]"),
+        ({"PreToolUse": [{"matcher": None, "hookCallbackIds": ["x"]}]}, "[sim:hook=PostToolUse]",
+         "[hook: PostToolUse not registered]"),
+        ({"Stop": [{"matcher": None, "hookCallbackIds": ["s"]}]}, "[sim:hook=Stop]", "[hook: Stop is not simulated]"),
+    ],
+)
+def test_hook_without_a_matching_registration_sends_nothing(
+    spawn: Callable[..., SimProc], hooks: dict[str, Any] | None, prompt: str, note: str
+) -> None:
+    sim = spawn()
+    if hooks is not None:
+        register_hooks(sim, hooks)
+    sim.user(f"p {prompt}")
+    lines = sim.result()
+    assert not of_type(lines, "control_request")
+    assert of_type(lines, "user")[0]["message"]["content"][0]["is_error"] is False
+    assert lines[-1]["result"].endswith(f"p {prompt} {note}"), lines[-1]["result"]
+
+
+def test_interrupt_while_hook_pending_withdraws_it(spawn: Callable[..., SimProc]) -> None:
+    sim = spawn("--hook", "PreToolUse")
+    register_hooks(sim, {"PreToolUse": [{"matcher": None, "hookCallbackIds": ["cb"]}]})
+    sim.user("p")
+    ask = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    assert ask["request"]["subtype"] == "hook_callback"
+    rid = sim.control("interrupt")
+    lines = sim.result()
+    assert lines[0] == {"type": "control_cancel_request", "request_id": ask["request_id"]}
+    assert reply_id(lines[1]) == rid
+    assert lines[-1]["subtype"] == "error_during_execution" and lines[-1]["terminal_reason"] == "aborted_tools"
+    answer(sim, ask["request_id"], {})  # a late answer is ignored
+    assert not [o for o in sim.barrier() if o.get("type") in ("result", "assistant")]

@@ -237,7 +237,12 @@ def hook_callback(request_id: str, callback_id: str, hook_input: dict[str, Any],
     return {
         "type": "control_request",
         "request_id": request_id,
-        "request": {"subtype": "hook_callback", "callback_id": callback_id, "input": hook_input, "tool_use_id": tool_id},
+        "request": {
+            "subtype": "hook_callback",
+            "callback_id": callback_id,
+            "input": hook_input,
+            "tool_use_id": tool_id,
+        },
     }
 
 
