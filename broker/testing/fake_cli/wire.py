@@ -219,31 +219,22 @@ def user(session_id: str, content: Any, **extra: Any) -> dict[str, Any]:
 
 def can_use_tool(request_id: str, tool_name: str, tool_input: dict[str, Any], tool_id: str) -> dict[str, Any]:
     """The ``can_use_tool`` control request the CLI sends before running a tool."""
-    return {
-        "type": "control_request",
-        "request_id": request_id,
-        "request": {
-            "subtype": "can_use_tool",
-            "tool_name": tool_name,
-            "input": tool_input,
-            "permission_suggestions": [],
-            "tool_use_id": tool_id,
-        },
+    request = {
+        "subtype": "can_use_tool", "tool_name": tool_name, "input": tool_input,
+        "permission_suggestions": [], "tool_use_id": tool_id,
     }
+    return control_request(request_id, request)
 
 
 def hook_callback(request_id: str, callback_id: str, hook_input: dict[str, Any], tool_id: str) -> dict[str, Any]:
     """The ``hook_callback`` control request the CLI sends for a hook registered at ``initialize``."""
-    return {
-        "type": "control_request",
-        "request_id": request_id,
-        "request": {
-            "subtype": "hook_callback",
-            "callback_id": callback_id,
-            "input": hook_input,
-            "tool_use_id": tool_id,
-        },
-    }
+    request = {"subtype": "hook_callback", "callback_id": callback_id, "input": hook_input, "tool_use_id": tool_id}
+    return control_request(request_id, request)
+
+
+def control_request(request_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """A control request of the CLI's own, which waits for the ``control_response`` with ``request_id``."""
+    return {"type": "control_request", "request_id": request_id, "request": request}
 
 
 def hook_input(
