@@ -45,6 +45,13 @@ a global flag that applies it to every turn; a directive overrides the flag:
     A tool phase that first asks ``can_use_tool`` on stdout and waits for the
     ``control_response``; the reply says ``permission: allowed`` or
     ``permission: denied (MESSAGE)``.
+``[sim:hook]`` / ``[sim:hook=EVENT]`` / ``--hook EVENT``
+    A tool phase with a hook: for each callback id an ``initialize`` request
+    registered for EVENT (``PreToolUse``, the default, or ``PostToolUse``)
+    whose matcher matches ``Bash``, a ``hook_callback`` control request, each
+    awaited; the reply says ``[hook: continue]``, ``[hook: blocked: REASON]``,
+    ``[hook: stopped: REASON]`` or ``[hook: failed: ERROR]`` per answer, or
+    ``[hook: EVENT not registered]`` when nothing was registered for it.
 ``[sim:error=api]`` (``api:CODE``, ``max_turns``, ``budget``) / ``--error K``
     End with the matching error result.
 ``[sim:ignore_interrupt]`` / ``--ignore-interrupts``
@@ -83,7 +90,7 @@ CLI 2.1.330 binary where the notes are silent):
   content is neither a string nor a list (nor null) runs no turn and gets a
   lone ``completed`` (its uuid is not taken: it may be sent again).
 - ``interrupt`` is answered ``{"still_queued": [...]}`` (plus ``cancelled``
-  with ``cancel_queued``); a pending ``can_use_tool`` is withdrawn with
+  with ``cancel_queued``); a pending ``can_use_tool`` or ``hook_callback`` is withdrawn with
   ``control_cancel_request`` (before the reply).  A running turn then prints
   the partial text block, if one was streaming; if a tool was running or
   waiting for permission, a user ``tool_result`` line rejecting it
