@@ -1323,7 +1323,6 @@ def answer(sim: SimProc, rid: str, response: dict[str, Any] | None = None, error
     [
         ({}, "[hook: continue]", True),
         ({"decision": "block", "reason": "nope"}, "[hook: blocked: nope]", False),
-        ({"continue": False, "stopReason": "halt"}, "[hook: stopped: halt]", False),
         (
             {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
                                     "permissionDecisionReason": "not here"}},
@@ -1345,6 +1344,9 @@ def test_hook_round_trip(spawn: Callable[..., SimProc], output: dict[str, Any], 
     assert list(req) == ["subtype", "callback_id", "input", "tool_use_id"]
     assert (req["subtype"], req["callback_id"], req["tool_use_id"]) == ("hook_callback", "cb-pre", tool_use["id"])
     hook_input = req["input"]
+    # The keys, in order, of the real CLI 2.1.330's PreToolUse input.
+    assert list(hook_input) == ["session_id", "transcript_path", "cwd", "prompt_id", "permission_mode",
+                                "hook_event_name", "tool_name", "tool_input", "tool_use_id"]
     assert hook_input["hook_event_name"] == "PreToolUse"
     assert (hook_input["tool_name"], hook_input["tool_input"], hook_input["tool_use_id"]) == (
         "Bash", tool_use["input"], tool_use["id"])
@@ -1354,8 +1356,25 @@ def test_hook_round_trip(spawn: Callable[..., SimProc], output: dict[str, Any], 
     rest = sim.result()
     tool_result = of_type(rest, "user")[0]["message"]["content"][0]
     assert tool_result["is_error"] is (not tool_ran)
+    if not tool_ran:  # the real CLI's wording
+        assert tool_result["content"].startswith("PreToolUse:Bash hook error: "), tool_result
     assert rest[-1]["result"].endswith(f"p [sim:hook] {note}"), rest[-1]["result"]
     assert not of_type(rest, "control_request")  # only the event asked for fires
+
+
+def test_hook_answering_continue_false_ends_the_turn_after_the_tool(spawn: Callable[..., SimProc]) -> None:
+    """As the real CLI does: the tool still runs, then an empty success result with terminal_reason hook_stopped."""
+    sim = spawn()
+    register_hooks(sim, {"PreToolUse": [{"matcher": "*", "hookCallbackIds": ["pre"]}]})
+    sim.user("p [sim:hook]")
+    ask = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    answer(sim, ask["request_id"], {"continue": False, "stopReason": "halt"})
+    rest = sim.result()
+    assert [o["type"] for o in rest if o["type"] != "command_lifecycle"] == ["user", "result"]
+    assert rest[0]["message"]["content"][0]["is_error"] is False
+    res = rest[-1]
+    assert (res["subtype"], res["is_error"], res["terminal_reason"], res["result"]) == (
+        "success", False, "hook_stopped", "")
 
 
 def test_hook_error_answer_is_a_failed_hook_and_the_tool_runs(spawn: Callable[..., SimProc]) -> None:
@@ -1380,12 +1399,17 @@ def test_post_tool_use_hook_gets_the_tool_response_after_the_tool_result(spawn: 
     assert perm["request"]["subtype"] == "can_use_tool"
     answer(sim, perm["request_id"], {"behavior": "allow", "updatedInput": perm["request"]["input"]})
     lines = sim.read_until(lambda o: o.get("type") == "control_request")
-    assert [o["type"] for o in lines] == ["user", "control_request"]  # the tool_result, then the hook
+    assert [o["type"] for o in lines] == ["control_request"]  # as the real CLI: the hook before the tool_result
     req = lines[-1]["request"]
     assert req["input"]["hook_event_name"] == "PostToolUse"
+    assert list(req["input"])[-3:] == ["tool_response", "tool_use_id", "duration_ms"]
     assert req["input"]["tool_response"]["stdout"] == "sim tool output"
     answer(sim, lines[-1]["request_id"], {"decision": "block", "reason": "bad output"})
-    assert sim.result()[-1]["result"].endswith(" [permission: allowed] [hook: blocked: bad output]")
+    rest = sim.result()
+    # A PostToolUse block comes too late to stop the tool: its result stands.
+    assert rest[0]["message"]["content"][0] == {
+        "tool_use_id": req["tool_use_id"], "type": "tool_result", "content": "sim tool output", "is_error": False}
+    assert rest[-1]["result"].endswith(" [permission: allowed] [hook: blocked: bad output]")
 
 
 @pytest.mark.parametrize(

@@ -529,6 +529,8 @@ class FakeCLI:
             suffix = yield from self._tool_phase(turn)
             if turn.abort_after_tool:
                 return {"aborted_tools": True}
+            if turn.hook_stopped:
+                return {"hook_stopped": True}
 
         error = s.get("error")
         if error is not None and error.startswith("api"):
@@ -575,7 +577,11 @@ class FakeCLI:
 
     def _tool_phase(self, turn: Turn) -> Generator[float | None, Any, str]:
         """The tool call: ``tool_use``, then hooks, permission and run as scripted, then
-        ``tool_result``; returns what the reply says about the hook and permission answers."""
+        ``tool_result``; returns what the reply says about the hook and permission answers.
+
+        The order is the real CLI's: PreToolUse hooks, the permission question,
+        the tool, PostToolUse hooks, the ``tool_result`` line.
+        """
         s = turn.script
         turn.phase = "tools"
         turn.num_turns = 2
@@ -588,9 +594,10 @@ class FakeCLI:
             suffix = f" [hook: {event} is not simulated]"
         denial: str | None = None
         if event == "PreToolUse":
-            # The CLI runs PreToolUse hooks before it asks for permission.
-            denial, notes = yield from self._hooks(turn, event, tool_input)
+            blocked, notes = yield from self._hooks(turn, event, tool_input)
             suffix += notes
+            if blocked is not None:
+                denial = f"PreToolUse:Bash hook error: {blocked}"  # the real CLI's wording
         if denial is None and "permission" in s:
             turn.pending_id = "sim-perm-" + new_uuid()
             self.emit(wire.can_use_tool(turn.pending_id, "Bash", tool_input, tool_id))
@@ -603,11 +610,12 @@ class FakeCLI:
             turn.tool_running = True
             yield time.monotonic() + tool_ms / 1000
             turn.tool_running = False
-        self._tool_result(turn, "sim tool output" if denial is None else denial, denial is not None)
         if event == "PostToolUse" and denial is None:
-            response = {"stdout": "sim tool output", "stderr": "", "interrupted": False, "isImage": False}
+            response = {"stdout": "sim tool output", "stderr": "", "interrupted": False, "isImage": False,
+                        "noOutputExpected": False}
             _, notes = yield from self._hooks(turn, event, tool_input, response)
             suffix += notes
+        self._tool_result(turn, "sim tool output" if denial is None else denial, denial is not None)
         turn.phase = "streaming"
         return suffix
 
@@ -622,8 +630,9 @@ class FakeCLI:
         ids = control.hook_callback_ids(self.hooks, event, "Bash")
         if not ids:
             return None, f" [hook: {event} not registered]"
+        turn.prompt_id = turn.prompt_id or new_uuid()
         hook_input = wire.hook_input(
-            event, self.session_id, self.transcripts.path(self.session_id), self.permission_mode,
+            event, self.session_id, self.transcripts.path(self.session_id), turn.prompt_id, self.permission_mode,
             "Bash", tool_input, turn.tool_id, tool_response,
         )
         notes = ""
@@ -631,10 +640,13 @@ class FakeCLI:
             turn.pending_id = "sim-hook-" + new_uuid()
             self.emit(wire.hook_callback(turn.pending_id, callback_id, hook_input, turn.tool_id))
             answer = yield None
-            blocked, note = hook_outcome(answer)
-            notes += f" [hook: {note}]"
-            if blocked is not None:
-                return blocked, notes
+            outcome, reason = hook_outcome(answer)
+            notes += f" [hook: {outcome}: {reason}]" if reason else f" [hook: {outcome}]"
+            if outcome == "stopped":
+                # The real CLI still runs the tool, then ends the turn (terminal_reason hook_stopped).
+                turn.hook_stopped = True
+            elif outcome == "blocked":
+                return reason, notes
         return None, notes
 
     # ---------------------------------------------------------------- results
@@ -670,7 +682,10 @@ class FakeCLI:
     def _finish(self, turn: Turn, outcome: dict[str, Any]) -> None:
         error = turn.script.get("error") or ""
         text = str(outcome.get("text", ""))
-        if outcome.get("aborted_tools"):
+        if outcome.get("hook_stopped"):
+            # As the real CLI ends a turn a hook stopped: no reply, an empty success.
+            self._emit_result(turn, subtype="success", terminal_reason="hook_stopped", is_error=False, text="")
+        elif outcome.get("aborted_tools"):
             # A priority "now" message came while the tool ran.
             turn.abort = "now"
             self.stats["interrupted_turns"] += 1

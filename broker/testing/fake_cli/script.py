@@ -118,33 +118,31 @@ def decision(answer: Any) -> tuple[bool, str]:
 HOOK_EVENTS = ("PreToolUse", "PostToolUse")
 
 
-def hook_outcome(answer: Any) -> tuple[str | None, str]:
-    """Read a ``hook_callback`` answer: (why the tool is blocked, or None; the note for the reply).
+def hook_outcome(answer: Any) -> tuple[str, str]:
+    """Read a ``hook_callback`` answer: (outcome, reason).
 
-    The hook output's fields are the CLI's: ``continue: false`` (with
-    ``stopReason``), ``decision: "block"`` (with ``reason``) and, for
-    PreToolUse, ``hookSpecificOutput.permissionDecision: "deny"``.  An error
-    answer is a failed hook, which the CLI does not treat as a veto.
+    The outcome is ``continue``; ``blocked`` (``decision: "block"`` with
+    ``reason``, or PreToolUse's ``hookSpecificOutput.permissionDecision:
+    "deny"``); ``stopped`` (``continue: false``, ``stopReason``: the turn ends
+    after the tool); or ``failed`` (an error answer, which the CLI does not
+    treat as a veto).
     """
     if not isinstance(answer, dict):
-        return None, "failed: no answer"
+        return "failed", "no answer"
     if answer.get("subtype") != "success":
-        return None, "failed: " + str(answer.get("error") or "hook callback failed")
+        return "failed", str(answer.get("error") or "hook callback failed")
     out = answer.get("response")
     if not isinstance(out, dict):
-        return None, "continue"
+        return "continue", ""
     specific = out.get("hookSpecificOutput")
     specific = specific if isinstance(specific, dict) else {}
     if out.get("continue") is False:
-        why = str(out.get("stopReason") or "continue: false")
-        return why, f"stopped: {why}"
+        return "stopped", str(out.get("stopReason") or "continue: false")
     if out.get("decision") == "block":
-        why = str(out.get("reason") or "blocked")
-        return why, f"blocked: {why}"
+        return "blocked", str(out.get("reason") or "blocked")
     if specific.get("permissionDecision") == "deny":
-        why = str(specific.get("permissionDecisionReason") or "denied")
-        return why, f"blocked: {why}"
-    return None, "continue"
+        return "blocked", str(specific.get("permissionDecisionReason") or "denied")
+    return "continue", ""
 
 
 class Turn:
@@ -177,3 +175,5 @@ class Turn:
         # SIGINT: marker), "now" (a priority "now" message: no marker).
         self.abort = ""
         self.abort_after_tool = False  # priority "now" while the tool runs
+        self.prompt_id = ""  # what hook inputs call the prompt being processed (made when a hook first fires)
+        self.hook_stopped = False  # a hook answered continue: false: the turn ends after the tool

@@ -238,14 +238,15 @@ def control_request(request_id: str, request: dict[str, Any]) -> dict[str, Any]:
 
 
 def hook_input(
-    event: str, session_id: str, transcript_path: str, permission_mode: str, tool_name: str,
+    event: str, session_id: str, transcript_path: str, prompt_id: str, permission_mode: str, tool_name: str,
     tool_input: dict[str, Any], tool_id: str, tool_response: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A tool hook's input, as the CLI builds it (``tool_response`` for PostToolUse only)."""
+    """A tool hook's input, keys in the real CLI's order (``tool_response`` and ``duration_ms`` for PostToolUse)."""
     out: dict[str, Any] = {
         "session_id": session_id,
         "transcript_path": transcript_path,
         "cwd": os.getcwd(),
+        "prompt_id": prompt_id,
         "permission_mode": permission_mode,
         "hook_event_name": event,
         "tool_name": tool_name,
@@ -254,6 +255,8 @@ def hook_input(
     if tool_response is not None:
         out["tool_response"] = tool_response
     out["tool_use_id"] = tool_id
+    if tool_response is not None:
+        out["duration_ms"] = 0
     return out
 
 
