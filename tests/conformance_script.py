@@ -33,6 +33,7 @@ __all__ = [
     "ASPECTS",
     "EXCHANGES",
     "Agent",
+    "Answer",
     "Busy",
     "CloseStdin",
     "Exchange",
@@ -108,11 +109,21 @@ class Busy:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """Read stdout until the agent's own control request of ``subtype``, then answer it with ``response``
+    (a ``success`` control_response carrying the agent's request id)."""
+
+    subtype: str
+    response: Mapping[str, Any]
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+@dataclass(frozen=True)
 class CloseStdin:
     """Close the agent's stdin (end of input)."""
 
 
-Step = Send | SendRaw | Until | Busy | CloseStdin
+Step = Send | SendRaw | Until | Busy | Answer | CloseStdin
 
 
 @dataclass(frozen=True)
@@ -419,6 +430,32 @@ EXCHANGES: tuple[Exchange, ...] = (
         "An API error is a success/is_error result with api_error_status; the process goes on.",
     ),
     Exchange(
+        "hook_blocks_tool",
+        (
+            control("init-1", "initialize", hooks={"PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}]}),
+            Until("control_response:init-1"),
+            user("u1", '[api:tool=Bash:{"command":"echo sim"}] [sim:hook] guarded tool'),
+            Answer("hook_callback", {"decision": "block", "reason": "not now"}),
+            Until("result:@u1"),
+        ),
+        "A PreToolUse hook registered at initialize: the agent's hook_callback request (its keys and its "
+        "input's, in order), then, blocked, an is_error tool_result and a success result (num_turns 2).",
+        loose_controls=("init-1",),
+    ),
+    Exchange(
+        "hook_stops_turn",
+        (
+            control("init-1", "initialize", hooks={"PreToolUse": [{"matcher": "Bash", "hookCallbackIds": ["pre"]}]}),
+            Until("control_response:init-1"),
+            user("u1", '[api:tool=Bash:{"command":"echo sim"}] [sim:hook] stop after'),
+            Answer("hook_callback", {"continue": False, "stopReason": "enough"}),
+            Until("result:@u1"),
+        ),
+        "A PreToolUse hook answering continue: false: the tool still runs, then an empty success result "
+        "with terminal_reason hook_stopped (no text turn).",
+        loose_controls=("init-1",),
+    ),
+    Exchange(
         "tool_turn",
         (user("u1", '[api:tool=Bash:{"command":"echo sim"}] [sim:tool] use a tool'), Until("result:@u1")),
         "A tool call: assistant tool_use, user tool_result, assistant text, result (num_turns 2).",
@@ -483,10 +520,12 @@ def _matches(line: Line, what: str, uuids: dict[str, str]) -> bool:
         return not arg or uuids.get(arg.lstrip("@")) in (obj.get("user_message_uuids") or [])
     if kind == "control_response" and obj.get("type") == "control_response":
         return (obj.get("response") or {}).get("request_id") == arg
+    if kind == "control_request" and obj.get("type") == "control_request":
+        return (obj.get("request") or {}).get("subtype") == arg
     return line.kind == what or (not arg and obj.get("type") == what)
 
 
-def _read_until(agent: Agent, what: str, timeout_s: float, uuids: dict[str, str]) -> None:
+def _read_until(agent: Agent, what: str, timeout_s: float, uuids: dict[str, str]) -> Line | None:
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()
@@ -496,10 +535,10 @@ def _read_until(agent: Agent, what: str, timeout_s: float, uuids: dict[str, str]
             line = agent.read(left)
         except CLIExited:
             if what == "eof":
-                return
+                return None
             raise
         if what != "eof" and _matches(line, what, uuids):
-            return
+            return line
 
 
 def record_exchange(factory: AgentFactory, script: Exchange) -> Transcript:
@@ -528,6 +567,11 @@ def record_exchange(factory: AgentFactory, script: Exchange) -> Transcript:
                         _read_until(agent, "system/init", timeout_s, uuids)
                     if hook is None and text_started:
                         _read_until(agent, "assistant", timeout_s, uuids)
+                case Answer(subtype=subtype, response=response, timeout_s=timeout_s):
+                    asked = _read_until(agent, f"control_request:{subtype}", timeout_s, uuids)
+                    rid = asked.obj.get("request_id") if asked is not None else None
+                    agent.send({"type": "control_response",
+                                "response": {"subtype": "success", "request_id": rid, "response": dict(response)}})
                 case CloseStdin():
                     agent.close_stdin()
         agent.close_stdin()
@@ -665,6 +709,14 @@ def normalise(transcript: Transcript, *, loose_controls: tuple[str, ...] = ()) -
             kinds.append(_user_kind(obj))
         elif kind == "assistant":
             kinds.append(_assistant_kind(obj))
+        elif kind == "control_request":
+            # The agent's own request: its id is the agent's, its keys (and its input's) are the protocol.
+            request = obj.get("request") or {}
+            kinds.append(f"control_request:{request.get('subtype')}")
+            hook_input = request.get("input")
+            controls[f"agent_request_{sum(k.startswith('agent_request_') for k in controls)}"] = {
+                "keys": list(request), "input_keys": list(hook_input) if isinstance(hook_input, dict) else None,
+            }
         elif kind == "control_response":
             rid = str((obj.get("response") or {}).get("request_id"))
             kinds.append(f"control_response:{rid}")
