@@ -445,14 +445,17 @@ EXCHANGES: tuple[Exchange, ...] = (
     Exchange(
         "hook_stops_turn",
         (
-            control("init-1", "initialize", hooks={"PreToolUse": [{"matcher": "Bash", "hookCallbackIds": ["pre"]}]}),
+            control("init-1", "initialize", hooks={"PreToolUse": [{"matcher": "Bash", "hookCallbackIds": ["pre"]}],
+                                                   "PostToolUse": [{"matcher": None, "hookCallbackIds": ["post"]}]}),
             Until("control_response:init-1"),
             user("u1", '[api:tool=Bash:{"command":"echo sim"}] [sim:hook] stop after'),
             Answer("hook_callback", {"continue": False, "stopReason": "enough"}),
+            Answer("hook_callback", {}),
             Until("result:@u1"),
         ),
-        "A PreToolUse hook answering continue: false: the tool still runs, then an empty success result "
-        "with terminal_reason hook_stopped (no text turn).",
+        "Both tool events registered, PreToolUse answering continue: false: the tool still runs and its "
+        "PostToolUse is called (input with tool_response), then an empty success result with "
+        "terminal_reason hook_stopped (no text turn).",
         loose_controls=("init-1",),
     ),
     Exchange(

@@ -89,14 +89,16 @@ def hooks_seen(w: ClientProc) -> list[dict[str, Any]]:
 @pytest.mark.parametrize(
     ("hook", "expect"),
     [
-        ("continue", " [hook: continue]"),
-        ("block", " [hook: blocked: no-hook-from-test]"),
-        (None, " [hook: continue]"),  # no handler: the broker's default answer, {}
-        ("raise", " [hook: failed: turnstile: the on_hook handler failed: it raised RuntimeError: hook-bug-from-test]"),
+        ("continue", " [hook: continue] [hook: continue]"),
+        ("block", " [hook: blocked: no-hook-from-test]"),  # at PreToolUse: no tool, so no PostToolUse
+        (None, " [hook: continue] [hook: continue]"),  # no handler: the broker's default answer, {}
+        ("raise", " [hook: failed: turnstile: the on_hook handler failed: it raised RuntimeError: hook-bug-from-test]"
+                  " [hook: failed: turnstile: the on_hook handler failed: it raised RuntimeError: hook-bug-from-test]"),
     ],
 )
 def test_sim_hook_directive_calls_the_holders_on_hook(broker_factory, client, hook, expect):
-    """``[sim:hook]`` makes the sim send a PreToolUse ``hook_callback``; the holder's answer shows in the reply."""
+    """``[sim:hook]`` makes the sim send ``hook_callback`` for the events the broker registers by default
+    (PreToolUse, then PostToolUse); the holder's answers show in the reply."""
     broker_factory()
     w = client("webhook", "[sim:hook] guarded tool", hook=hook)
     res = w.ev("result")
@@ -106,8 +108,11 @@ def test_sim_hook_directive_calls_the_holders_on_hook(broker_factory, client, ho
     if hook is None:
         assert hooks_seen(w) == []
     else:
-        [req] = hooks_seen(w)
-        assert req["subtype"] == "hook_callback" and req["callback_id"] == "turnstile:PreToolUse", req
+        seen = hooks_seen(w)
+        assert [r["callback_id"] for r in seen] == (
+            ["turnstile:PreToolUse"] if hook == "block" else ["turnstile:PreToolUse", "turnstile:PostToolUse"])
+        req = seen[0]
+        assert req["subtype"] == "hook_callback", req
         hook_input = req["input"]
         assert hook_input["hook_event_name"] == "PreToolUse" and hook_input["tool_name"] == "Bash", hook_input
         assert hook_input["tool_input"]["command"] == "echo sim" and hook_input["tool_use_id"] == req["tool_use_id"]

@@ -1335,7 +1335,7 @@ def test_hook_round_trip(spawn: Callable[..., SimProc], output: dict[str, Any], 
     sim = spawn("--permission-mode", "acceptEdits")
     register_hooks(sim, {"PreToolUse": [{"matcher": None, "hookCallbackIds": ["cb-pre"]}],
                          "PostToolUse": [{"matcher": None, "hookCallbackIds": ["cb-post"]}]})
-    sim.user("p [sim:hook]")
+    sim.user("p [sim:hook=PreToolUse]")
     lines = sim.read_until(lambda o: o.get("type") == "control_request")
     tool_use = of_type(lines, "assistant")[0]["message"]["content"][0]
     ask = lines[-1]
@@ -1358,8 +1358,31 @@ def test_hook_round_trip(spawn: Callable[..., SimProc], output: dict[str, Any], 
     assert tool_result["is_error"] is (not tool_ran)
     if not tool_ran:  # the real CLI's wording
         assert tool_result["content"].startswith("PreToolUse:Bash hook error: "), tool_result
-    assert rest[-1]["result"].endswith(f"p [sim:hook] {note}"), rest[-1]["result"]
-    assert not of_type(rest, "control_request")  # only the event asked for fires
+    assert rest[-1]["result"].endswith(f"p [sim:hook=PreToolUse] {note}"), rest[-1]["result"]
+    assert not of_type(rest, "control_request")  # only the event named fires
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_bare_hook_directive_fires_every_registered_tool_event(spawn: Callable[..., SimProc], block: bool) -> None:
+    """``[sim:hook]``: PreToolUse, the tool, PostToolUse, then the tool_result, as the real CLI; a block at
+    PreToolUse keeps the tool, and so its PostToolUse, from running."""
+    sim = spawn()
+    register_hooks(sim, {"PreToolUse": [{"matcher": None, "hookCallbackIds": ["pre"]}],
+                         "PostToolUse": [{"matcher": None, "hookCallbackIds": ["post"]}]})
+    sim.user("p [sim:hook]")
+    pre = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
+    assert pre["request"]["callback_id"] == "pre"
+    if block:
+        answer(sim, pre["request_id"], {"decision": "block", "reason": "no"})
+        rest = sim.result()
+        assert not of_type(rest, "control_request")
+        assert rest[-1]["result"].endswith("p [sim:hook] [hook: blocked: no]")
+        return
+    answer(sim, pre["request_id"], {})
+    post = sim.read_until(lambda o: o.get("type") == "control_request")
+    assert [o["type"] for o in post] == ["control_request"] and post[0]["request"]["callback_id"] == "post"
+    answer(sim, post[0]["request_id"], {})
+    assert sim.result()[-1]["result"].endswith("p [sim:hook] [hook: continue] [hook: continue]")
 
 
 def test_hook_answering_continue_false_ends_the_turn_after_the_tool(spawn: Callable[..., SimProc]) -> None:
@@ -1380,7 +1403,7 @@ def test_hook_answering_continue_false_ends_the_turn_after_the_tool(spawn: Calla
 def test_hook_error_answer_is_a_failed_hook_and_the_tool_runs(spawn: Callable[..., SimProc]) -> None:
     sim = spawn()
     register_hooks(sim, {"PreToolUse": [{"matcher": "Bash", "hookCallbackIds": ["a", "b"]}]})
-    sim.user("p [sim:hook=PreToolUse]")
+    sim.user("p [sim:hook]")
     first = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
     answer(sim, first["request_id"], error="handler broke")
     second = sim.read_until(lambda o: o.get("type") == "control_request")[-1]
@@ -1415,9 +1438,9 @@ def test_post_tool_use_hook_gets_the_tool_response_after_the_tool_result(spawn: 
 @pytest.mark.parametrize(
     ("hooks", "prompt", "note"),
     [
-        (None, "[sim:hook]", "[hook: PreToolUse not registered]"),
-        ({"PreToolUse": [{"matcher": "Edit", "hookCallbackIds": ["e"]}]}, "[sim:hook]",
-         "[hook: PreToolUse not registered]"),
+        (None, "[sim:hook]", "[hook: none registered]"),
+        (None, "[sim:hook=PreToolUse]", "[hook: PreToolUse not registered]"),
+        ({"PreToolUse": [{"matcher": "Edit", "hookCallbackIds": ["e"]}]}, "[sim:hook]", "[hook: none registered]"),
         ({"PreToolUse": [{"matcher": None, "hookCallbackIds": ["x"]}]}, "[sim:hook=PostToolUse]",
          "[hook: PostToolUse not registered]"),
         ({"Stop": [{"matcher": None, "hookCallbackIds": ["s"]}]}, "[sim:hook=Stop]", "[hook: Stop is not simulated]"),

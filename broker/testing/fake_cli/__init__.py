@@ -46,13 +46,13 @@ a global flag that applies it to every turn; a directive overrides the flag:
     ``control_response``; the reply says ``permission: allowed`` or
     ``permission: denied (MESSAGE)``.
 ``[sim:hook]`` / ``[sim:hook=EVENT]`` / ``--hook EVENT``
-    A tool phase with a hook: for each callback id an ``initialize`` request
-    registered for EVENT (``PreToolUse``, the default, or ``PostToolUse``)
-    whose matcher matches ``Bash``, a ``hook_callback`` control request, each
-    awaited; the reply says ``[hook: continue]``, ``[hook: blocked: REASON]``
-    or ``[hook: failed: ERROR]`` per answer, or ``[hook: EVENT not
-    registered]`` when nothing was registered for it.  ``continue: false``
-    ends the turn after the tool (an empty result, ``hook_stopped``).
+    A tool phase with hooks: for each callback id an ``initialize`` request
+    registered for a tool event (``PreToolUse``, ``PostToolUse``; with
+    ``=EVENT`` only EVENT) whose matcher matches ``Bash``, a
+    ``hook_callback`` control request, each awaited; the reply says
+    ``[hook: continue]``, ``[hook: blocked: REASON]`` or ``[hook: failed:
+    ERROR]`` per answer, or ``[hook: none registered]``.  ``continue:
+    false`` ends the turn after the tool (an empty result, ``hook_stopped``).
 ``[sim:error=api]`` (``api:CODE``, ``max_turns``, ``budget``) / ``--error K``
     End with the matching error result.
 ``[sim:ignore_interrupt]`` / ``--ignore-interrupts``

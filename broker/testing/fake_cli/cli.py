@@ -588,13 +588,10 @@ class FakeCLI:
         tool_id = turn.tool_id = "toolu_sim_" + new_uuid().replace("-", "")[:20]
         tool_input = {"command": "echo sim", "description": "sim tool"}
         self.emit(self._assistant(turn, [{"type": "tool_use", "id": tool_id, "name": "Bash", "input": tool_input}]))
-        event = (s["hook"] or "PreToolUse") if "hook" in s else None
-        suffix = ""
-        if event is not None and event not in HOOK_EVENTS:
-            suffix = f" [hook: {event} is not simulated]"
+        events, suffix = self._hook_events(s)
         denial: str | None = None
-        if event == "PreToolUse":
-            blocked, notes = yield from self._hooks(turn, event, tool_input)
+        if "PreToolUse" in events:
+            blocked, notes = yield from self._hooks(turn, "PreToolUse", tool_input)
             suffix += notes
             if blocked is not None:
                 denial = f"PreToolUse:Bash hook error: {blocked}"  # the real CLI's wording
@@ -610,26 +607,40 @@ class FakeCLI:
             turn.tool_running = True
             yield time.monotonic() + tool_ms / 1000
             turn.tool_running = False
-        if event == "PostToolUse" and denial is None:
+        if "PostToolUse" in events and denial is None:
             response = {"stdout": "sim tool output", "stderr": "", "interrupted": False, "isImage": False,
                         "noOutputExpected": False}
-            _, notes = yield from self._hooks(turn, event, tool_input, response)
+            _, notes = yield from self._hooks(turn, "PostToolUse", tool_input, response)
             suffix += notes
         self._tool_result(turn, "sim tool output" if denial is None else denial, denial is not None)
         turn.phase = "streaming"
         return suffix
+
+    def _hook_events(self, script: dict[str, str]) -> tuple[list[str], str]:
+        """The hook events the turn's tool call fires, and what the reply says if it fires none.
+
+        ``[sim:hook]`` fires every tool event a callback is registered for, as
+        the real CLI does; ``[sim:hook=EVENT]`` only EVENT.  An event with no
+        registered callback fires nothing: the CLI only calls back ids it was given.
+        """
+        if "hook" not in script:
+            return [], ""
+        named = script["hook"]
+        if named and named not in HOOK_EVENTS:
+            return [], f" [hook: {named} is not simulated]"
+        fired = [e for e in ([named] if named else HOOK_EVENTS) if control.hook_callback_ids(self.hooks, e, "Bash")]
+        if fired:
+            return fired, ""
+        return [], f" [hook: {named} not registered]" if named else " [hook: none registered]"
 
     def _hooks(
         self, turn: Turn, event: str, tool_input: dict[str, Any], tool_response: dict[str, Any] | None = None
     ) -> Generator[float | None, Any, tuple[str | None, str]]:
         """Send ``hook_callback`` for each id registered for ``event``, one at a time, each awaited.
 
-        Returns (why the tool is blocked, or None; the reply's notes).  With no
-        id registered nothing is sent: the CLI only calls back ids it was given.
+        Returns (why the tool is blocked, or None; the reply's notes).
         """
         ids = control.hook_callback_ids(self.hooks, event, "Bash")
-        if not ids:
-            return None, f" [hook: {event} not registered]"
         turn.prompt_id = turn.prompt_id or new_uuid()
         hook_input = wire.hook_input(
             event, self.session_id, self.transcripts.path(self.session_id), turn.prompt_id, self.permission_mode,
