@@ -46,8 +46,8 @@ async def open_bucket(js: JetStreamContext, *, create: bool, replicas: int = 1) 
                                      storage=StorageType.FILE, replicas=replicas)
 
 
-def _taken_over(session: str) -> GatewayConflict:
-    return GatewayConflict(f"session {session!r} was taken over by another gateway", session=session)
+def _claimed_just_now(session: str) -> GatewayConflict:
+    return GatewayConflict(f"session {session!r} was claimed by another gateway just now", session=session)
 
 
 class Registry:
@@ -61,53 +61,56 @@ class Registry:
     async def claim(self, reg: wire.Registration) -> None:
         """Claim ``reg.session`` or raise :class:`GatewayConflict`."""
         data = wire.encode_registration(reg)
-        try:
-            self.revisions[reg.session] = await self.kv.create(reg.session, data)
+        if await self._write(reg.session, data, None):
             return
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        try:
-            entry = await self.kv.get(reg.session)
-        except nats.js.errors.KeyNotFoundError:
+        found = await self._current(reg.session)
+        if found is None:
             # Deleted between our create and get: try once more from the top.
-            self.revisions[reg.session] = await self.kv.create(reg.session, data)
-            return
-        assert entry.value is not None and entry.revision is not None
-        current = wire.decode_registration(entry.value)
+            if await self._write(reg.session, data, None):
+                return
+            raise _claimed_just_now(reg.session)
+        current, revision = found
         if current.gateway != self.gateway_id and alive(current):
             raise GatewayConflict(
                 f"session {reg.session!r} is already served by gateway {current.gateway} "
                 f"(host {current.host}, pid {current.pid}, heartbeat {time.time() - current.heartbeat_unix:.1f} s ago)",
                 session=reg.session, gateway=current.gateway, host=current.host, pid=current.pid,
             )
-        try:
-            self.revisions[reg.session] = await self.kv.update(reg.session, data, last=entry.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise GatewayConflict(f"session {reg.session!r} was claimed by another gateway just now",
-                                  session=reg.session) from None
+        if not await self._write(reg.session, data, revision):
+            raise _claimed_just_now(reg.session)
 
     async def heartbeat(self, reg: wire.Registration) -> None:
         """Refresh the entry; raise :class:`GatewayConflict` if another gateway replaced this one."""
         data = wire.encode_registration(reg)
-        try:
-            self.revisions[reg.session] = await self.kv.update(reg.session, data, last=self.revisions[reg.session])
+        if await self._write(reg.session, data, self.revisions[reg.session]):
             return
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
         # In a failover an update can be stored while its reply is lost (the client timed
         # out): the entry then is ours at a revision we never heard of. Only another
         # gateway's entry (or none) means this one was replaced.
+        found = await self._current(reg.session)
+        if found is None or found[0].gateway != self.gateway_id or not await self._write(reg.session, data, found[1]):
+            raise GatewayConflict(f"session {reg.session!r} was taken over by another gateway", session=reg.session)
+
+    async def _write(self, session: str, data: bytes, last: int | None) -> bool:
+        """Store the entry, created (``last`` None) or over revision ``last``; False if that revision moved on."""
         try:
-            entry = await self.kv.get(reg.session)
-        except nats.js.errors.KeyNotFoundError:
-            entry = None
-        if entry is None or entry.value is None or entry.revision is None \
-                or wire.decode_registration(entry.value).gateway != self.gateway_id:
-            raise _taken_over(reg.session)
-        try:
-            self.revisions[reg.session] = await self.kv.update(reg.session, data, last=entry.revision)
+            if last is None:
+                self.revisions[session] = await self.kv.create(session, data)
+            else:
+                self.revisions[session] = await self.kv.update(session, data, last=last)
         except nats.js.errors.KeyWrongLastSequenceError:
-            raise _taken_over(reg.session) from None
+            return False
+        return True
+
+    async def _current(self, session: str) -> tuple[wire.Registration, int] | None:
+        """The entry in the bucket now, with its revision; None if there is none."""
+        try:
+            entry = await self.kv.get(session)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None or entry.revision is None:
+            return None
+        return wire.decode_registration(entry.value), entry.revision
 
     async def release(self, session: str) -> None:
         """Remove this gateway's entry (only if it is still ours)."""
