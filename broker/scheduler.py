@@ -828,6 +828,7 @@ class Scheduler:
         self.turn = None
         self.agent_busy = False
         if t is not None and refused_start and not t.inited:
+            t.request.attempts -= 1  # a run the agent never began is no attempt (MAX_ATTEMPTS counts deaths)
             self._requeue_unless_ended(t)
         elif t is not None:
             self._turn_lost(t, now, reason)

@@ -1212,6 +1212,11 @@ def crash(w: World) -> s.SchedEvent | None:
     return s.AgentExited(w.now, "exited") if w.tracker.agent == "up" else None
 
 
+def refused_start(w: World) -> s.SchedEvent | None:
+    """The agent exits refusing its command line (its --session-id already in use) before any turn."""
+    return s.AgentExited(w.now, "exited rc=1", refused_start=True) if w.tracker.agent == "up" else None
+
+
 def spawn_fails(w: World) -> s.SchedEvent | None:
     """The runtime's attempt to (re)start the agent failed (the binary moved away, EMFILE, ...)."""
     return s.SpawnFailed(w.now, "[Errno 2] No such file or directory") if w.tracker.agent == "restarting" else None
@@ -1319,7 +1324,8 @@ def large_starts_alphabet() -> Alphabet:
 def starts_alphabet() -> Alphabet:
     """Failed and mute agent starts, and clients taking turns: two clients per kind, one with two requests.
 
-    A start that fails, an agent that starts and never answers, a crash; a
+    A start that fails, an agent that starts and never answers, one that refuses its
+    start (its --session-id in use), two crashes (a worker is failed at its third); a
     worker request that is preempted and must rerun before the other worker's,
     though that one's client is next in turn. (``large`` adds a second failed
     start, so the back-off grows, and the rest of the default alphabet.)
@@ -1331,6 +1337,8 @@ def starts_alphabet() -> Alphabet:
         _act("W1 sub w1b", submit(W1, "w1b"), ("W1 sub w1",), W1),
         _act("W2 sub w2", submit(W2, "w2"), client=W2),
         _act("agent crashes", crash),
+        _act("agent crashes again", crash, ("agent crashes",)),
+        _act("agent refuses its start", refused_start),
         _act("spawn fails", spawn_fails),
         _act("agent starts mute", muted_start),
         _free("late exit", late_exit),

@@ -680,6 +680,23 @@ def test_agent_that_refused_its_start_reruns_the_turn_it_never_began() -> None:
     assert result(h.run(again.turn), W1).status == "ok"
 
 
+# Regression (found by tests/test_scheduler_props.py): a start the agent refused counted as
+# one of the worker's MAX_ATTEMPTS, so crash, refused start, crash failed it with
+# agent_restarted where two deaths must still requeue it.
+def test_a_refused_start_is_not_one_of_the_workers_attempts() -> None:
+    h = H()
+    h.submit(K, "k1")
+    h.init(1)
+    assert sent(h.exited(), K, frames.PreemptedNotice)[0].requeued  # death 1
+    user(h.started())
+    h.ev(s.AgentExited(h.now, "exited rc=1", refused_start=True))  # never began turn 2
+    turn = user(h.started()).turn
+    h.init(turn)
+    out = h.exited()  # death 2 of 3
+    assert sent(out, K, frames.Result) == [], "a worker that died with the agent twice was failed"
+    assert sent(out, K, frames.PreemptedNotice)[0].requeued
+
+
 def test_a_refused_start_after_the_turn_began_still_fails_it() -> None:
     h = H()
     h.submit(W1, "w1")
