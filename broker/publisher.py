@@ -17,7 +17,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from broker.scheduler import Scheduler
 from broker.session_store import SessionStore
@@ -25,6 +25,8 @@ from ipc import histogram, names, rqueue, state
 
 if TYPE_CHECKING:
     from broker.ingress import Ingress
+
+T = TypeVar("T")
 
 
 class Publisher:
@@ -110,14 +112,8 @@ class Publisher:
     def publish(self) -> None:
         """Write the record now."""
         if self.block is not None:
-            try:
-                problems = self.block.write(self.record())
-            except OSError as exc:
-                # The block is written through our descriptor, so a truncated block whose
-                # pages cannot come back (a full /dev/shm) is an error here, not a SIGBUS:
-                # the next publish (the tick's heartbeat at the latest) tries again.
-                self.log.error("state.write_failed", error=str(exc))
-                problems = []
+            no_problems: list[str] = []
+            problems = self._on_block(lambda b: b.write(self.record()), no_problems)
             if problems:
                 # The broker owns the block: whoever damaged it, this write just repaired it.
                 self.log.error("state.repaired", problems=problems)
@@ -131,21 +127,26 @@ class Publisher:
 
     def read_cancel(self) -> tuple[str, int] | None:
         """The (incarnation, turn) a client wrote into the cancel slot, if there is a block."""
-        if self.block is None:
-            return None
-        try:
-            return self.block.read_cancel()
-        except OSError as exc:  # its repair could not put a truncated block back: see publish
-            self.log.error("state.write_failed", error=str(exc))
-            return None
+        return self._on_block(lambda b: b.read_cancel(), None)
 
     def clear_cancel(self) -> None:
         """Empty the cancel slot (it was acted on, or it is stale)."""
-        if self.block is not None:
-            try:
-                self.block.clear_cancel()
-            except OSError as exc:  # a full /dev/shm under a truncated block: see publish
-                self.log.error("state.write_failed", error=str(exc))
+        self._on_block(lambda b: b.clear_cancel(), None)
+
+    def _on_block(self, op: Callable[[state.StateBlock], T], failed: T) -> T:
+        """``op(block)``, or ``failed`` when there is no block or writing it failed.
+
+        The block is written through our descriptor, so a truncated block whose pages
+        cannot come back (a full /dev/shm) is an OSError here, not a SIGBUS: it is logged,
+        and the next publish (the tick's heartbeat at the latest) tries again.
+        """
+        if self.block is None:
+            return failed
+        try:
+            return op(self.block)
+        except OSError as exc:
+            self.log.error("state.write_failed", error=str(exc))
+            return failed
 
     def check_names(self, ingress: Ingress) -> None:
         """Recreate the queue or state block if something removed their names (systemd RemoveIPC=yes)."""
