@@ -619,6 +619,10 @@ class Tracker:
 
     def _pick(self, r: Req, what: str) -> None:
         """``r`` leaves the line now: check that it was its turn."""
+        if self.switch_key is not None and self.switch_key != r.key:
+            # The agent does one thing at a time: another request's switch stepped back in this
+            # same step (a webhook came), so it is back at the head before r is picked.
+            self._resolve_switch()
         lease = self.lease
         if lease is not None and lease.client != r.client:
             need(

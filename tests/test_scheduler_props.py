@@ -263,3 +263,30 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestSchedulerProperties = pytest.mark.timeout(600)(SchedulerMachine.TestCase)
+
+
+def test_a_switch_stepping_back_for_a_webhook_and_rerun_in_one_step_sends_its_client_to_the_back() -> None:
+    """Found by this machine (one make test run in about twenty): a worker's model switch is answered
+    while a webhook set_model waits. In that one step the scheduler steps the worker back, answers the
+    webhook and picks the worker again, so its client ran and goes behind the other worker client.
+    The model used to skip the step back and expected the old order."""
+    m = SchedulerMachine()
+    m.clients()
+    m.agent_started()
+    m.submit(blocks=False, i=0, idle=None, model="m2", on_preempt="requeue", op="prompt", resume=False)
+    m.agent_step()
+    m.cancel_turn(i=0, which="running")
+    m.tick_to_deadline()
+    m.submit(blocks=False, i=0, idle=None, model="m1", on_preempt="requeue", op="prompt", resume=False)
+    m.submit(blocks=False, i=1, idle=None, model="m2", on_preempt="requeue", op="prompt", resume=False)
+    m.agent_started()
+    for _ in range(3):
+        m.agent_step()
+    m.agent_exited(refused=False)
+    m.agent_started()
+    m.submit(blocks=False, i=1, idle=None, model=None, on_preempt="requeue", op="prompt", resume=False)
+    m.submit(blocks=False, i=0, idle=None, model=None, on_preempt="requeue", op="prompt", resume=False)
+    m.submit(blocks=False, i=2, idle=None, model=None, on_preempt="requeue", op="set_model", resume=False)
+    m.agent_step()  # raised InvariantBroken ("the line is [r5, r4], expected [r4, r5]") before the fix
+    assert [r.req for r in m.w.sched.line()] == ["r5", "r4"]
+    m.teardown()
